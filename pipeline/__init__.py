@@ -1,0 +1,13 @@
+"""zipchat's model pipeline: load a VLM, compress images with VisionZip, chat with KV-cache reuse.
+
+Importable without gradio; the UI lives in app.py.
+"""
+
+from .compress import Compression, CropInfo, encode_image
+from .errors import InputError, ModelUnavailable
+from .generate import Sampling
+from .models import PRESETS, SGL_PAIRS, VLM, load_vlm
+from .session import ChatSession, TurnStats
+
+__all__ = ["ChatSession", "Compression", "CropInfo", "InputError", "ModelUnavailable", "PRESETS", "SGL_PAIRS",
+           "Sampling", "TurnStats", "VLM", "encode_image", "load_vlm"]

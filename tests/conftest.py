@@ -1,0 +1,59 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # a test never reaches the hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("ZIPCHAT_CACHE", str(ROOT / ".pytest_cache" / "zipchat"))
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1")) and self.family != socket.AF_UNIX:
+        raise RuntimeError(f"test tried to reach the network: {address}")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from pipeline import load_vlm
+    return load_vlm("tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_ov():
+    from pipeline import load_vlm
+    return load_vlm("tiny-ov-small")
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_large():
+    from pipeline import load_vlm
+    return load_vlm("tiny-ov-large")
+
+
+@pytest.fixture(params=["tiny-llava", "tiny-ov-small"])
+def tiny_vlm(request):
+    return request.getfixturevalue({"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov"}[request.param])
+
+
+@pytest.fixture(scope="session")
+def photo():
+    from PIL import Image
+    return Image.open(ROOT / "assets" / "chelsea.png").convert("RGB")  # 451x300
+
+
+@pytest.fixture(scope="session")
+def photo2():
+    from PIL import Image
+    return Image.open(ROOT / "assets" / "coffee.png").convert("RGB")

@@ -1,0 +1,128 @@
+"""VisionZip against a brute-force reference: eager attention from transformers' own forward,
+and the selection/merge rules written out with plain Python loops."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import InputError, encode_image, load_vlm
+from pipeline.models import resolve
+from pipeline.visionzip import BUDGETS
+
+
+def eager_reference(vlm, image, dominant, contextual):
+    """Per crop: (dominant indices incl. CLS, groups over all tokens, tokens sent to the projector)."""
+    path, _ = resolve(vlm.name)
+    eager = type(vlm.model).from_pretrained(path, attn_implementation="eager").eval()
+    tower = eager.model.vision_tower
+    body = getattr(tower, "vision_model", tower)
+    n_layers = len(body.encoder.layers)
+    fl = eager.config.vision_feature_layer
+    layer_idx = (fl if fl >= 0 else n_layers + fl)  # the layer whose output is hidden_states[fl]
+    keys = {}
+    hook = body.encoder.layers[layer_idx].self_attn.k_proj.register_forward_hook(
+        lambda m, i, o: keys.__setitem__("k", o))
+    pixel_values = vlm.adapter.prepare(image).pixel_values
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+    hook.remove()
+    X = out.hidden_states[fl]  # (crops, T, C)
+    attn = out.attentions[layer_idx]  # (crops, H, T, T)
+    heads = attn.shape[1]
+    K = keys["k"].view(X.shape[0], X.shape[1], heads, -1).mean(2)  # (crops, T, d)
+    has_cls = vlm.adapter.has_cls
+    results = []
+    for c in range(X.shape[0]):
+        T = X.shape[1]
+        if has_cls:
+            score = attn[c, :, 0, :].sum(0)
+            order = sorted(range(1, T), key=lambda j: -float(score[j]))
+            dom = sorted([0] + order[: dominant - 1])
+        else:
+            score = attn[c].mean(dim=(0, 1))
+            dom = sorted(sorted(range(T), key=lambda j: -float(score[j]))[:dominant])
+        remaining = [j for j in range(T) if j not in set(dom)]
+        step = max(1, len(remaining) // contextual)
+        targets = remaining[::step][:contextual]
+        groups = [-1] * T
+        members = {t: [] for t in targets}
+        for i, t in enumerate(targets):
+            groups[t] = i
+        for j in remaining:
+            if j in members:
+                continue
+            sims = [float(torch.nn.functional.cosine_similarity(K[c, j], K[c, t], dim=0)) for t in targets]
+            best = int(np.argmax(sims))
+            groups[j] = best
+            members[targets[best]].append(j)
+        tokens = [X[c, j] for j in dom]
+        for t in targets:
+            extra = torch.stack([X[c, j] for j in members[t]]).mean(0) if members[t] else 0
+            tokens.append(X[c, t] + extra)
+        results.append((dom, groups, torch.stack(tokens), score))
+    return results, eager
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-ov-small"])
+def test_visionzip_matches_brute_force(name, photo, request):
+    vlm = request.getfixturevalue("tiny_llava" if name == "tiny-llava" else "tiny_ov")
+    dominant, contextual = 54, 10
+    comp = encode_image(vlm, photo, "visionzip", dominant, contextual)
+    reference, eager = eager_reference(vlm, photo, dominant, contextual)
+    assert len(comp.crops) == len(reference)
+    offset = 1 if vlm.adapter.has_cls else 0
+    budget = dominant + contextual
+    for c, (crop, (dom, groups, tokens, score)) in enumerate(zip(comp.crops, reference)):
+        assert crop.includes_cls == vlm.adapter.has_cls
+        expected_patches = [j - offset for j in dom if j >= offset]
+        assert crop.dominant.tolist() == expected_patches
+        assert len(crop.dominant) + crop.includes_cls == dominant
+        assert crop.groups.tolist() == groups[offset:]
+        np.testing.assert_allclose(crop.scores, score[offset:].numpy(), rtol=1e-4, atol=1e-6)
+        # The projector input: compare after projecting the reference tokens the same way.
+        projected = eager.model.multi_modal_projector(tokens)
+        got = comp.features[c * budget:(c + 1) * budget]
+        torch.testing.assert_close(got, projected, rtol=1e-4, atol=1e-4)
+    assert comp.num_tokens == budget * len(comp.crops)
+
+
+def test_clip_budget_gives_64_tokens_with_cls(tiny_llava, photo):
+    for total, (dominant, contextual) in BUDGETS.items():
+        comp = encode_image(tiny_llava, photo, "visionzip", dominant, contextual)
+        assert comp.num_tokens == total
+        crop = comp.crops[0]
+        assert crop.includes_cls and len(crop.dominant) == dominant - 1  # CLS counts as a dominant token
+        assert (crop.groups == -1).sum() == dominant - 1
+        assert set(np.unique(crop.groups[crop.groups >= 0])) == set(range(contextual))
+    assert comp.full_tokens == 576
+
+
+def test_siglip_budget_per_crop(tiny_ov, photo):
+    comp = encode_image(tiny_ov, photo, "visionzip", 54, 10)
+    assert len(comp.crops) > 1  # base image + anyres tiles
+    for crop in comp.crops:
+        assert crop.grid == (27, 27) and not crop.includes_cls
+        assert len(crop.dominant) == 54 and (crop.groups == -1).sum() == 54
+    assert comp.num_tokens == 64 * len(comp.crops)
+
+
+def test_budget_larger_than_grid_is_refused(tiny_llava, photo):
+    with pytest.raises(InputError, match="larger than"):
+        encode_image(tiny_llava, photo, "visionzip", 570, 10)
+    with pytest.raises(InputError, match="at least 1 dominant"):
+        encode_image(tiny_llava, photo, "visionzip", 0, 10)
+
+
+def test_crop_boxes_match_anyres_preprocessing(tiny_ov, photo):
+    """Each tile's box, cut from the original and resized, reproduces the processor's pixels."""
+    comp = encode_image(tiny_ov, photo, "visionzip", 54, 10)
+    prepared = tiny_ov.adapter.prepare(photo)
+    rows, cols = prepared.tile_grid
+    assert len(comp.crops) == 1 + rows * cols
+    w, h = photo.size
+    x0s = sorted({round(c.box[0], 3) for c in comp.crops[1:]})
+    assert len(x0s) == cols
+    # tiles tile the padded canvas: consecutive boxes touch, and together they cover the image
+    assert min(c.box[0] for c in comp.crops[1:]) <= 0 and max(c.box[2] for c in comp.crops[1:]) >= w - 1
+    assert min(c.box[1] for c in comp.crops[1:]) <= 0 and max(c.box[3] for c in comp.crops[1:]) >= h - 1
+    assert comp.crops[0].box == (0, 0, w, h)
