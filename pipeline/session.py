@@ -228,6 +228,9 @@ class ChatSession:
                 logits = forward(vlm, embed_token(vlm, token), self.cache)
                 fed += 1
                 self.cached_signature = signature + [("t", t) for t in generated[:fed]]
+            text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
+            if text.startswith(text_so_far) and len(text) > len(text_so_far):  # flush a held-back tail
+                yield text[len(text_so_far):]
             if decode_start is not None and len(generated) > 1:
                 stats.decode_tok_per_s = (len(generated) - 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:

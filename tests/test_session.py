@@ -1,0 +1,138 @@
+"""Multi-turn chat: KV reuse gives the same greedy answers as recomputing everything, the full
+method equals transformers' own forward, and images are encoded once."""
+
+import pytest
+import torch
+
+from pipeline import ChatSession
+from pipeline.generate import embed
+from pipeline.vision import encoder_layers
+
+QUESTIONS = ["What is in the image?", "What colour is it?", "Describe it in one sentence."]
+
+
+def run_turns(vlm, method, image, reuse_cache, image2=None):
+    s = ChatSession(vlm, method=method, max_new_tokens=10, reuse_cache=reuse_cache)
+    s.add_image(image)
+    answers, stats = [], []
+    for i, q in enumerate(QUESTIONS):
+        if i == 1 and image2 is not None:
+            s.add_image(image2)  # a second image mid-conversation
+        answers.append(s.ask(q))
+        stats.append(s.last_turn)
+    return answers, stats, s
+
+
+@pytest.mark.parametrize("method", ["full", "visionzip"])
+def test_kv_reuse_equals_recompute(tiny_vlm, method, photo, photo2):
+    reused, stats, _ = run_turns(tiny_vlm, method, photo, True, image2=photo2)
+    recomputed, stats_re, _ = run_turns(tiny_vlm, method, photo, False, image2=photo2)
+    assert all(s.new_tokens >= 3 for s in stats)  # the answers are not empty
+    assert reused == recomputed
+    assert [s.cache_reused for s in stats] == [False, True, True]
+    assert not any(s.cache_reused for s in stats_re)
+    # turn 3 prefills only the new question on top of the cache; the recompute prefills everything
+    assert stats[2].prefill_tokens < 40 < stats_re[2].prefill_tokens == stats_re[2].prompt_tokens
+    assert stats[2].prompt_tokens == stats_re[2].prompt_tokens
+
+
+def test_full_first_turn_equals_transformers_generate(tiny_vlm, photo):
+    """Our own decode loop vs HF `generate` on HF's own image path (pixel_values -> packed features)."""
+    s = ChatSession(tiny_vlm, method="full", max_new_tokens=10)
+    s.add_image(photo)
+    ids, _, _ = s._flatten(s.segments + s._user_segments(QUESTIONS[0]))
+    answer = s.ask(QUESTIONS[0])
+    out = tiny_vlm.image_processor(images=[photo], return_tensors="pt")
+    kwargs = {"pixel_values": out["pixel_values"]}
+    if "image_sizes" in out:
+        kwargs["image_sizes"] = out["image_sizes"]
+    with torch.no_grad():
+        gen = tiny_vlm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=10, do_sample=False, eos_token_id=sorted(tiny_vlm.adapter.stop_ids()),
+                                      pad_token_id=tiny_vlm.tokenizer.pad_token_id, **kwargs)
+    expected = gen[0, len(ids):].tolist()
+    expected = [t for t in expected if t not in tiny_vlm.adapter.stop_ids() and t != tiny_vlm.tokenizer.pad_token_id]
+    assert answer == tiny_vlm.tokenizer.decode(expected, skip_special_tokens=True)
+    assert s.last_turn.new_tokens == len(expected)
+
+
+def test_visionzip_turn_equals_generate_on_embeddings(tiny_vlm, photo):
+    """Second turn with VisionZip tokens vs HF `generate` on the whole conversation's embeddings."""
+    s = ChatSession(tiny_vlm, method="visionzip", max_new_tokens=8)
+    s.add_image(photo)
+    s.ask(QUESTIONS[0])
+    ids, units, _ = s._flatten(s.segments + s._user_segments(QUESTIONS[1]))
+    features = [u[3] for u in units if u[3] is not None]
+    answer = s.ask(QUESTIONS[1])
+    assert s.last_turn.cache_reused
+    with torch.no_grad():
+        gen = tiny_vlm.model.generate(inputs_embeds=embed(tiny_vlm, ids, features), max_new_tokens=8, do_sample=False,
+                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      eos_token_id=sorted(tiny_vlm.adapter.stop_ids()),
+                                      pad_token_id=tiny_vlm.tokenizer.pad_token_id)
+    expected = [t for t in gen[0].tolist() if t not in tiny_vlm.adapter.stop_ids() and t != tiny_vlm.tokenizer.pad_token_id]
+    assert answer == tiny_vlm.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
+    layers = encoder_layers(tiny_vlm.vision_tower)
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, layer in enumerate(layers)]
+    try:
+        s = ChatSession(tiny_vlm, method="visionzip", max_new_tokens=4)
+        n_crops = len(s.add_image(photo).crops)
+        s.ask(QUESTIONS[0])
+        after_first = list(calls)
+        s.ask(QUESTIONS[1])
+        assert calls == after_first  # turn 2: no vision layer ran
+        s.add_image(photo)  # same content again: served from the compress-once cache
+        assert calls == after_first
+        s.set_method("visionzip", 108, 20)  # a new budget re-compresses once, at the next turn
+        s.ask(QUESTIONS[2])
+        assert s.last_turn.images_encoded == 1 and not s.last_turn.cache_reused
+    finally:
+        for h in hooks:
+            h.remove()
+    run = tiny_vlm.adapter.num_layers_to_run
+    # vision layers run batched over crops: one call per layer per encode
+    assert calls[:run] == [2] * run and all(c == 0 for c in calls[run:])
+    if tiny_vlm.adapter.family == "llava":
+        assert run == len(layers) - 1  # feature layer -2: the last layer never runs
+    assert n_crops >= 1
+
+
+def test_text_only_and_stats(tiny_llava):
+    s = ChatSession(tiny_llava, max_new_tokens=6)
+    s.ask("Hello there")
+    t = s.last_turn
+    assert t.visual_tokens == 0 and t.new_tokens > 0 and t.ttft_s > 0 and t.prefill_s > 0
+    assert t.kv_cache_bytes > 0 and t.device == "cpu" and t.dtype == "float32"
+    s.ask("And again")
+    assert s.last_turn.cache_reused
+
+
+def test_stop_keeps_the_partial_answer(tiny_llava, photo):
+    s = ChatSession(tiny_llava, method="visionzip", max_new_tokens=50)
+    s.add_image(photo)
+    pieces = []
+    for delta in s.ask_stream(QUESTIONS[0]):
+        pieces.append(delta)
+        if len(pieces) == 2:
+            s.stop()
+    assert s.last_turn.stopped and s.last_turn.new_tokens <= 3
+    s.ask(QUESTIONS[1])  # the session goes on, reusing the cache
+    assert s.last_turn.cache_reused and not s.last_turn.stopped
+
+
+def test_kv_cache_bytes_shrink_with_visionzip(tiny_llava, photo):
+    sizes = {}
+    for method in ("full", "visionzip"):
+        s = ChatSession(tiny_llava, method=method, max_new_tokens=2)
+        s.add_image(photo)
+        s.ask(QUESTIONS[0])
+        cfg = tiny_llava.language_model.config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+        assert s.last_turn.kv_cache_bytes == per_token * (s.last_turn.prompt_tokens + s.last_turn.new_tokens - 1)
+        sizes[method] = s.last_turn.kv_cache_bytes
+    assert sizes["visionzip"] < 0.3 * sizes["full"]
