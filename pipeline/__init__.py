@@ -7,7 +7,7 @@ from .compress import Compression, CropInfo, encode_image
 from .errors import InputError, ModelUnavailable
 from .generate import Sampling
 from .models import PRESETS, SGL_PAIRS, VLM, load_vlm
-from .session import ChatSession, TurnStats
+from .session import ChatSession, TurnStats, compare_with_full
 
 __all__ = ["ChatSession", "Compression", "CropInfo", "InputError", "ModelUnavailable", "PRESETS", "SGL_PAIRS",
-           "Sampling", "TurnStats", "VLM", "encode_image", "load_vlm"]
+           "Sampling", "TurnStats", "VLM", "compare_with_full", "encode_image", "load_vlm"]

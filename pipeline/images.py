@@ -43,7 +43,7 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"The image file is corrupt or truncated ({e}). Please upload it again.") from None
+        raise InputError(f"The image is corrupt or truncated ({e}). Please upload it again.") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
@@ -57,7 +57,7 @@ def _open(fp, what: str) -> Image.Image:
     except Image.DecompressionBombError:
         raise InputError(f"{what} is too large to decode safely. Please downscale it.") from None
     except OSError as e:
-        raise InputError(f"{what} could not be read as an image ({e}).") from None
+        raise InputError(f"{what} is corrupt or truncated ({e}). Please upload it again.") from None
 
 
 def image_digest(image: Image.Image) -> str:

@@ -108,10 +108,35 @@ def resolve(name_or_path: str) -> tuple:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection instead of the hub client's retries with back-off (~25 s offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def is_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def load_vlm(name_or_path: str, device=None, dtype=None) -> "VLM":
     """Load a transformers-native LLaVA-1.5 or LLaVA-OneVision model (preset, hub id or directory)."""
     source, is_tiny = resolve(name_or_path)
     device, dtype = default_device_dtype(device, dtype)
+    local_only = Path(source).is_dir() or is_cached(source)
+    if not local_only and not hub_reachable():
+        raise ModelUnavailable(
+            f"'{name_or_path}' ({source}) is not in the local Hugging Face cache and the hub cannot be reached. "
+            "Download it where there is network (`huggingface-cli download " + source + "`) or pass a local directory."
+        )
     try:
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(source)
@@ -128,7 +153,7 @@ def load_vlm(name_or_path: str, device=None, dtype=None) -> "VLM":
     except (OSError, ValueError) as e:
         raise ModelUnavailable(
             f"Could not load '{name_or_path}' ({source}): {str(e).splitlines()[0]}. Without network, download "
-            "it elsewhere with `huggingface-cli download` and pass the local directory, or use a tiny model."
+            f"it elsewhere with `huggingface-cli download {source}` and pass the local directory."
         ) from None
     model.to(device).eval()
     adapter_cls = LlavaAdapter if config.model_type == "llava" else OnevisionAdapter

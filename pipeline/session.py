@@ -85,6 +85,10 @@ class ChatSession:
         self.cached_signature = []
         self.last_turn = None
         self.last_compression = None
+        self.last_image_key = None
+        self.last_question = None
+        self._last_turn_start = 0  # index in self.segments where the last turn's segments begin
+        self._last_turn_images = []
         self._pending_encode_s = 0.0
         self._pending_encodes = 0
 
@@ -98,15 +102,19 @@ class ChatSession:
         image = load_image(image)
         key = image_digest(image)
         self.images[key] = image
-        before = time.perf_counter()
-        was_cached = (key, self._method_key()) in self.compressions
         comp = self._compression(key)
-        if not was_cached:
-            self._pending_encode_s += time.perf_counter() - before
-            self._pending_encodes += 1
         self.pending.append(key)
         self.last_compression = comp
+        self.last_image_key = key
         return comp
+
+    def current_view(self):
+        """(PIL image, Compression for the current method) of the latest image, or None."""
+        if self.last_image_key is None:
+            return None
+        comp = self._compression(self.last_image_key)
+        self.last_compression = comp
+        return self.images[self.last_image_key], comp
 
     def _method_key(self):
         return method_key(self.method, self.dominant, self.contextual)
@@ -118,6 +126,8 @@ class ChatSession:
             return self.compressions[ck]
         method = "full" if self.method == "full" else "visionzip"
         comp = encode_image(self.vlm, self.images[key], method, self.dominant, self.contextual)
+        self._pending_encode_s += comp.encode_s  # counted in the next turn's stats
+        self._pending_encodes += 1
         self.compressions[ck] = comp
         while sum(c.nbytes for c in self.compressions.values()) > self.cache_bytes and len(self.compressions) > 1:
             self.compressions.popitem(last=False)  # dropped ones are re-encoded from self.images if needed
@@ -172,13 +182,9 @@ class ChatSession:
         self._stop.clear()
         vlm = self.vlm
         t0 = time.perf_counter()
-        encodes_before = self._pending_encodes
         new_segments = self._user_segments(question)
-        encode_start = time.perf_counter()
-        n_comps_before = len(self.compressions)
-        ids, units, comps = self._flatten(self.segments + new_segments)
-        encode_s = self._pending_encode_s + (time.perf_counter() - encode_start if len(self.compressions) != n_comps_before else 0.0)
-        images_encoded = encodes_before + max(0, len(self.compressions) - n_comps_before)
+        ids, units, comps = self._flatten(self.segments + new_segments)  # (re-)encodes images only if needed
+        encode_s, images_encoded = self._pending_encode_s, self._pending_encodes
         self._pending_encode_s, self._pending_encodes = 0.0, 0
         signature = [u[0] for u in units]
 
@@ -199,6 +205,8 @@ class ChatSession:
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
         self.last_turn = stats
+        self.last_question = question
+        self._last_turn_start, self._last_turn_images = len(self.segments), list(self.pending)
         self.pending = []
         generator = torch.Generator().manual_seed(self.sampling.seed + len(self.segments))
         generated, fed = [], 0
@@ -252,3 +260,22 @@ def cache_nbytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
+    """Re-answer the last question twice from the same history, with no KV cache on either side:
+    once with the session's method and once with all visual tokens. -> {label: (answer, TurnStats)}."""
+    if session.last_question is None:
+        raise InputError("Ask a question first; then it can be compared with the full model.")
+    results = {}
+    for label, method in ((session.method, session.method), ("full", "full")):
+        other = ChatSession(session.vlm, method=method, dominant=session.dominant, contextual=session.contextual,
+                            max_new_tokens=max_new_tokens or session.max_new_tokens, sampling=session.sampling,
+                            cache_bytes=session.cache_bytes)
+        other.images = session.images
+        other.compressions = session.compressions  # shared compress-once cache (LRU-bounded)
+        other.segments = session.segments[: session._last_turn_start]
+        other.pending = list(session._last_turn_images)
+        answer = other.ask(session.last_question)
+        results[label] = (answer, other.last_turn)
+    return results

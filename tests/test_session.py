@@ -4,7 +4,7 @@ method equals transformers' own forward, and images are encoded once."""
 import pytest
 import torch
 
-from pipeline import ChatSession
+from pipeline import ChatSession, compare_with_full
 from pipeline.generate import embed
 from pipeline.vision import encoder_layers
 
@@ -136,3 +136,21 @@ def test_kv_cache_bytes_shrink_with_visionzip(tiny_llava, photo):
         assert s.last_turn.kv_cache_bytes == per_token * (s.last_turn.prompt_tokens + s.last_turn.new_tokens - 1)
         sizes[method] = s.last_turn.kv_cache_bytes
     assert sizes["visionzip"] < 0.3 * sizes["full"]
+
+
+def test_compare_with_full_reanswers_last_question(tiny_llava, photo):
+    s = ChatSession(tiny_llava, method="visionzip", max_new_tokens=8)
+    s.add_image(photo)
+    s.ask(QUESTIONS[0])
+    answer = s.ask(QUESTIONS[1])
+    results = compare_with_full(s)
+    # recomputed from scratch with the same method: the same greedy answer as the cached turn
+    assert results["visionzip"][0] == answer and not results["visionzip"][1].cache_reused
+    full_answer, full_stats = results["full"]
+    assert full_stats.visual_tokens == 576 and results["visionzip"][1].visual_tokens == 64
+    reference = ChatSession(tiny_llava, method="full", max_new_tokens=8, reuse_cache=False)
+    reference.add_image(photo)
+    reference.segments = list(s.segments[: s._last_turn_start])  # same history (the compressed answers)
+    reference.pending = []
+    assert full_answer == reference.ask(QUESTIONS[1])
+    assert s.ask(QUESTIONS[2]) and s.last_turn.cache_reused  # the session itself is untouched

@@ -1,0 +1,105 @@
+"""Event-level tests: the app launched in-process on the tiny model, driven with gradio_client."""
+
+import pytest
+
+pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+
+import app  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+CAT = str(ROOT / "assets" / "chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_llava):
+    demo = app.build_demo(tiny_llava, banner="offline", max_new_tokens=6)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1")
+    yield local_url
+    demo.close()
+
+
+def resend(history):
+    """The client hands back file parts as local paths; sending them again needs handle_file."""
+    for message in history:
+        for part in message["content"]:
+            if part.get("type") == "file" and isinstance(part["file"], str):
+                part["file"] = handle_file(part["file"])
+    return history
+
+
+def turn(client, history, text, files=()):
+    history = resend(history)
+    history, _, sel, score, caption = client.predict(
+        history, {"text": text, "files": [handle_file(f) for f in files]}, "VisionZip", 54, 10, api_name="/add_message")
+    history, stats, sel, score, caption = client.predict(resend(history), api_name="/respond")
+    return history, stats, sel, caption
+
+
+def texts(history):
+    out = []
+    for m in history:
+        for part in m["content"]:
+            if part.get("type") == "text":
+                out.append((m["role"], part["text"]))
+    return out
+
+
+def test_upload_and_two_turns(url):
+    c = Client(url, verbose=False)
+    history, stats, sel, caption = turn(c, [], "What animal is this?", [CAT])
+    assert "64 of 576 visual tokens" in caption and sel.endswith((".png", ".webp", ".jpeg", ".jpg"))
+    assert texts(history)[-1][0] == "assistant" and texts(history)[-1][1]
+    assert "| visual tokens to the LLM | 64 of 576 |" in stats and "| KV cache reused / size | no" in stats
+    history, stats, _, _ = turn(c, history, "And its colour?")
+    assert "| KV cache reused / size | yes" in stats and "re-used (compressed once)" in stats
+    assert [r for r, _ in texts(history)] == ["user", "assistant", "user", "assistant"]
+
+
+def test_method_switch_applies_next_turn(url):
+    c = Client(url, verbose=False)
+    history, stats, _, _ = turn(c, [], "What is it?", [CAT])
+    sel, score, caption = c.predict("Full", 54, 10, api_name="/settings_method")
+    assert "all 576 visual tokens" in caption and score is None
+    history, stats, _, _ = turn(c, history, "Again?")
+    assert "| visual tokens to the LLM | 576 of 576 |" in stats and "1 encoded" in stats
+    sel, score, caption = c.predict("VisionZip", 108, 20, api_name="/settings_dominant")
+    assert "108 dominant + 20 contextual = 128 of 576" in caption
+
+
+def test_compare_with_full(url):
+    c = Client(url, verbose=False)
+    turn(c, [], "What is it?", [CAT])
+    table, method_answer, full_answer = c.predict(api_name="/compare")
+    assert "| visual tokens | 64 | 576 |" in table
+    assert method_answer.startswith("**visionzip:**") and full_answer.startswith("**full:**")
+
+
+def test_bad_uploads_are_messages(url, tmp_path):
+    c = Client(url, verbose=False)
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes((ROOT / "assets" / "chelsea.png").read_bytes()[:5000])
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("not really a picture")
+    history, stats, _, _ = turn(c, [], "What is it?", [str(corrupt), str(fake)])
+    messages = [t for _, t in texts(history)]
+    assert any("corrupt or truncated" in m for m in messages)
+    assert any("not an image" in m for m in messages)
+    history, _, _, _ = c.predict(resend(history), {"text": "", "files": []}, "VisionZip", 54, 10, api_name="/add_message")[:4]
+    assert "Please type a question" in texts(history)[-1][1]
+    history, stats, _, caption = turn(c, history, "Now this one?", [CAT])  # the session goes on
+    assert "64 of 576" in caption and "| visual tokens to the LLM | 64 of 576 |" in stats
+
+
+def test_two_sessions_stay_separate(url):
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    history_a, stats_a, _, _ = turn(a, [], "What animal?", [CAT])
+    history_b, stats_b, sel_b, caption_b = turn(b, [], "Hello, no image here")
+    assert "| visual tokens to the LLM | 0 of 0 |" in stats_b and sel_b is None
+    assert "Upload an image" in caption_b
+    history_a, stats_a, _, _ = turn(a, history_a, "And now?")
+    assert "| KV cache reused / size | yes" in stats_a and "64 of 576" in stats_a
+    b.predict(api_name="/clear")
+    history_a, stats_a, _, _ = turn(a, history_a, "Still there?")  # clearing B leaves A alone
+    assert "| KV cache reused / size | yes" in stats_a

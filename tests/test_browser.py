@@ -1,0 +1,62 @@
+"""End to end in real headless Chromium (Debian's package, never a downloaded browser): upload an
+example image, ask, wait for the streamed answer and the selection map, save a screenshot."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.browser
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the browser test: install Debian's chromium (see .ci/run)")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_ov):
+    import app
+    demo = app.build_demo(tiny_ov, banner="**Offline demo:** tiny random-weight model; answers are random text.",
+                          max_new_tokens=24)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", css=app.CSS)
+    yield local_url
+    demo.close()
+
+
+def test_upload_ask_and_see_the_selection(url, tmp_path):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            page.goto(url)
+            page.wait_for_selector("#textbox textarea", timeout=30_000)
+            assert "Offline demo" in page.locator("#offline-banner").inner_text()
+            page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
+            page.wait_for_selector("#textbox img", timeout=15_000)  # the upload preview
+            page.locator("#textbox textarea").fill("What animal is this?")
+            page.locator("#textbox textarea").press("Enter")
+            page.wait_for_selector("#selection-map img", timeout=60_000)
+            page.wait_for_function(
+                "() => document.querySelector('#stats') && document.querySelector('#stats').innerText.includes('time to first token') "
+                "&& /\\d+ ms/.test(document.querySelector('#stats').innerText)", timeout=60_000)
+            caption = page.locator("#caption").inner_text()
+            assert "54 dominant + 10 contextual" in caption and "visual tokens" in caption
+            bot = page.locator("#chatbot .message.bot").last.inner_text().strip()
+            assert len(bot) > 0
+            assert page.locator("#chatbot img").count() >= 1  # the uploaded photo in the conversation
+            sel = page.locator("#selection-map img").bounding_box()
+            assert sel["width"] > 200 and sel["height"] > 100
+            shot = tmp_path / "screenshot.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
+                shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+        finally:
+            browser.close()
