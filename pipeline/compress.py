@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .vision import run_vision_tower
-from .visionzip import select
+from .visionzip import gather, select
 
 
 @dataclass
@@ -33,10 +33,15 @@ class Compression:
     image_size: tuple  # (height, width)
     features: torch.Tensor  # (num_tokens, D) projected tokens, on the model's device
     encode_s: float
+    token_map: np.ndarray  # (num_tokens, 3): crop, patch (-1: CLS or newline), contextual id (-1: none)
 
     @property
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()
+
+    def layout(self) -> tuple:
+        """What must match between the two models of an SGL pair."""
+        return (self.num_tokens, tuple(c.grid for c in self.crops))
 
     def caption(self) -> str:
         share = 100 * self.num_tokens / self.full_tokens
@@ -46,60 +51,101 @@ class Compression:
         crops = f" x {len(self.crops)} crops" if len(self.crops) > 1 else ""
         return f"{per_crop}{crops} = {self.num_tokens} of {self.full_tokens} visual tokens ({share:.0f}%)"
 
+    def per_patch(self, values: np.ndarray) -> list:
+        """Spread one value per visual token onto every crop's patches (contextual tokens cover their
+        whole group) -> list of (rows*cols,) arrays, NaN where no token carries the patch."""
+        out = [np.full(c.grid[0] * c.grid[1], np.nan) for c in self.crops]
+        for (crop, patch, ctx), v in zip(self.token_map, values):
+            if ctx >= 0:
+                out[crop][self.crops[crop].groups == ctx] = v
+            elif patch >= 0:
+                out[crop][patch] = v
+        return out
+
 
 def method_key(method: str, dominant: int, contextual: int) -> tuple:
     return ("full",) if method == "full" else ("visionzip", dominant, contextual)
 
 
 @torch.inference_mode()
-def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10) -> Compression:
-    """PIL image -> Compression. `method` "full" keeps every token exactly as transformers does."""
+def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
+                 selection_from: Compression | None = None) -> Compression:
+    """PIL image -> Compression. `method` "full" keeps every token exactly as transformers does.
+    `selection_from`: reuse another model's VisionZip selection (same patches and groups) on this
+    model's features, so that two models of an SGL pair see the same tokens."""
     start = time.perf_counter()
     adapter = vlm.adapter
     prepared = adapter.prepare(image)
     pixel_values = prepared.pixel_values.to(vlm.device, vlm.dtype)
     compress = method != "full"
     out = run_vision_tower(vlm.vision_tower, pixel_values, adapter.num_layers_to_run, adapter.has_cls,
-                           with_attention=compress)
+                           with_attention=compress and selection_from is None)
     projector = vlm.model.model.multi_modal_projector
     offset = 1 if adapter.has_cls else 0
     crops = []
     if not compress:
         features = adapter.pack_full(vlm.model, projector(out.features), prepared)
-        full_tokens = features.shape[0]
         for crop in prepared.crops:
             n = crop.grid[0] * crop.grid[1]
             crops.append(CropInfo(crop.grid, crop.box, np.arange(n), False, np.full(n, -1), None, np.zeros(0, int)))
+        token_map = full_token_map(vlm, prepared)
     else:
-        selected = []
+        selected, token_map = [], []
         for i, crop in enumerate(prepared.crops):
-            sel = select(out.features[i], out.scores[i], out.keys[i], dominant, contextual, adapter.has_cls)
-            selected.append(sel.tokens)
-            dom = sel.dominant.cpu().numpy()
-            crops.append(CropInfo(
-                grid=crop.grid, box=crop.box,
-                dominant=dom[dom >= offset] - offset,
-                includes_cls=bool(offset and (dom == 0).any()),
-                groups=sel.groups[offset:].cpu().numpy(),
-                scores=out.scores[i, offset:].float().cpu().numpy(),
-                targets=sel.targets.cpu().numpy() - offset,
-            ))
+            if selection_from is None:
+                sel = select(out.features[i], out.scores[i], out.keys[i], dominant, contextual, adapter.has_cls)
+                dom, targets, groups = sel.dominant, sel.targets, sel.groups
+                selected.append(sel.tokens)
+                info = CropInfo(
+                    grid=crop.grid, box=crop.box,
+                    dominant=dom[dom >= offset].cpu().numpy() - offset,
+                    includes_cls=bool(offset and (dom == 0).any()),
+                    groups=groups[offset:].cpu().numpy(),
+                    scores=out.scores[i, offset:].float().cpu().numpy(),
+                    targets=targets.cpu().numpy() - offset,
+                )
+            else:
+                info = selection_from.crops[i]
+                dom = torch.as_tensor(np.concatenate([[0] * info.includes_cls, info.dominant + offset])).long()
+                groups = torch.as_tensor(np.concatenate([[-1] * offset, info.groups])).long()
+                targets = torch.as_tensor(info.targets + offset).long()
+                selected.append(gather(out.features[i], dom.to(vlm.device), targets.to(vlm.device),
+                                       groups.to(vlm.device)))
+            crops.append(info)
+            token_map += [(i, p, -1) for p in (dom.cpu().numpy() - offset)]
+            token_map += [(i, t, g) for g, t in enumerate(info.targets)]
         features = projector(torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
-        full_tokens = full_token_count(vlm, prepared)
+        token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
+    full_tokens = len(full_token_map(vlm, prepared)) if compress else features.shape[0]
     return Compression(method, dominant, contextual, features.shape[0], full_tokens, crops, prepared.image_size,
-                       features, time.perf_counter() - start)
+                       features, time.perf_counter() - start, token_map)
 
 
-def full_token_count(vlm, prepared) -> int:
-    """How many tokens the uncompressed image gives the LLM, from shapes alone (no projection)."""
+def full_token_map(vlm, prepared) -> np.ndarray:
+    """(crop, patch, -1) of every token of the uncompressed image, in the LLM's order.
+
+    OneVision's packing (unpadding, newlines, anyres_max_9 pooling) is run by transformers itself on
+    coordinate features (is_base, y, x) instead of real ones, so the map follows it exactly."""
+    rows, cols = prepared.crops[0].grid
     n_crops = len(prepared.crops)
-    dummy = torch.zeros(n_crops, prepared.crops[0].grid[0] * prepared.crops[0].grid[1], 1)
-    if vlm.adapter.has_cls:
-        dummy = torch.zeros(n_crops, 1 + dummy.shape[1], 1)
     if vlm.adapter.family == "llava":
-        return vlm.adapter.pack_full(vlm.model, dummy, prepared).shape[0]
-    # OneVision packing needs the newline vector's width; a 1-wide stand-in gives the same count.
+        return np.array([(0, p, -1) for p in range(rows * cols)], dtype=np.int64).reshape(-1, 3)
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    coords = [np.stack([np.ones_like(ys), ys, xs], -1)]
+    t_rows, t_cols = prepared.tile_grid
+    for k in range(n_crops - 1):
+        tr, tc = divmod(k, t_cols)
+        coords.append(np.stack([np.zeros_like(ys), ys + tr * rows, xs + tc * cols], -1))
+    feats = torch.tensor(np.stack(coords).reshape(n_crops, rows * cols, 3), dtype=torch.float32)
     packed, _ = vlm.model.model.pack_image_features(
-        [dummy], torch.tensor([prepared.image_size]), image_newline=torch.zeros(1),
+        [feats], torch.tensor([prepared.image_size]), image_newline=torch.full((3,), -1.0),
         vision_aspect_ratio=vlm.model.config.vision_aspect_ratio)
-    return packed[0].shape[0]
+    out = []
+    for is_base, y, x in packed[0].round().long().tolist():
+        if is_base < 0:
+            out.append((0, -1, -1))  # newline token
+        elif is_base == 1:
+            out.append((0, y * cols + x, -1))
+        else:
+            out.append((1 + (y // rows) * t_cols + x // cols, (y % rows) * cols + x % cols, -1))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)

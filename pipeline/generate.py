@@ -56,3 +56,47 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     sorted_p = sorted_p * keep
     choice = torch.multinomial(sorted_p.cpu() / sorted_p.sum().cpu(), 1, generator=generator)
     return int(order[choice.to(order.device)])
+
+
+def truncate_cache(cache: DynamicCache, length: int):
+    """Keep the first `length` positions of every layer (written against the layer tensors, which
+    are stable across transformers 5.x, rather than `crop`, whose meaning changed)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def causal_mask(n_new: int, n_past: int, device) -> torch.Tensor | None:
+    """(1, 1, n_new, n_past + n_new) boolean mask, True = may attend. None for a single new token."""
+    if n_new == 1:
+        return None
+    q = torch.arange(n_new, device=device)[:, None] + n_past
+    k = torch.arange(n_past + n_new, device=device)[None, :]
+    return (k <= q)[None, None]
+
+
+@torch.inference_mode()
+def forward_layers(vlm, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                   prune_at: int | None = None, keep: torch.Tensor | None = None, last: int = 1) -> torch.Tensor:
+    """The decoder written out layer by layer, so that tokens can be dropped part-way (SGL).
+
+    embeds (1, n, D) at `positions` (n,) are run on top of `cache`. At layer `prune_at` only the
+    tokens where `keep` (n,) is True go on, with their original positions (for the rotary
+    embedding); layers from there on cache only those tokens. Each layer's cache may therefore have
+    its own length; a token attends to every earlier token in its layer's cache.
+    Returns the logits (last, V) of the final `last` surviving positions."""
+    lm = vlm.language_model
+    h, pos = embeds, positions
+    rope = lm.rotary_emb(h, pos[None])
+    for i, layer in enumerate(lm.layers):
+        if i == prune_at and keep is not None:
+            h, pos = h[:, keep], pos[keep]
+            rope = lm.rotary_emb(h, pos[None])
+        n_past = cache.layers[i].get_seq_length() if i < len(cache.layers) else 0
+        h = layer(h, attention_mask=causal_mask(h.shape[1], n_past, h.device), position_ids=pos[None],
+                  past_key_values=cache, use_cache=True, position_embeddings=rope)
+        if isinstance(h, tuple):
+            h = h[0]
+    h = lm.norm(h[:, -last:])
+    return vlm.model.lm_head(h).float()[0]

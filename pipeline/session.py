@@ -17,7 +17,7 @@ import torch
 
 from .compress import Compression, encode_image, method_key
 from .errors import InputError
-from .generate import Sampling, embed, embed_token, forward, new_cache, pick
+from .generate import Sampling, embed, embed_token, forward, new_cache, pick, truncate_cache
 from .images import image_digest, load_image
 from .visionzip import check_budget
 
@@ -188,13 +188,15 @@ class ChatSession:
         self._pending_encode_s, self._pending_encodes = 0.0, 0
         signature = [u[0] for u in units]
 
-        # How much of the conversation is already in the KV cache?
-        n_cached_units = 0
-        if self.reuse_cache and self.cache is not None and signature[: len(self.cached_signature)] == self.cached_signature:
-            n_cached_units = len(self.cached_signature)
+        # How much of the conversation is already in the KV cache? Keep the longest common prefix.
+        n_cached_units = common_prefix(signature, self.cached_signature) if self.reuse_cache and self.cache else 0
+        n_cached_units = min(n_cached_units, len(units) - 1)  # at least one token to run for the logits
+        start = units[n_cached_units][1] if n_cached_units > 0 else 0
+        if n_cached_units == 0:
+            self.cache = new_cache(vlm)
         else:
-            self.cache, self.cached_signature = new_cache(vlm), []
-        start = units[n_cached_units][1] if n_cached_units < len(units) else len(ids)
+            truncate_cache(self.cache, start)
+        self.cached_signature = signature[:n_cached_units]
         features = [u[3] for u in units[n_cached_units:] if u[3] is not None]
 
         stats = TurnStats(
@@ -249,6 +251,15 @@ class ChatSession:
             end = self._tokenize(vlm.adapter.end_of_turn)
             self.segments += new_segments + [("text", generated + end)]
             stats.kv_cache_bytes = cache_nbytes(self.cache)
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def cache_nbytes(cache) -> int:

@@ -70,8 +70,20 @@ def select(x: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: 
     groups[targets] = torch.arange(contextual, device=x.device)
     groups[others] = assign
 
-    C = x.shape[1]
-    sums = torch.zeros(contextual, C, dtype=x.dtype, device=x.device).index_add_(0, assign, x[others])
+    return Selection(gather(x, dom, targets, groups), dom, targets, groups)
+
+
+def gather(x: torch.Tensor, dom: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Tokens of a selection from features x (T, C): X[dominant], then X[target] + mean(X[joined]).
+
+    Used by `select`, and to apply one model's selection to another model's features (SGL + VisionZip)."""
+    contextual = targets.numel()
+    if contextual == 0:
+        return x[dom]
+    joined = groups >= 0
+    joined[targets] = False
+    others, assign = joined.nonzero().squeeze(1), groups[joined]
+    sums = torch.zeros(contextual, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x[others])
     counts = torch.bincount(assign, minlength=contextual).to(x.dtype).unsqueeze(1)
     merged = x[targets] + sums / counts.clamp(min=1)  # X[target] alone when nothing joined (sum is 0)
-    return Selection(torch.cat([x[dom], merged]), dom, targets, groups)
+    return torch.cat([x[dom], merged])
