@@ -2,23 +2,31 @@
 
 The conversation is a list of segments, ("text", token ids) or ("image", image key). Flattened,
 each image becomes `num_tokens` placeholder ids whose embeddings are the image's compressed
-features. The KV cache holds some prefix of that flat sequence; its identity is recorded as a
-signature (token ids, and (image key, method, budget) per image), so a turn prefills exactly the
-part of the conversation the cache does not hold — only the new question on a normal turn, all
-of it after a method change.
+features. A KV cache holds some prefix of that flat sequence; its identity is recorded as a
+signature (token ids, and (image key, method, budget) per image), so a turn keeps the longest
+prefix the cache still matches and prefills the rest — only the new question on a normal turn.
+
+Method "sgl" adds a small model with its own KV cache (reused the same way) that answers first
+and ranks the visual tokens; the large model then answers with the pruned tokens (see sgl.py).
+The large model recomputes its KV cache every SGL turn: which tokens it keeps from layer K on
+depends on the question, so its cache of earlier turns does not fit the new question.
 """
 
+import math
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .compress import Compression, encode_image, method_key
 from .errors import InputError
-from .generate import Sampling, embed, embed_token, forward, new_cache, pick, truncate_cache
+from .generate import (Sampling, embed, embed_token, forward, forward_layers, new_cache, pick,
+                       truncate_cache)
 from .images import image_digest, load_image
+from .sgl import CONSISTENCY_KEEP, Guidance, ImportanceCapture, check_pair, geometric_mean, top_k_mask
 from .visionzip import check_budget
 
 METHODS = ("full", "visionzip", "sgl")
@@ -37,52 +45,76 @@ class TurnStats:
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # from the question to the first answer token (encoding included)
     decode_tok_per_s: float = 0.0
-    cache_reused: bool = False  # the KV cache of earlier turns was reused
+    cache_reused: bool = False  # part of the KV cache of earlier turns was reused
     images_encoded: int = 0  # images encoded/compressed for this turn (0: compressed images reused)
     kv_cache_bytes: int = 0
     stopped: bool = False  # generation was cancelled
     early_exit: bool | None = None  # SGL: the small model's answer was used
-    guidance: object = None  # SGL: importance per visual token, kept indices, score
+    guidance: Guidance | None = None  # SGL: importance per visual token, kept indices, score
     device: str = ""
     dtype: str = ""
-    timings: dict = field(default_factory=dict)  # extra per-model times (SGL)
+    timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
 
 
 class ChatSession:
     def __init__(self, vlm, method: str = "full", dominant: int = 54, contextual: int = 10,
                  max_new_tokens: int = 256, sampling: Sampling | None = None, reuse_cache: bool = True,
-                 cache_bytes: int = 1 << 30, **sgl_options):
+                 cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
+                 early_exit: float | None = 0.8, sgl_tokens: str = "full"):
         self.vlm = vlm
+        self.small = small
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or Sampling()
         self.reuse_cache = reuse_cache
         self.cache_bytes = cache_bytes
-        self.sgl_options = sgl_options
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.set_method(method, dominant, contextual)
+        if small is not None:
+            check_pair(small, vlm)
+        self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
+                        early_exit=early_exit, sgl_tokens=sgl_tokens)
         self.reset()
 
     # ---- configuration -------------------------------------------------------------------------
-    def set_method(self, method: str, dominant: int = 54, contextual: int = 10):
-        """Applies from the next turn; images are re-compressed once for the new method/budget."""
+    def set_method(self, method: str, dominant: int = 54, contextual: int = 10, keep_ratio: float | None = None,
+                   prune_layer: float | None = None, early_exit: float | None | str = "keep",
+                   sgl_tokens: str | None = None):
+        """Applies from the next turn; images are re-compressed once for the new method/budget.
+        For "sgl", `sgl_tokens` ("full" | "visionzip") says whether both models see VisionZip tokens."""
         if method not in METHODS:
             raise InputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
-        if method == "sgl":
-            raise InputError("SGL is not available yet in this build.")
-        if method != "full":
+        if method == "sgl" and self.small is None:
+            raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
+        sgl_tokens = sgl_tokens or getattr(self, "sgl_tokens", "full")
+        if sgl_tokens not in ("full", "visionzip"):
+            raise InputError("sgl_tokens must be 'full' or 'visionzip'.")
+        keep_ratio = getattr(self, "keep_ratio", 0.35) if keep_ratio is None else float(keep_ratio)
+        prune_layer = getattr(self, "prune_layer", 0.4) if prune_layer is None else float(prune_layer)
+        if not 0 < keep_ratio <= 1 or not 0 <= prune_layer <= 1:
+            raise InputError("SGL needs 0 < keep ratio <= 1 and 0 <= prune layer <= 1 (a fraction of the depth).")
+        visual = sgl_tokens if method == "sgl" else method
+        if visual != "full":
             grid = self.vlm.adapter.grid
             check_budget(dominant, contextual, grid[0] * grid[1] + self.vlm.adapter.has_cls, self.vlm.adapter.has_cls)
         self.method, self.dominant, self.contextual = method, int(dominant), int(contextual)
+        self.sgl_tokens, self.keep_ratio, self.prune_layer = sgl_tokens, keep_ratio, prune_layer
+        if early_exit != "keep":
+            self.early_exit = early_exit
+        elif not hasattr(self, "early_exit"):
+            self.early_exit = 0.8
+
+    @property
+    def visual_method(self) -> str:
+        """How images are encoded for the LLM(s): "full" or "visionzip"."""
+        return self.sgl_tokens if self.method == "sgl" else self.method
 
     def reset(self):
         """Forget the conversation, images and caches."""
         self.segments = []  # [("text", [ids]) | ("image", key)]
         self.images = {}  # key -> PIL image (kept to re-compress after a method change)
         self.pending = []  # image keys added since the last question
-        self.compressions = OrderedDict()  # (key, method_key) -> Compression, LRU by bytes
-        self.cache = None
-        self.cached_signature = []
+        self.compressions = OrderedDict()  # (key, method_key, model) -> Compression, LRU by bytes
+        self.caches = {}  # "large" | "small" -> [DynamicCache, signature]
         self.last_turn = None
         self.last_compression = None
         self.last_image_key = None
@@ -91,6 +123,10 @@ class ChatSession:
         self._last_turn_images = []
         self._pending_encode_s = 0.0
         self._pending_encodes = 0
+
+    @property
+    def cache(self):
+        return self.caches.get("large", [None])[0]
 
     def stop(self):
         """Ask a running ask_stream to stop after the current token."""
@@ -117,15 +153,19 @@ class ChatSession:
         return self.images[self.last_image_key], comp
 
     def _method_key(self):
-        return method_key(self.method, self.dominant, self.contextual)
+        return method_key(self.visual_method, self.dominant, self.contextual)
 
-    def _compression(self, key) -> Compression:
-        ck = (key, self._method_key())
+    def _compression(self, key, model: str = "large") -> Compression:
+        ck = (key, self._method_key(), model)
         if ck in self.compressions:
             self.compressions.move_to_end(ck)
             return self.compressions[ck]
-        method = "full" if self.method == "full" else "visionzip"
-        comp = encode_image(self.vlm, self.images[key], method, self.dominant, self.contextual)
+        if model == "large":
+            comp = encode_image(self.vlm, self.images[key], self.visual_method, self.dominant, self.contextual)
+        else:  # the small model sees the same tokens: with VisionZip, the large model's selection
+            selection = self._compression(key) if self.visual_method == "visionzip" else None
+            comp = encode_image(self.small, self.images[key], self.visual_method, self.dominant, self.contextual,
+                                selection_from=selection)
         self._pending_encode_s += comp.encode_s  # counted in the next turn's stats
         self._pending_encodes += 1
         self.compressions[ck] = comp
@@ -162,21 +202,38 @@ class ChatSession:
             segments.append(("image", next(images)) if kind == "image" else ("text", self._tokenize(text)))
         return segments
 
-    def _flatten(self, segments):
-        """-> (ids, signature units with their id spans and features, compressions used)."""
+    def _flatten(self, segments, model: str = "large"):
+        """-> (ids, signature units (unit, start, end, features or None), compressions used)."""
         ids, units, comps = [], [], []
+        vlm = self.vlm if model == "large" else self.small
         for kind, value in segments:
             if kind == "text":
                 for t in value:
                     units.append((("t", t), len(ids), len(ids) + 1, None))
                     ids.append(t)
             else:
-                comp = self._compression(value)
+                comp = self._compression(value, model)
                 comps.append(comp)
                 start = len(ids)
-                ids.extend([self.vlm.image_token_id] * comp.num_tokens)
+                ids.extend([vlm.image_token_id] * comp.num_tokens)
                 units.append((("i", value) + self._method_key(), start, len(ids), comp.features))
         return ids, units, comps
+
+    def _reuse(self, model: str, units) -> tuple:
+        """Keep the longest prefix of the model's KV cache that matches the conversation.
+        -> (cache, first id to run, features of the images in the rest, cache was reused)."""
+        vlm = self.vlm if model == "large" else self.small
+        signature = [u[0] for u in units]
+        cache, cached = self.caches.get(model, (None, []))
+        n = common_prefix(signature, cached) if self.reuse_cache and cache is not None else 0
+        n = min(n, len(units) - 1)  # at least one token to run, for the logits
+        start = units[n][1] if n > 0 else 0
+        if n == 0:
+            cache = new_cache(vlm)
+        else:
+            truncate_cache(cache, start)
+        self.caches[model] = [cache, signature[:n]]
+        return cache, start, [u[3] for u in units[n:] if u[3] is not None], n > 0
 
     def _turn(self, question: str):
         self._stop.clear()
@@ -184,47 +241,68 @@ class ChatSession:
         t0 = time.perf_counter()
         new_segments = self._user_segments(question)
         ids, units, comps = self._flatten(self.segments + new_segments)  # (re-)encodes images only if needed
+        if self.method == "sgl":
+            small_flat = self._flatten(self.segments + new_segments, "small")
         encode_s, images_encoded = self._pending_encode_s, self._pending_encodes
         self._pending_encode_s, self._pending_encodes = 0.0, 0
-        signature = [u[0] for u in units]
-
-        # How much of the conversation is already in the KV cache? Keep the longest common prefix.
-        n_cached_units = common_prefix(signature, self.cached_signature) if self.reuse_cache and self.cache else 0
-        n_cached_units = min(n_cached_units, len(units) - 1)  # at least one token to run for the logits
-        start = units[n_cached_units][1] if n_cached_units > 0 else 0
-        if n_cached_units == 0:
-            self.cache = new_cache(vlm)
-        else:
-            truncate_cache(self.cache, start)
-        self.cached_signature = signature[:n_cached_units]
-        features = [u[3] for u in units[n_cached_units:] if u[3] is not None]
 
         stats = TurnStats(
             method=self.method, model_used=vlm.name,
             visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
-            prompt_tokens=len(ids), prefill_tokens=len(ids) - start, encode_s=encode_s,
-            cache_reused=n_cached_units > 0, images_encoded=images_encoded,
+            prompt_tokens=len(ids), prefill_tokens=len(ids), encode_s=encode_s, images_encoded=images_encoded,
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
         self.last_turn = stats
         self.last_question = question
         self._last_turn_start, self._last_turn_images = len(self.segments), list(self.pending)
         self.pending = []
-        generator = torch.Generator().manual_seed(self.sampling.seed + len(self.segments))
-        generated, fed = [], 0
-        stop_ids = vlm.adapter.stop_ids()
-        text_so_far = ""
+        generated = []
         try:
-            p0 = time.perf_counter()
-            logits = forward(vlm, embed(vlm, ids[start:], features), self.cache)
-            stats.prefill_s = time.perf_counter() - p0
-            self.cached_signature = signature
-            decode_start = None
-            while len(generated) < self.max_new_tokens and not self._stop.is_set():
-                token = pick(logits, self.sampling, generator)
-                if token in stop_ids:
-                    break
-                generated.append(token)
+            if self.method == "sgl":
+                answer = yield from self._sgl_answer(ids, units, small_flat, stats, t0, generated)
+            else:
+                answer = yield from self._plain_answer(ids, units, stats, t0, generated)
+            generated[:] = answer
+        finally:
+            stats.new_tokens = len(generated)
+            stats.stopped = self._stop.is_set()
+            if not stats.ttft_s:
+                stats.ttft_s = time.perf_counter() - t0
+            end = self._tokenize(vlm.adapter.end_of_turn)
+            self.segments += new_segments + [("text", list(generated) + end)]
+            stats.kv_cache_bytes = cache_nbytes(self.cache)
+
+    def _plain_answer(self, ids, units, stats, t0, generated):
+        vlm = self.vlm
+        cache, start, features, reused = self._reuse("large", units)
+        stats.cache_reused, stats.prefill_tokens = reused, len(ids) - start
+        signature = [u[0] for u in units]
+        p0 = time.perf_counter()
+        logits = forward(vlm, embed(vlm, ids[start:], features), cache)
+        stats.prefill_s = time.perf_counter() - p0
+        self.caches["large"][1] = signature
+
+        def step(token, fed):
+            logits = forward(vlm, embed_token(vlm, token), cache)
+            self.caches["large"][1] = signature + [("t", t) for t in generated[:fed]]
+            return logits
+
+        return (yield from self._decode(vlm, logits, step, stats, t0, generated))
+
+    def _decode(self, vlm, logits, step, stats, t0, generated, stream=True, max_probs=None):
+        """Pick tokens until a stop token, the budget or stop(); `step(token, fed)` feeds one back.
+        Appends to `generated` as it goes (so a cancelled turn keeps its partial answer)."""
+        rng = torch.Generator().manual_seed(self.sampling.seed + len(self.segments))
+        stop_ids = vlm.adapter.stop_ids()
+        text_so_far, decode_start = "", None
+        while len(generated) < self.max_new_tokens and not self._stop.is_set():
+            token = pick(logits, self.sampling, rng)
+            if max_probs is not None:
+                max_probs.append(float(torch.softmax(logits, -1).max()))
+            if token in stop_ids:
+                break
+            generated.append(token)
+            if stream:
                 if len(generated) == 1:
                     stats.ttft_s = time.perf_counter() - t0
                     decode_start = time.perf_counter()
@@ -233,24 +311,152 @@ class ChatSession:
                     delta, text_so_far = text[len(text_so_far):], text
                     if delta:
                         yield delta
-                if len(generated) >= self.max_new_tokens or self._stop.is_set():
-                    break
-                logits = forward(vlm, embed_token(vlm, token), self.cache)
-                fed += 1
-                self.cached_signature = signature + [("t", t) for t in generated[:fed]]
+            if len(generated) >= self.max_new_tokens or self._stop.is_set():
+                break
+            logits = step(token, len(generated))
+        if stream:
             text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
             if text.startswith(text_so_far) and len(text) > len(text_so_far):  # flush a held-back tail
                 yield text[len(text_so_far):]
             if decode_start is not None and len(generated) > 1:
                 stats.decode_tok_per_s = (len(generated) - 1) / max(time.perf_counter() - decode_start, 1e-9)
-        finally:
-            stats.new_tokens = len(generated)
-            stats.stopped = self._stop.is_set()
-            if not stats.ttft_s:
-                stats.ttft_s = time.perf_counter() - t0
-            end = self._tokenize(vlm.adapter.end_of_turn)
-            self.segments += new_segments + [("text", generated + end)]
-            stats.kv_cache_bytes = cache_nbytes(self.cache)
+        return list(generated)
+
+    # ---- SGL -----------------------------------------------------------------------------------
+    def _sgl_answer(self, ids, units, small_flat, stats, t0, generated):
+        small, large = self.small, self.vlm
+        s_ids, s_units, _ = small_flat
+        visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
+        turn_start = len(self._flatten(self.segments, "small")[0])  # first id of this turn's new tokens
+        # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
+        after = max(int(visual[-1]) if visual.numel() else -1, turn_start - 1)
+
+        # 1. The small model answers with all visual tokens; hooks collect the importance.
+        t_small = time.perf_counter()
+        cache, start, features, reused = self._reuse("small", s_units)
+        signature = [u[0] for u in s_units]
+        small_tokens, max_probs = [], []
+        with ImportanceCapture(small, cache, visual.to(small.device), after) as capture:
+            logits = forward(small, embed(small, s_ids[start:], features), cache)
+            self.caches["small"][1] = signature
+
+            def small_step(token, fed):
+                logits = forward(small, embed_token(small, token), cache)
+                self.caches["small"][1] = signature + [("t", t) for t in small_tokens[:fed]]
+                return logits
+
+            for _ in self._decode(small, logits, small_step, stats, t0, small_tokens, stream=False,
+                                  max_probs=max_probs):
+                pass
+        importance = capture.importance.cpu()
+        stats.timings["small_answer_s"] = time.perf_counter() - t_small
+        stats.timings["small_prefill_tokens"] = len(s_ids) - start
+
+        # 2. Early exit: confidence and consistency (re-scoring with the top 5% visual tokens).
+        t_score = time.perf_counter()
+        confidence = geometric_mean(max_probs[: len(small_tokens)])
+        consistency = self._consistency(s_ids, s_units, visual, importance, small_tokens)
+        score = (confidence + consistency) / 2
+        stats.timings["small_score_s"] = time.perf_counter() - t_score
+        exit_now = self.early_exit is not None and score >= self.early_exit and not self._stop.is_set()
+
+        n_layers = len(large.language_model.layers)
+        k_layer = int(math.floor(self.prune_layer * n_layers))
+        keep_visual = top_k_mask(importance, int(math.floor(self.keep_ratio * visual.numel())))
+        spans, offset = {}, 0
+        for u in units:
+            if u[3] is not None:
+                spans[u[0][1]] = (offset, offset + (u[2] - u[1]))
+                offset += u[2] - u[1]
+        stats.guidance = Guidance(
+            importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
+            consistency=consistency, score=score, threshold=self.early_exit, early_exit=exit_now,
+            small_answer=small.tokenizer.decode(small_tokens, skip_special_tokens=True), small_tokens=small_tokens,
+            prune_layer=k_layer, image_spans=spans, rows=capture.rows)
+        stats.early_exit = exit_now
+
+        if exit_now:  # the small model's answer is the answer; the large model is not run
+            stats.model_used = small.name
+            stats.prefill_tokens = stats.timings["small_prefill_tokens"]
+            stats.cache_reused = reused
+            stats.ttft_s = time.perf_counter() - t0
+            generated.extend(small_tokens)
+            text = stats.guidance.small_answer
+            if text:
+                yield text
+            return list(small_tokens)
+
+        # 3. The large model: all tokens up to layer K, then the kept visual tokens only.
+        t_large = time.perf_counter()
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        keep[visual] = keep_visual
+        cache = new_cache(large)
+        self.caches["large"] = [cache, []]  # recomputed every SGL turn (the kept set depends on the question)
+        positions = torch.arange(len(ids), device=large.device)
+        feats = [u[3] for u in units if u[3] is not None]
+        logits = forward_layers(large, embed(large, ids, feats), positions, cache, prune_at=k_layer,
+                                keep=keep.to(large.device))[-1]
+        stats.prefill_s = time.perf_counter() - t_large
+        stats.prefill_tokens, stats.cache_reused = len(ids), reused
+
+        def large_step(token, fed):
+            pos = torch.tensor([len(ids) + fed - 1], device=large.device)
+            return forward_layers(large, embed_token(large, token), pos, cache)[-1]
+
+        answer = yield from self._decode(large, logits, large_step, stats, t0, generated)
+        stats.timings["large_s"] = time.perf_counter() - t_large
+        return answer
+
+    @torch.inference_mode()
+    def _consistency(self, s_ids, s_units, visual, importance, answer) -> float:
+        """Geometric mean probability of the small model's own answer when it re-reads the
+        conversation keeping only its top 5% visual tokens (original positions kept)."""
+        if not answer:
+            return 0.0
+        small = self.small
+        keep = torch.ones(len(s_ids) + len(answer) - 1, dtype=torch.bool)
+        if visual.numel():
+            keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
+        feats = [u[3] for u in s_units if u[3] is not None]
+        embeds = embed(small, s_ids + answer[:-1], feats)
+        positions = torch.arange(embeds.shape[1], device=small.device)
+        logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),
+                                last=len(answer))
+        probs = torch.softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)]
+        return geometric_mean(probs.tolist())
+
+    def guidance_view(self):
+        """(PIL image, its Compression, per-token importance, per-token kept mask) of the latest
+        image for the last SGL turn, or None."""
+        t = self.last_turn
+        if t is None or t.guidance is None or self.last_image_key not in t.guidance.image_spans:
+            return None
+        start, end = t.guidance.image_spans[self.last_image_key]
+        kept = np.zeros(len(t.guidance.importance), dtype=bool)
+        kept[t.guidance.kept] = True
+        return (self.images[self.last_image_key], self._compression(self.last_image_key),
+                t.guidance.importance[start:end], kept[start:end])
+
+
+def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
+    """Re-answer the last question twice from the same history, with no KV cache on either side:
+    once with the session's method and once with all visual tokens. -> {label: (answer, TurnStats)}."""
+    if session.last_question is None:
+        raise InputError("Ask a question first; then it can be compared with the full model.")
+    results = {}
+    for label, method in ((session.method, session.method), ("full", "full")):
+        other = ChatSession(session.vlm, method=method, dominant=session.dominant, contextual=session.contextual,
+                            max_new_tokens=max_new_tokens or session.max_new_tokens, sampling=session.sampling,
+                            cache_bytes=session.cache_bytes, small=session.small, keep_ratio=session.keep_ratio,
+                            prune_layer=session.prune_layer, early_exit=session.early_exit,
+                            sgl_tokens=session.sgl_tokens)
+        other.images = session.images
+        other.compressions = session.compressions  # shared compress-once cache (LRU-bounded)
+        other.segments = session.segments[: session._last_turn_start]
+        other.pending = list(session._last_turn_images)
+        answer = other.ask(session.last_question)
+        results[label] = (answer, other.last_turn)
+    return results
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -271,22 +477,3 @@ def cache_nbytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
-
-
-def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
-    """Re-answer the last question twice from the same history, with no KV cache on either side:
-    once with the session's method and once with all visual tokens. -> {label: (answer, TurnStats)}."""
-    if session.last_question is None:
-        raise InputError("Ask a question first; then it can be compared with the full model.")
-    results = {}
-    for label, method in ((session.method, session.method), ("full", "full")):
-        other = ChatSession(session.vlm, method=method, dominant=session.dominant, contextual=session.contextual,
-                            max_new_tokens=max_new_tokens or session.max_new_tokens, sampling=session.sampling,
-                            cache_bytes=session.cache_bytes)
-        other.images = session.images
-        other.compressions = session.compressions  # shared compress-once cache (LRU-bounded)
-        other.segments = session.segments[: session._last_turn_start]
-        other.pending = list(session._last_turn_images)
-        answer = other.ask(session.last_question)
-        results[label] = (answer, other.last_turn)
-    return results

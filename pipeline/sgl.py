@@ -1,0 +1,158 @@
+"""SGL (Zhao et al., arXiv 2412.03324): a small VLM guides the large one.
+
+  1. The small model S answers with all visual tokens. importance(j) = attention paid to visual
+     token j, summed over all layers and heads, by every token of the turn that comes after the
+     last visual token: the question's tokens and S's answer tokens (each answer token once it is
+     fed back, i.e. all but the last).
+  2. Early exit: confidence = geometric mean over S's answer of the max token probability;
+     consistency = geometric mean of the probabilities of S's own answer tokens when S re-scores
+     it keeping only the top 5% visual tokens; score = (confidence + consistency) / 2.
+  3. The large model G runs layers < K = floor(prune_layer x layers) on all tokens, then only the
+     top floor(keep_ratio x visual) visual tokens (original positions kept) — see
+     `generate.forward_layers`.
+
+The importance is read without eager attention: per-instance hooks capture each layer's queries
+(`q_proj` output) and rotary (cos, sin); after the layer ran, its post-rotary keys are in S's KV
+cache, so only the needed rows softmax(q K^T / sqrt(d)) are computed.
+"""
+
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .compress import encode_image
+from .errors import InputError
+
+CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
+
+
+@dataclass
+class Guidance:
+    """What the small model decided for one turn (plain numpy, for the UI)."""
+    importance: np.ndarray  # (V,) per visual token of the conversation, in order
+    kept: np.ndarray  # sorted indices into the V visual tokens that the large model keeps from layer K on
+    confidence: float
+    consistency: float
+    score: float
+    threshold: float | None
+    early_exit: bool
+    small_answer: str
+    small_tokens: list  # the small model's answer ids
+    prune_layer: int  # K
+    rows: int  # query rows whose attention was summed (per layer)
+    image_spans: dict = field(default_factory=dict)  # image key -> (start, end) in the V visual tokens
+
+
+def probe_image() -> Image.Image:
+    """A fixed, non-square test card (it selects several anyres tiles)."""
+    y, x = np.mgrid[0:360, 0:520]
+    rgb = np.stack([x * 255 // 520, y * 255 // 360, (x + y) % 256], -1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def check_pair(small, large):
+    """Refuse an SGL pair whose visual-token layouts (count and grid per crop) or tokenizers differ."""
+    checked = large.extra.setdefault("sgl_pairs_checked", set())
+    if small.name in checked:
+        return
+    probe = probe_image()
+    s_layout = encode_image(small, probe, "full").layout()
+    g_layout = encode_image(large, probe, "full").layout()
+    if s_layout != g_layout:
+        raise InputError(
+            f"SGL needs two models with the same visual-token layout, but '{small.name}' gives {describe(s_layout)} "
+            f"and '{large.name}' gives {describe(g_layout)} for the same image. Choose a matching pair "
+            "(llava-ov-0.5b -> llava-ov-7b, llava-1.5-7b -> llava-1.5-13b, tiny-ov-small -> tiny-ov-large)."
+        )
+    text = "USER: What is in the image? ASSISTANT: a cat<|im_end|>"
+    if (small.tokenizer(text)["input_ids"] != large.tokenizer(text)["input_ids"]
+            or small.image_token_id != large.image_token_id):
+        raise InputError(f"SGL needs one tokenizer for both models; '{small.name}' and '{large.name}' differ.")
+    checked.add(small.name)
+
+
+def describe(layout) -> str:
+    tokens, grids = layout
+    tiles = f"{len(grids)} crops of {grids[0][0]}x{grids[0][1]} patches" if grids else "no crops"
+    return f"{tokens} visual tokens ({tiles})"
+
+
+class ImportanceCapture:
+    """Hooks on one model instance's attention layers, removed on exit; nothing global is patched.
+
+    While active, every forward on top of `cache` adds, for each query row whose position in the
+    cache is > `after` (the last visual token), the softmax attention it pays to `visual` (indices
+    into the cache), summed over heads and layers, to `self.importance`."""
+
+    def __init__(self, vlm, cache, visual: torch.Tensor, after: int):
+        self.layers = vlm.language_model.layers
+        self.cache = cache
+        self.visual = visual
+        self.after = after
+        self.importance = torch.zeros(visual.numel(), dtype=torch.float32, device=visual.device)
+        self.rows = 0  # query rows counted in layer 0 (a check for the tests)
+        self._q, self._rope, self._hooks = {}, {}, []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            self._hooks.append(attn.register_forward_pre_hook(self._save_rope(i), with_kwargs=True))
+            self._hooks.append(attn.q_proj.register_forward_hook(self._save_q(i)))
+            self._hooks.append(attn.register_forward_hook(self._accumulate(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _save_rope(self, i):
+        def hook(module, args, kwargs):
+            self._rope[i] = kwargs["position_embeddings"]
+        return hook
+
+    def _save_q(self, i):
+        def hook(module, args, output):
+            self._q[i] = output
+        return hook
+
+    def _accumulate(self, i):
+        def hook(module, args, output):
+            keys = self.cache.layers[i].keys  # (1, Hkv, L, d) post-rotary, this forward's tokens included
+            L = keys.shape[2]
+            q = self._q.pop(i)  # (1, n, H*d)
+            n = q.shape[1]
+            first = max(0, self.after + 1 - (L - n))  # rows of this forward that come after the last visual token
+            if first >= n:
+                return
+            q = q.view(1, n, -1, module.head_dim).transpose(1, 2)  # (1, H, n, d)
+            cos, sin = self._rope.pop(i)
+            rotary = importlib.import_module(type(module).__module__).apply_rotary_pos_emb
+            q = rotary(q, q, cos, sin)[0][:, :, first:]  # (1, H, r, d)
+            heads = q.shape[1]
+            k = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # (1, H, L, d)
+            logits = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (1, H, r, L)
+            rows = torch.arange(L - n + first, L, device=q.device)[:, None]
+            logits.masked_fill_(torch.arange(L, device=q.device)[None, :] > rows, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)  # (1, H, r, L)
+            self.importance += probs.sum(dim=(0, 1, 2))[self.visual]
+            if i == 0:
+                self.rows += probs.shape[2]
+        return hook
+
+
+def geometric_mean(probs: list) -> float:
+    if not probs:
+        return 0.0
+    return float(math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)))
+
+
+def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(importance, dtype=torch.bool)
+    if k > 0:
+        mask[importance.topk(min(k, importance.numel())).indices] = True
+    return mask
