@@ -107,8 +107,7 @@ def render_selection(image: Image.Image, comp) -> Image.Image:
             rows, cols = crop.grid
             for p in crop.dominant:
                 r, c = divmod(int(p), cols)
-                x0, y0, x1, y1 = rect[r, c]
-                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=OUTLINE, width=1)
+                _outline(draw, rect[r, c], OUTLINE)
             for t in crop.targets:
                 if t >= 0:
                     r, c = divmod(int(t), cols)
@@ -117,6 +116,12 @@ def render_selection(image: Image.Image, comp) -> Image.Image:
                     draw.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=TARGET)
         out.append(_label(panel, title) if len(comp.crops) > 1 else panel)
     return _side_by_side(out)
+
+
+def _outline(draw, rect, colour):
+    """A 1-pixel outline on the patch's own pixels (edges rounded, so neighbours never overlap)."""
+    x0, y0, x1, y1 = (round(v) for v in rect)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=1)
 
 
 def _blend_inside(canvas, original, tint_img, mask_img, crop, origin):
@@ -138,24 +143,47 @@ def render_scores(image: Image.Image, comp, cmap: str = "inferno") -> Image.Imag
     image, with a colour bar. None when the compression has no scores (method "full")."""
     if comp.crops[0].scores is None:
         return None
-    values = np.concatenate([c.scores for c in comp.crops])
-    vmin, vmax = float(values.min()), float(np.percentile(values, 99.5))
+    return _render_values(image, comp, [c.scores for c in comp.crops], cmap, "score")
+
+
+def render_importance(image: Image.Image, comp, importance: np.ndarray, kept: np.ndarray,
+                      cmap: str = "viridis") -> Image.Image:
+    """SGL: the small model's importance of each visual token spread over the patches it covers
+    (a contextual token covers its whole group), with the tokens the large model keeps outlined."""
+    values = comp.per_patch(np.asarray(importance, dtype=np.float64))
+    kept_patches = [np.nan_to_num(k) > 0.5 for k in comp.per_patch(np.asarray(kept, dtype=np.float64))]
+    return _render_values(image, comp, values, cmap, "importance", outline=kept_patches)
+
+
+def _render_values(image, comp, per_crop: list, cmap: str, label: str, outline: list | None = None):
+    """Colour each patch by its value (NaN: left dark), optionally outline patches, plus a colour bar."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in per_crop])
+    vmin, vmax = (float(finite.min()), float(np.percentile(finite, 99.5))) if finite.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1e-9
     lut = (colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
     out = []
     for title, idx in panels(comp):
-        crops = [comp.crops[i] for i in idx]
-        original, origin = _canvas(image, crops)
+        original, origin = _canvas(image, [comp.crops[i] for i in idx])
         canvas = original * 0.25
-        for crop in crops:
-            level = np.clip((crop.scores - vmin) / (vmax - vmin), 0, 1).reshape(crop.grid)
-            heat = lut[(level * 255).astype(int)]
+        for i in idx:
+            crop = comp.crops[i]
+            values = per_crop[i]
+            level = np.clip((np.nan_to_num(values, nan=vmin) - vmin) / (vmax - vmin), 0, 1).reshape(crop.grid)
+            heat = np.where(np.isfinite(values).reshape(*crop.grid, 1), lut[(level * 255).astype(int)], 0)
             _paint(canvas, crop, origin, heat)
-        out.append(_label(Image.fromarray((0.2 * original + 0.8 * canvas).clip(0, 255).astype(np.uint8)), title))
-    return _side_by_side(out + [_colour_bar(lut, vmin, vmax, out[0].height)])
+        panel = Image.fromarray((0.2 * original + 0.8 * canvas).clip(0, 255).astype(np.uint8))
+        if outline is not None:
+            draw = ImageDraw.Draw(panel)
+            for i in idx:
+                rect = _patch_rects(comp.crops[i], origin)
+                cols = comp.crops[i].grid[1]
+                for p in np.flatnonzero(outline[i]):
+                    _outline(draw, rect[divmod(int(p), cols)], (255, 255, 255))
+        out.append(_label(panel, title))
+    return _side_by_side(out + [_colour_bar(lut, vmin, vmax, out[0].height, label)])
 
 
-def _colour_bar(lut, vmin, vmax, height):
+def _colour_bar(lut, vmin, vmax, height, label="score"):
     bar_w, pad = 18, 6
     bar = Image.new("RGB", (bar_w + 70, height), (255, 255, 255))
     grad = lut[::-1][np.linspace(0, 255, height - 2 * pad).astype(int)]
@@ -164,7 +192,7 @@ def _colour_bar(lut, vmin, vmax, height):
     draw = ImageDraw.Draw(bar)
     draw.text((bar_w + 2 * pad, pad), f"{vmax:.3g}", fill=(0, 0, 0))
     draw.text((bar_w + 2 * pad, height - pad - 12), f"{vmin:.3g}", fill=(0, 0, 0))
-    draw.text((bar_w + 2 * pad, height // 2 - 6), "score", fill=(0, 0, 0))
+    draw.text((bar_w + 2 * pad, height // 2 - 6), label, fill=(0, 0, 0))
     return bar
 
 

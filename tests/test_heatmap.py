@@ -91,3 +91,30 @@ def test_full_method_has_no_score_map(tiny_llava, photo):
     comp = encode_image(tiny_llava, photo, "full")
     assert render_scores(photo, comp) is None
     assert render_selection(photo, comp).size == (PANEL_SIDE, PANEL_SIDE)
+
+
+def test_importance_map_outlines_kept_tokens(tiny_ov, tiny_ov_large, photo):
+    from pipeline import ChatSession
+    from pipeline.heatmap import render_importance
+    s = ChatSession(tiny_ov_large, method="sgl", small=tiny_ov, sgl_tokens="full", keep_ratio=0.05,
+                    early_exit=None, max_new_tokens=3)
+    s.add_image(photo)
+    s.ask("What is it?")
+    image, comp, importance, kept = s.guidance_view()
+    assert len(importance) == comp.num_tokens and kept.sum() == len(s.last_turn.guidance.kept)
+    rendered = np.asarray(render_importance(image, comp, importance, kept), dtype=np.float32)
+    base = comp.crops[0]
+    x0, y0, scale = panel_geometry(image, [base])
+    cell_w = (base.box[2] - base.box[0]) / 27 * scale
+    cell_h = (base.box[3] - base.box[1]) / 27 * scale
+    base_tokens = comp.token_map[:, 0] == 0
+    kept_patches = set(comp.token_map[base_tokens & kept][:, 1].tolist())
+    white_edges = {True: [], False: []}
+    for p in range(27 * 27):
+        r, c = divmod(p, 27)
+        if r in (0, 26) or c in (0, 26):
+            continue
+        ex, cy = round(c * cell_w), int((r + 0.5) * cell_h)  # left edge, mid-height
+        white_edges[p in kept_patches].append(rendered[cy, ex].min() > 240)
+    assert white_edges[True] and np.mean(white_edges[True]) > 0.9  # kept tokens: white outline
+    assert np.mean(white_edges[False]) < 0.2
