@@ -87,6 +87,10 @@ def render_selection(image: Image.Image, comp) -> Image.Image:
     for title, idx in panels(comp):
         crops = [comp.crops[i] for i in idx]
         original, origin = _canvas(image, crops)
+        if comp.method == "full":  # every token is kept: the crops as the model sees them, unmarked
+            panel = Image.fromarray(original.astype(np.uint8))
+            out.append(_label(panel, title) if len(comp.crops) > 1 else panel)
+            continue
         canvas = original.copy()
         for crop in crops:
             rows, cols = crop.grid

@@ -31,9 +31,9 @@ def resend(history):
 
 def turn(client, history, text, files=()):
     history = resend(history)
-    history, _, sel, score, caption = client.predict(
+    history, _, sel, score, _, caption = client.predict(
         history, {"text": text, "files": [handle_file(f) for f in files]}, "VisionZip", 54, 10, api_name="/add_message")
-    history, stats, sel, score, caption = client.predict(resend(history), api_name="/respond")
+    history, stats, sel, score, _, caption = client.predict(resend(history), api_name="/respond")
     return history, stats, sel, caption
 
 
@@ -60,11 +60,11 @@ def test_upload_and_two_turns(url):
 def test_method_switch_applies_next_turn(url):
     c = Client(url, verbose=False)
     history, stats, _, _ = turn(c, [], "What is it?", [CAT])
-    sel, score, caption = c.predict("Full", 54, 10, api_name="/settings_method")
+    sel, score, _, caption = c.predict("Full", 54, 10, api_name="/settings_method")
     assert "all 576 visual tokens" in caption and score is None
     history, stats, _, _ = turn(c, history, "Again?")
     assert "| visual tokens to the LLM | 576 of 576 |" in stats and "1 encoded" in stats
-    sel, score, caption = c.predict("VisionZip", 108, 20, api_name="/settings_dominant")
+    sel, score, _, caption = c.predict("VisionZip", 108, 20, api_name="/settings_dominant")
     assert "108 dominant + 20 contextual = 128 of 576" in caption
 
 
@@ -103,3 +103,28 @@ def test_two_sessions_stay_separate(url):
     b.predict(api_name="/clear")
     history_a, stats_a, _, _ = turn(a, history_a, "Still there?")  # clearing B leaves A alone
     assert "| KV cache reused / size | yes" in stats_a
+
+
+@pytest.fixture(scope="module")
+def sgl_url(tiny_ov, tiny_ov_large):
+    demo = app.build_demo(tiny_ov_large, max_new_tokens=5, small=tiny_ov)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1")
+    yield local_url
+    demo.close()
+
+
+def test_sgl_turns_show_guidance(sgl_url):
+    c = Client(sgl_url, verbose=False)
+    args = ["SGL", 54, 10, 0.2, 0.5, False, 0.8, False]  # early exit off
+    history, _, _, _, _, caption = c.predict([], {"text": "What is it?", "files": [handle_file(CAT)]}, *args,
+                                             api_name="/add_message")
+    history, stats, sel, score, importance, caption = c.predict(resend(history), api_name="/respond")
+    assert "| SGL: answered by | tiny-ov-large (large model, pruned) |" in stats
+    assert "SGL: large model keeps" in stats and "from layer 2" in stats and importance is not None
+    # early exit at threshold 0: the small model answers, the large one is not run
+    c.predict("SGL", 54, 10, 0.2, 0.5, True, 0.0, False, api_name="/settings_exit_on")
+    history, _, _, _, _, _ = c.predict(resend(history), {"text": "And now?", "files": []}, *args[:5], True, 0.0, False,
+                                       api_name="/add_message")
+    history, stats, _, _, _, _ = c.predict(resend(history), api_name="/respond")
+    assert "| SGL: answered by | tiny-ov-small (early exit) |" in stats and "| SGL: large model | not run |" in stats

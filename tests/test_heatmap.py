@@ -90,7 +90,12 @@ def test_score_map_follows_scores(tiny_llava, photo):
 def test_full_method_has_no_score_map(tiny_llava, photo):
     comp = encode_image(tiny_llava, photo, "full")
     assert render_scores(photo, comp) is None
-    assert render_selection(photo, comp).size == (PANEL_SIDE, PANEL_SIDE)
+    rendered = render_selection(photo, comp)
+    assert rendered.size == (PANEL_SIDE, PANEL_SIDE)
+    x0, y0, scale = panel_geometry(photo, comp.crops)
+    expected = np.asarray(photo.crop((round(x0), round(y0), round(x0 + PANEL_SIDE / scale),
+                                      round(y0 + PANEL_SIDE / scale))).resize(rendered.size), dtype=np.float32)
+    assert np.abs(np.asarray(rendered, dtype=np.float32) - expected).mean() < 3  # unmarked: the crop itself
 
 
 def test_importance_map_outlines_kept_tokens(tiny_ov, tiny_ov_large, photo):
