@@ -26,11 +26,12 @@ def embed(vlm, ids: list, features: list) -> torch.Tensor:
     ids_t = torch.tensor([ids], device=vlm.device)
     embeds = vlm.model.get_input_embeddings()(ids_t)  # (1, L, D)
     if features:
-        mask = ids_t[0] == vlm.image_token_id
+        # placeholder positions from the Python list: no device sync, no data-dependent shapes
+        where = [i for i, t in enumerate(ids) if t == vlm.image_token_id]
         image = torch.cat(features).to(embeds.dtype)
-        if int(mask.sum()) != image.shape[0]:
-            raise RuntimeError(f"{int(mask.sum())} image placeholders but {image.shape[0]} image features")
-        embeds[0, mask] = image
+        if len(where) != image.shape[0]:
+            raise RuntimeError(f"{len(where)} image placeholders but {image.shape[0]} image features")
+        embeds[0, torch.tensor(where, device=embeds.device)] = image
     return embeds
 
 

@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
+from .arch import ARCH_PRESETS, build_arch_model
 from .errors import ModelUnavailable
 from .tiny import TINY_SPECS, ensure_tiny_model
 
@@ -31,7 +32,7 @@ HUB_PRESETS = {
     "llava-ov-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
 }
 SGL_PAIRS = {"llava-ov-7b": "llava-ov-0.5b", "llava-1.5-13b": "llava-1.5-7b", "tiny-ov-large": "tiny-ov-small"}
-PRESETS = list(HUB_PRESETS) + list(TINY_SPECS)
+PRESETS = list(HUB_PRESETS) + list(TINY_SPECS) + list(ARCH_PRESETS)
 
 MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
 
@@ -98,6 +99,8 @@ def resolve(name_or_path: str) -> tuple:
         return str(ensure_tiny_model(name_or_path)), True
     if name_or_path in HUB_PRESETS:
         return HUB_PRESETS[name_or_path], False
+    if name_or_path in ARCH_PRESETS:
+        return name_or_path, True
     if Path(name_or_path).is_dir():
         return name_or_path, False
     if "/" in name_or_path and not name_or_path.startswith((".", "/")):
@@ -127,10 +130,17 @@ def is_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def load_vlm(name_or_path: str, device=None, dtype=None) -> "VLM":
-    """Load a transformers-native LLaVA-1.5 or LLaVA-OneVision model (preset, hub id or directory)."""
-    source, is_tiny = resolve(name_or_path)
+def load_vlm(name_or_path: str, device=None, dtype=None, quick: bool = False) -> "VLM":
+    """Load a transformers-native LLaVA-1.5 or LLaVA-OneVision model (preset, hub id or directory).
+    "*-arch" presets are the real shapes with random weights (benchmarks; `quick` shrinks them)."""
     device, dtype = default_device_dtype(device, dtype)
+    if name_or_path in ARCH_PRESETS:
+        model, tokenizer, image_processor = build_arch_model(name_or_path, device, dtype, quick)
+        adapter_cls = LlavaAdapter if model.config.model_type == "llava" else OnevisionAdapter
+        return VLM(name=name_or_path + ("-quick" if quick else ""), model=model, tokenizer=tokenizer,
+                   image_processor=image_processor, adapter=adapter_cls(model.config, image_processor, tokenizer),
+                   device=device, dtype=dtype, is_tiny=True)
+    source, is_tiny = resolve(name_or_path)
     local_only = Path(source).is_dir() or is_cached(source)
     if not local_only and not hub_reachable():
         raise ModelUnavailable(

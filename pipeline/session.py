@@ -60,8 +60,9 @@ class ChatSession:
     def __init__(self, vlm, method: str = "full", dominant: int = 54, contextual: int = 10,
                  max_new_tokens: int = 256, sampling: Sampling | None = None, reuse_cache: bool = True,
                  cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
-                 early_exit: float | None = 0.8, sgl_tokens: str = "full"):
+                 early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True):
         self.vlm = vlm
+        self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
         self.small = small
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or Sampling()
@@ -293,7 +294,7 @@ class ChatSession:
         """Pick tokens until a stop token, the budget or stop(); `step(token, fed)` feeds one back.
         Appends to `generated` as it goes (so a cancelled turn keeps its partial answer)."""
         rng = torch.Generator().manual_seed(self.sampling.seed + len(self.segments))
-        stop_ids = vlm.adapter.stop_ids()
+        stop_ids = vlm.adapter.stop_ids() if self.stop_at_eos else set()
         text_so_far, decode_start = "", None
         while len(generated) < self.max_new_tokens and not self._stop.is_set():
             token = pick(logits, self.sampling, rng)

@@ -1,0 +1,458 @@
+"""`python -m pipeline.bench`: the one place where speed is measured.
+
+Every comparison runs both sides in one process, alternating (A B, B A, ...), after a warm-up, and
+reports the median and spread (min..max) of the repeats and the ratio of medians. CUDA timings use
+events after a synchronise. Models are the architecture presets: real shapes, random weights.
+On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
+bandwidth), both measured at start.
+
+    python -m pipeline.bench            # CPU rows 1-6 (about 15 minutes on 2 cores)
+    python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
+    python -m pipeline.bench --rows 7,8,9 --device cuda   # the GPU rows (bf16)
+"""
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .compress import encode_image
+from .generate import embed, forward, new_cache
+from .heatmap import render_scores, render_selection
+from .models import default_device_dtype, load_vlm
+from .session import ChatSession, cache_nbytes
+from .vision import attention_statistics, run_vision_tower
+from .visionzip import select
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+QUESTION = "Describe this image in detail."
+
+
+@dataclass
+class Row:
+    id: str
+    what: str
+    a: str  # label of side A (the method)
+    b: str  # label of side B (the baseline)
+    a_s: list = field(default_factory=list)  # timings (s) or values of A
+    b_s: list = field(default_factory=list)
+    unit: str = "s"
+    target: str = ""  # e.g. "<= 0.55"
+    floor_a_s: float | None = None
+    floor_b_s: float | None = None
+    notes: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.a_s) / statistics.median(self.b_s)
+
+    @property
+    def met(self) -> bool | None:
+        if not self.target:
+            return None
+        op, value = self.target.split()
+        return self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
+
+
+class Clock:
+    """Seconds of a callable: perf_counter on CPU, CUDA events (after a synchronise) on a GPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+
+def side_by_side(clock, a, b, repeats: int, warmup: int = 1):
+    """Alternate A and B (A B, B A, A B, ...) after warm-up; -> (times of A, times of B)."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            ta.append(clock(a))
+            tb.append(clock(b))
+        else:
+            tb.append(clock(b))
+            ta.append(clock(a))
+    return ta, tb
+
+
+# ---- hardware floors (GPU) ------------------------------------------------------------------------
+def measure_hardware(device, dtype) -> dict:
+    clock = Clock(device)
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    clock(lambda: x @ x)
+    t = min(clock(lambda: x @ x) for _ in range(5))
+    flops = 2 * n ** 3 / t
+    buf = torch.empty(256 * 2 ** 20 if torch.device(device).type == "cuda" else 32 * 2 ** 20, dtype=torch.uint8,
+                      device=device)
+    dst = torch.empty_like(buf)
+    clock(lambda: dst.copy_(buf))
+    t = min(clock(lambda: dst.copy_(buf)) for _ in range(5))
+    return {"matmul_flops_per_s": flops, "copy_bytes_per_s": 2 * buf.numel() / t}  # read + write
+
+
+def llm_prefill_cost(vlm, tokens: int, context: int = 0) -> tuple:
+    """(FLOPs, bytes) of a prefill of `tokens` on top of `context`: weights read once, 2 FLOPs per
+    weight per token, attention 4 * T * (T/2 + context) * hidden per layer, KV written."""
+    cfg = vlm.language_model.config
+    weights = sum(p.numel() for n, p in vlm.language_model.named_parameters() if "embed_tokens" not in n)
+    head = vlm.model.lm_head.weight.numel()  # the last position only
+    attn = 4 * tokens * (tokens / 2 + context) * cfg.hidden_size * cfg.num_hidden_layers
+    flops = 2 * weights * tokens + 2 * head + attn
+    size = torch.finfo(vlm.dtype).bits // 8
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    return flops, (weights + head + kv * (tokens + context)) * size
+
+
+def floor_s(cost, hw) -> float | None:
+    if not hw:
+        return None
+    flops, nbytes = cost
+    return max(flops / hw["matmul_flops_per_s"], nbytes / hw["copy_bytes_per_s"])
+
+
+# ---- rows -----------------------------------------------------------------------------------------
+def row_encode(args, clock, hw) -> list:
+    """1-2: CLIP-L/336 tower up to layer -2 + VisionZip vs the reference-style encode."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .arch import CLIP_L_336, shrink
+    shape = shrink(CLIP_L_336) if args.quick else CLIP_L_336
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)
+    with torch.device(args.device):
+        tower = CLIPVisionModel(CLIPVisionConfig(**shape, attn_implementation="sdpa")).eval()
+    torch.set_default_dtype(default)
+    reference = copy.deepcopy(tower)
+    reference.set_attn_implementation("eager")
+    from transformers import CLIPImageProcessorPil
+    pixels = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})(
+        images=[Image.open(ASSETS / "chelsea.png").convert("RGB")], return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(args.device, args.dtype)
+    run = shape["num_hidden_layers"] - 1  # feature layer -2
+    layer = tower.encoder.layers[run - 1] if hasattr(tower, "encoder") else tower.vision_model.encoder.layers[run - 1]
+
+    @torch.inference_mode()
+    def ours():
+        out = run_vision_tower(tower, pixels, run, has_cls=True, with_attention=True)
+        return select(out.features[0], out.scores[0], out.keys[0], 54, 10, True)
+
+    @torch.inference_mode()
+    def original_style():
+        # as the original VisionZip: every layer eager with its attention materialised, all layers run
+        out = reference(pixels, output_attentions=True, output_hidden_states=True)
+        scores = out.attentions[run - 1][0, :, 0, :].sum(0)
+        ref_layer = getattr(reference, "vision_model", reference).encoder.layers[run - 1]
+        x = ref_layer.layer_norm1(out.hidden_states[run - 1])
+        keys = ref_layer.self_attn.k_proj(x).view(1, x.shape[1], -1, ref_layer.self_attn.head_dim).mean(2)
+        return select(out.hidden_states[run][0], scores, keys[0], 54, 10, True)
+
+    ta, tb = side_by_side(clock, ours, original_style, args.repeats)
+    h = (pixels.shape[-1] // shape["patch_size"]) ** 2 + 1
+    per_layer = 2 * h * (4 * shape["hidden_size"] ** 2 + 2 * shape["hidden_size"] * shape["intermediate_size"]) \
+        + 4 * h * h * shape["hidden_size"]
+    weights = sum(p.numel() for p in tower.parameters()) * (torch.finfo(args.dtype).bits // 8)
+    rows = [Row("1", "vision encode + VisionZip selection, CLIP-L/336", "ours: SDPA, layers to -2, 1 attention row",
+                "original-style: eager, all layers, attentions materialised", ta, tb, target="<= 0.55",
+                floor_a_s=floor_s((per_layer * run, weights), hw),
+                floor_b_s=floor_s((per_layer * shape["num_hidden_layers"], weights), hw))]
+
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda m, a, k: captured.__setitem__("x", a[0] if a else k["hidden_states"]),
+                                           with_kwargs=True)
+    ours()
+    hook.remove()
+    feats = run_vision_tower(tower, pixels, run, has_cls=True, with_attention=False).features[0]
+
+    @torch.inference_mode()
+    def selection_only():
+        scores, keys = attention_statistics(layer, captured["x"], True)
+        return select(feats, scores[0], keys[0], 54, 10, True)
+
+    ts, te = side_by_side(clock, selection_only, ours, args.repeats)
+    rows.append(Row("2", "selection alone (scores + merge) / whole encode", "scores + merge", "encode + selection",
+                    ts, te, target="<= 0.03"))
+    return rows
+
+
+def ov_image(tiles: int) -> Image.Image:
+    """A photo resized so OneVision picks a 1x1 (384 px) or 2x2 (768 px) tile grid."""
+    side = 384 * int(math.sqrt(tiles))
+    return Image.open(ASSETS / "coffee.png").convert("RGB").resize((side, side))
+
+
+def prefill_inputs(session, image):
+    session.add_image(image)
+    ids, units, _ = session._flatten(session.segments + session._user_segments(QUESTION))
+    return ids, [u[3] for u in units if u[3] is not None]
+
+
+def row_prefill(args, clock, hw, vlm) -> list:
+    """3: LLM prefill VisionZip-64 vs full on llava-ov-0.5b-arch (one 384 image; 2x2 tiles)."""
+    rows = []
+    for tiles, target in ((1, "<= 0.2"), (4, "<= 0.1")):
+        image = ov_image(tiles)
+        sides = {}
+        for method in ("visionzip", "full"):
+            s = ChatSession(vlm, method=method, max_new_tokens=1)
+            ids, feats = prefill_inputs(s, image)
+            comp = s.last_compression
+            sides[method] = (s, ids, feats, comp)
+
+        def prefill(method):
+            _, ids, feats, _ = sides[method]
+            return lambda: forward(vlm, embed(vlm, ids, feats), new_cache(vlm))
+
+        ta, tb = side_by_side(clock, prefill("visionzip"), prefill("full"), args.repeats)
+        # time to first token with the image already compressed (fresh session, shared compress cache)
+        ttft = {}
+        for method in ("visionzip", "full"):
+            s = ChatSession(vlm, method=method, max_new_tokens=1)
+            s.compressions = sides[method][0].compressions
+            s.add_image(image)
+            s.ask(QUESTION)
+            ttft[method] = s.last_turn.ttft_s
+        za, zb = sides["visionzip"][3], sides["full"][3]
+        rows.append(Row(
+            "3" + ("" if tiles == 1 else "b"),
+            f"LLM prefill, {vlm.name}, {image.width}px image ({len(za.crops)} crops: {za.num_tokens} vs {zb.num_tokens} "
+            f"visual tokens, {len(sides['full'][1])} in the prompt)", "VisionZip 54+10 per crop", "full",
+            ta, tb, target=target,
+            floor_a_s=floor_s(llm_prefill_cost(vlm, len(sides["visionzip"][1])), hw),
+            floor_b_s=floor_s(llm_prefill_cost(vlm, len(sides["full"][1])), hw),
+            notes=f"TTFT (image cached): {ttft['visionzip'] * 1000:.0f} ms vs {ttft['full'] * 1000:.0f} ms; "
+                  f"encode+compress: {za.encode_s * 1000:.0f} ms vs {zb.encode_s * 1000:.0f} ms"))
+    return rows
+
+
+def row_turn2(args, clock, hw, vlm) -> Row:
+    """4: turn-2 TTFT with KV reuse vs recomputing the whole conversation (full tokens)."""
+    image = ov_image(1)
+    sessions = {}
+    for reuse in (True, False):
+        s = ChatSession(vlm, method="full", max_new_tokens=8, reuse_cache=reuse)
+        if sessions:
+            s.compressions = next(iter(sessions.values()))[0].compressions
+        s.add_image(image)
+        s.ask(QUESTION)
+        sessions[reuse] = (s, list(s.segments), list(s.caches["large"][1]))
+
+    def second_turn(reuse):
+        s, segments, signature = sessions[reuse]
+
+        def run():
+            s.segments, s.caches["large"][1] = list(segments), list(signature)  # back to the end of turn 1
+            s.max_new_tokens = 1
+            s.ask("And what colours dominate?")
+        return run
+
+    ta, tb = side_by_side(clock, second_turn(True), second_turn(False), args.repeats)
+    s = sessions[True][0]
+    return Row("4", f"turn-2 time to first token, {vlm.name}, full tokens ({s.last_turn.prompt_tokens} in context)",
+               f"KV reuse ({s.last_turn.prefill_tokens} new tokens)", "recompute the conversation", ta, tb,
+               target="<= 0.1", floor_a_s=floor_s(llm_prefill_cost(vlm, s.last_turn.prefill_tokens,
+                                                                     s.last_turn.prompt_tokens), hw),
+               floor_b_s=floor_s(llm_prefill_cost(vlm, s.last_turn.prompt_tokens), hw))
+
+
+def row_kv_bytes(args) -> Row:
+    """5: KV-cache bytes after turn 1, llava-1.5-7b-arch shapes, read off the cache itself (run on
+    the meta device: real shapes and dtypes, no memory and no arithmetic)."""
+    vlm = load_vlm("llava-1.5-7b-arch", device="meta", dtype=torch.float16, quick=False)
+    tok, adapter = vlm.tokenizer, vlm.adapter
+    before = [tok.bos_token_id] + tok(adapter.system_prefix() + adapter.user_open, add_special_tokens=False)["input_ids"]
+    after = tok("\n" + QUESTION + adapter.user_close, add_special_tokens=False)["input_ids"]
+    sizes = {}
+    for n in (64, 576):
+        ids = before + [vlm.image_token_id] * n + after
+        cache = new_cache(vlm)
+        forward(vlm, embed(vlm, ids, [torch.empty(n, vlm.language_model.config.hidden_size, device="meta")]), cache)
+        sizes[n] = cache_nbytes(cache)
+    return Row("5", "KV-cache bytes after the prompt, llava-1.5-7b-arch (fp16, 32 layers x 4096)",
+               "VisionZip-64", "full (576)", [sizes[64]], [sizes[576]], unit="bytes", target="<= 0.2",
+               notes=f"{sizes[64] / 2 ** 20:.0f} MiB vs {sizes[576] / 2 ** 20:.0f} MiB, {len(before) + len(after)} text tokens")
+
+
+def row_heatmap(args, clock, vlm) -> Row:
+    """6: rendering the selection map + score map (median of repeats), 5-crop anyres image."""
+    image = ov_image(4)
+    comp = encode_image(vlm, image, "visionzip")
+    times = [clock(lambda: (render_selection(image, comp), render_scores(image, comp))) for _ in range(10)]
+    budget = [0.150] * len(times)
+    return Row("6", f"heatmaps (selection + score) for {len(comp.crops)} crops", "render", "150 ms budget",
+               times, budget, target="<= 1.0")
+
+
+def row_llava_7b_prefill(args, clock, hw) -> Row:
+    """7: llava-1.5-7b-arch LLM prefill, 576 -> 64 visual tokens."""
+    vlm = load_vlm("llava-1.5-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    image = Image.open(ASSETS / "chelsea.png").convert("RGB")
+    sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
+    ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
+                                   for m in ("visionzip", "full")], args.repeats)
+    row = Row("7", f"LLM prefill, {vlm.name} ({len(sides['visionzip'][0])} vs {len(sides['full'][0])} tokens)",
+              "VisionZip-64", "full (576)", ta, tb, target="<= 0.5",
+              floor_a_s=floor_s(llm_prefill_cost(vlm, len(sides["visionzip"][0])), hw),
+              floor_b_s=floor_s(llm_prefill_cost(vlm, len(sides["full"][0])), hw))
+    del vlm
+    return row
+
+
+def row_ov_7b_anyres(args, clock, hw) -> Row:
+    """8: llava-ov-7b-arch, a 3x3-tile image (the most tokens full OneVision sends), 64 per crop."""
+    vlm = load_vlm("llava-ov-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))
+    sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
+    ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
+                                   for m in ("visionzip", "full")], args.repeats)
+    row = Row("8", f"LLM prefill, {vlm.name}, 1152px image ({len(sides['visionzip'][0])} vs "
+                   f"{len(sides['full'][0])} tokens)", "VisionZip 64/crop", "full anyres", ta, tb, target="<= 0.15",
+              floor_a_s=floor_s(llm_prefill_cost(vlm, len(sides["visionzip"][0])), hw),
+              floor_b_s=floor_s(llm_prefill_cost(vlm, len(sides["full"][0])), hw))
+    del vlm
+    return row
+
+
+def row_sgl(args, clock, hw) -> list:
+    """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
+    question (stop tokens ignored: random weights would stop at random). The image is compressed
+    once beforehand, as in a conversation; each repeat is a fresh question."""
+    small = load_vlm("llava-ov-0.5b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    large = load_vlm("llava-ov-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    image = ov_image(1)
+    shared = {}  # one compress-once cache for every session below
+
+    def question(vlm, **kw):
+        def run():
+            s = ChatSession(vlm, max_new_tokens=32, stop_at_eos=False, **kw)
+            s.compressions = shared
+            s.add_image(image)
+            s.ask(QUESTION)
+        return run
+
+    sgl = dict(method="sgl", small=small, keep_ratio=0.09, prune_layer=0.4)
+    ta, tb = side_by_side(clock, question(large, early_exit=None, **sgl), question(large, method="full"), args.repeats)
+    rows = [Row("9", "SGL end to end per question, 32 new tokens", "SGL (small answers and ranks, large pruned)",
+                "large model alone", ta, tb, target="<= 0.7")]
+    # early_exit=0 always exits: the small model's answer with guidance capture plus the exit score
+    tg, tp = side_by_side(clock, question(large, early_exit=0.0, **sgl), question(small, method="full"), args.repeats)
+    rows.append(Row("9b", "small model: answer with guidance capture (+ exit score) vs plain answer", "with capture",
+                    "plain", tg, tp, target="<= 1.15"))
+    return rows
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def fmt(v, unit):
+    if unit == "bytes":
+        return f"{v / 2 ** 20:.1f} MiB"
+    return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"Device: {meta['device_name']} · {meta['dtype']} · torch {meta['torch']} · transformers "
+             f"{meta['transformers']} · {'quick' if meta['quick'] else 'full'} shapes · {meta['repeats']} repeats",
+             f"Command: `{meta['command']}`", "",
+             "| row | what | A | B | A median (min..max) | B median (min..max) | A/B | target | met |"
+             + (" floor A / B |" if meta.get("hardware") else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if meta.get("hardware") else "")]
+    for r in rows:
+        spread = lambda xs: f"{fmt(statistics.median(xs), r.unit)} ({fmt(min(xs), r.unit)}..{fmt(max(xs), r.unit)})"
+        met = {True: "yes", False: "**no**", None: ""}[r.met]
+        line = f"| {r.id} | {r.what} | {r.a} | {r.b} | {spread(r.a_s)} | {spread(r.b_s)} | {r.ratio:.3f} | {r.target} | {met} |"
+        if meta.get("hardware"):
+            fa = fmt(r.floor_a_s, "s") if r.floor_a_s else "-"
+            fb = fmt(r.floor_b_s, "s") if r.floor_b_s else "-"
+            line += f" {fa} / {fb} |"
+        lines.append(line)
+    notes = [f"- row {r.id}: {r.notes}" for r in rows if r.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 on CPU, 1-9 on CUDA)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks"))
+    args = parser.parse_args(argv)
+    device, dtype = default_device_dtype(args.device, args.dtype)
+    args.device, args.dtype = device, dtype
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    cuda = device.type == "cuda"
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9" if cuda else "1,2,3,4,5,6")).split(","))
+    torch.manual_seed(0)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hw = measure_hardware(device, dtype) if cuda else None
+    clock = Clock(device)
+    started = time.perf_counter()
+    rows = []
+    if wanted & {"1", "2"}:
+        rows += [r for r in row_encode(args, clock, hw) if r.id in wanted]
+    if wanted & {"3", "3b", "4", "6"}:
+        ov = load_vlm("llava-ov-0.5b-arch", device=device, dtype=dtype, quick=args.quick)
+        if wanted & {"3", "3b"}:
+            rows += row_prefill(args, clock, hw, ov)
+        if "4" in wanted:
+            rows.append(row_turn2(args, clock, hw, ov))
+        if "6" in wanted:
+            rows.append(row_heatmap(args, clock, ov))
+        del ov
+    if "5" in wanted:
+        rows.append(row_kv_bytes(args))
+    if "7" in wanted:
+        rows.append(row_llava_7b_prefill(args, clock, hw))
+    if "8" in wanted:
+        rows.append(row_ov_7b_anyres(args, clock, hw))
+    if "9" in wanted:
+        rows += row_sgl(args, clock, hw)
+    rows.sort(key=lambda r: r.id)
+
+    import transformers
+    meta = {
+        "device": device.type, "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "quick": args.quick,
+        "repeats": args.repeats, "command": "python -m pipeline.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "hardware": hw, "seconds": round(time.perf_counter() - started, 1),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    table = markdown(rows, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device.type}{'-quick' if args.quick else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "rows": [dict(asdict(r), ratio=r.ratio, met=r.met) for r in rows]}, indent=1))
+    (out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    print(f"\n({meta['seconds']} s; written to {out / stem}.json and .md)")
+
+
+if __name__ == "__main__":
+    main()
