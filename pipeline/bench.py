@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,18 @@ def floor_s(cost, hw) -> float | None:
     return max(flops / hw["matmul_flops_per_s"], nbytes / hw["copy_bytes_per_s"])
 
 
+SMOKE_MODELS = {"llava-1.5-7b-arch": "tiny-llava", "llava-ov-0.5b-arch": "tiny-ov-small",
+                "llava-ov-7b-arch": "tiny-ov-large"}
+
+
+def arch(name: str, args):
+    """The architecture preset, or with --smoke the tiny model of the same layout (a seconds-long
+    run of every row's code, for CI; its numbers mean nothing)."""
+    if args.smoke:
+        return load_vlm(SMOKE_MODELS[name], device=args.device, dtype=args.dtype)
+    return load_vlm(name, device=args.device, dtype=args.dtype, quick=args.quick)
+
+
 # ---- rows -----------------------------------------------------------------------------------------
 def row_encode(args, clock, hw) -> list:
     """1-2: CLIP-L/336 tower up to layer -2 + VisionZip vs the reference-style encode."""
@@ -142,6 +155,8 @@ def row_encode(args, clock, hw) -> list:
 
     from .arch import CLIP_L_336, shrink
     shape = shrink(CLIP_L_336) if args.quick else CLIP_L_336
+    if args.smoke:
+        shape = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
     default = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)
     with torch.device(args.device):
@@ -309,7 +324,7 @@ def row_heatmap(args, clock, vlm) -> Row:
 
 def row_llava_7b_prefill(args, clock, hw) -> Row:
     """7: llava-1.5-7b-arch LLM prefill, 576 -> 64 visual tokens."""
-    vlm = load_vlm("llava-1.5-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    vlm = arch("llava-1.5-7b-arch", args)
     image = Image.open(ASSETS / "chelsea.png").convert("RGB")
     sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
     ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
@@ -324,7 +339,7 @@ def row_llava_7b_prefill(args, clock, hw) -> Row:
 
 def row_ov_7b_anyres(args, clock, hw) -> Row:
     """8: llava-ov-7b-arch, a 3x3-tile image (the most tokens full OneVision sends), 64 per crop."""
-    vlm = load_vlm("llava-ov-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    vlm = arch("llava-ov-7b-arch", args)
     image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))
     sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
     ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
@@ -341,10 +356,10 @@ def row_sgl(args, clock, hw) -> list:
     """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
     question (stop tokens ignored: random weights would stop at random). The image is compressed
     once beforehand, as in a conversation; each repeat is a fresh question."""
-    small = load_vlm("llava-ov-0.5b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
-    large = load_vlm("llava-ov-7b-arch", device=args.device, dtype=args.dtype, quick=args.quick)
+    small = arch("llava-ov-0.5b-arch", args)
+    large = arch("llava-ov-7b-arch", args)
     image = ov_image(1)
-    shared = {}  # one compress-once cache for every session below
+    shared = OrderedDict()  # one compress-once cache for every session below
 
     def question(vlm, **kw):
         def run():
@@ -374,7 +389,8 @@ def fmt(v, unit):
 
 def markdown(rows, meta) -> str:
     lines = [f"Device: {meta['device_name']} · {meta['dtype']} · torch {meta['torch']} · transformers "
-             f"{meta['transformers']} · {'quick' if meta['quick'] else 'full'} shapes · {meta['repeats']} repeats",
+             f"{meta['transformers']} · {'smoke (tiny models)' if meta['smoke'] else 'quick' if meta['quick'] else 'full'} shapes"
+             f" · {meta['repeats']} repeats",
              f"Command: `{meta['command']}`", "",
              "| row | what | A | B | A median (min..max) | B median (min..max) | A/B | target | met |"
              + (" floor A / B |" if meta.get("hardware") else ""),
@@ -395,6 +411,7 @@ def markdown(rows, meta) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models instead of the presets (tests the code only)")
     parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 on CPU, 1-9 on CUDA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
@@ -416,7 +433,7 @@ def main(argv=None):
     if wanted & {"1", "2"}:
         rows += [r for r in row_encode(args, clock, hw) if r.id in wanted]
     if wanted & {"3", "3b", "4", "6"}:
-        ov = load_vlm("llava-ov-0.5b-arch", device=device, dtype=dtype, quick=args.quick)
+        ov = arch("llava-ov-0.5b-arch", args)
         if wanted & {"3", "3b"}:
             rows += row_prefill(args, clock, hw, ov)
         if "4" in wanted:
@@ -430,7 +447,7 @@ def main(argv=None):
         rows.append(row_llava_7b_prefill(args, clock, hw))
     if "8" in wanted:
         rows.append(row_ov_7b_anyres(args, clock, hw))
-    if "9" in wanted:
+    if wanted & {"9", "9b"}:
         rows += row_sgl(args, clock, hw)
     rows.sort(key=lambda r: r.id)
 
@@ -439,6 +456,7 @@ def main(argv=None):
         "device": device.type, "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "quick": args.quick,
+        "smoke": args.smoke,
         "repeats": args.repeats, "command": "python -m pipeline.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "hardware": hw, "seconds": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
@@ -446,7 +464,7 @@ def main(argv=None):
     table = markdown(rows, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device.type}{'-quick' if args.quick else ''}"
+    stem = f"{device.type}{'-smoke' if args.smoke else '-quick' if args.quick else ''}"
     (out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "rows": [dict(asdict(r), ratio=r.ratio, met=r.met) for r in rows]}, indent=1))
     (out / f"{stem}.md").write_text(table + "\n")

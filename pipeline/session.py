@@ -114,7 +114,7 @@ class ChatSession:
         self.segments = []  # [("text", [ids]) | ("image", key)]
         self.images = {}  # key -> PIL image (kept to re-compress after a method change)
         self.pending = []  # image keys added since the last question
-        self.compressions = OrderedDict()  # (key, method_key, model) -> Compression, LRU by bytes
+        self.compressions = OrderedDict()  # (image key, method key, model name) -> Compression, LRU by bytes
         self.caches = {}  # "large" | "small" -> [DynamicCache, signature]
         self.last_turn = None
         self.last_compression = None
@@ -157,7 +157,8 @@ class ChatSession:
         return method_key(self.visual_method, self.dominant, self.contextual)
 
     def _compression(self, key, model: str = "large") -> Compression:
-        ck = (key, self._method_key(), model)
+        vlm = self.vlm if model == "large" else self.small
+        ck = (key, self._method_key(), vlm.name)  # by model, so sessions may share one cache safely
         if ck in self.compressions:
             self.compressions.move_to_end(ck)
             return self.compressions[ck]

@@ -1,21 +1,27 @@
-"""The benchmark harness runs and reports what it measured (no timing is asserted here)."""
+"""The benchmark harness runs every row's code and reports what it measured. Timings are never
+asserted here (--smoke swaps the architecture presets for the tiny models: seconds, not numbers)."""
 
 import json
 
 from pipeline import bench
 
+ALL_ROWS = ["1", "2", "3", "3b", "4", "5", "6", "7", "8", "9", "9b"]
 
-def test_bench_rows_5_and_6_write_table_and_json(tmp_path, capsys):
-    bench.main(["--quick", "--rows", "5,6", "--repeats", "1", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+
+def test_every_bench_row_runs_and_is_reported(tmp_path, capsys):
+    bench.main(["--smoke", "--rows", ",".join(ALL_ROWS), "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu-smoke.json").read_text())
     rows = {r["id"]: r for r in data["rows"]}
-    assert set(rows) == {"5", "6"}
-    assert data["meta"]["command"].startswith("python -m pipeline.bench --quick")
-    # row 5 reads the KV bytes off a real (meta-device) cache: 2 (K,V) x 32 layers x 4096 x fp16 per token
+    assert sorted(rows) == sorted(ALL_ROWS)
+    assert data["meta"]["smoke"] and data["meta"]["command"].startswith("python -m pipeline.bench --smoke")
+    for r in rows.values():
+        assert r["a_s"] and r["b_s"] and r["ratio"] > 0 and r["target"]
+    # row 5 reads the KV bytes off a real (meta-device) cache of the 7B shapes:
+    # K and V x 32 layers x 4096 x 2 bytes (fp16) per token
     per_token = 2 * 32 * 4096 * 2
     kv64, kv576 = rows["5"]["a_s"][0], rows["5"]["b_s"][0]
     assert kv64 % per_token == 0 and kv576 % per_token == 0 and kv576 // per_token - kv64 // per_token == 576 - 64
-    assert abs(rows["5"]["ratio"] - kv64 / kv576) < 1e-12
-    assert len(rows["6"]["a_s"]) == 10 and all(t > 0 for t in rows["6"]["a_s"])
+    # row 8's token counts: 3x3 tiles + base at 64 per crop vs OneVision's full packing
+    assert "(662 vs 7393 tokens)" in rows["8"]["what"]
     printed = capsys.readouterr().out
-    assert "| 5 | KV-cache bytes" in printed and (tmp_path / "cpu-quick.md").read_text().strip() in printed
+    assert "| 5 | KV-cache bytes" in printed and (tmp_path / "cpu-smoke.md").read_text().strip() in printed
