@@ -115,7 +115,7 @@ def format_compare(results: dict) -> str:
 
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
-               small=None) -> gr.Blocks:
+               small=None, session_options: dict | None = None) -> gr.Blocks:
     def sgl_options(keep_ratio, prune_layer, exit_on, threshold, sgl_zip):
         return dict(keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=threshold if exit_on else None,
                     sgl_tokens="visionzip" if sgl_zip else "full")
@@ -123,7 +123,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
     def new_state(method, dominant, contextual, *sgl):
         return AppState(ChatSession(vlm, method=METHOD_NAMES[method], dominant=int(dominant),
                                     contextual=int(contextual), max_new_tokens=max_new_tokens, small=small,
-                                    **sgl_options(*sgl)))
+                                    **sgl_options(*sgl), **(session_options or {})))
 
     def views(state):
         view = state.session.current_view() if state else None

@@ -128,3 +128,45 @@ def test_sgl_turns_show_guidance(sgl_url):
                                        api_name="/add_message")
     history, stats, _, _, _, _ = c.predict(resend(history), api_name="/respond")
     assert "| SGL: answered by | tiny-ov-small (early exit) |" in stats and "| SGL: large model | not run |" in stats
+
+
+def stream_then_stop(c, history, text):
+    """Ask, let a few tokens stream, press Stop; -> the final (history, stats) of the turn."""
+    import time
+    history = c.predict(resend(history), {"text": text, "files": []}, "VisionZip", 54, 10,
+                        api_name="/add_message")[0]
+    job = c.submit(resend(history), api_name="/respond")
+    deadline = time.time() + 60
+    while len(job.outputs()) < 5 and time.time() < deadline:  # a few streamed updates
+        time.sleep(0.05)
+    c.predict(api_name="/stop")
+    deadline = time.time() + 30
+    while not job.done() and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.done(), "Stop did not end the generation"
+    history, stats = job.outputs()[-1][:2]
+    return history, stats
+
+
+def test_stop_ends_generation_and_the_session_goes_on(tiny_llava):
+    # no stop token and a huge budget: only the Stop button can end these answers
+    demo = app.build_demo(tiny_llava, max_new_tokens=20000, session_options={"stop_at_eos": False})
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1")
+    try:
+        c = Client(url, verbose=False)
+        history = c.predict([], {"text": "", "files": [handle_file(CAT)]}, "VisionZip", 54, 10,
+                            api_name="/add_message")[0]
+        history, stats = stream_then_stop(c, history, "Talk for a long time.")
+        assert "(stopped)" in stats and texts(history)[-1][1]
+        first_prompt = int(stats.split("| prompt tokens (computed this turn) | ")[1].split(" ")[0])
+        new_tokens = int(stats.split("| decode | ")[1].split(" ")[0])
+        assert 0 < new_tokens < 20000
+        # the generating thread ended and released the session: the next question runs, on top of
+        # the reused KV cache, with the stopped turn's partial answer in its context
+        history, stats = stream_then_stop(c, history, "And now?")
+        assert "| KV cache reused / size | yes" in stats and "(stopped)" in stats
+        prompt = int(stats.split("| prompt tokens (computed this turn) | ")[1].split(" ")[0])
+        assert prompt > first_prompt + new_tokens
+    finally:
+        demo.close()
