@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, ChatSession, InputError, ModelUnavailable, compare_with_full, load_vlm
+from pipeline.models import default_preset
 from pipeline.heatmap import render_importance, render_scores, render_selection
 from pipeline.visionzip import BUDGETS
 
@@ -41,11 +42,6 @@ class AppState:
 
     def close(self):
         self.session.reset()  # drops images, compressions and the KV cache of this tab
-
-
-def default_model() -> str:
-    import torch
-    return "llava-ov-7b" if torch.cuda.is_available() else "llava-ov-0.5b"
 
 
 def load_models(name: str, small_name: str | None = "auto"):
@@ -98,7 +94,8 @@ def format_stats(t) -> str:
             ("SGL: answered by", f"{t.model_used} ({'early exit' if t.early_exit else 'large model, pruned'})"),
             ("SGL: exit score (threshold)", f"{g.score:.3f} = ({g.confidence:.3f} + {g.consistency:.3f}) / 2 ({threshold})"),
             ("SGL: large model keeps", f"{len(g.kept)} of {len(g.importance)} visual tokens from layer {g.prune_layer}"),
-            ("SGL: small model", f"{ms.get('small_answer_s', 0):.0f} ms answer + {ms.get('small_score_s', 0):.0f} ms score"),
+            ("SGL: small model", f"{ms.get('small_answer_s', 0):.0f} ms answer + {ms.get('small_score_s', 0):.0f} ms score"
+                                 + (", its KV cache reused" if t.timings.get("small_cache_reused") else "")),
             ("SGL: large model", f"{ms['large_s']:.0f} ms" if "large_s" in ms else "not run"),
         ]
     return "| turn stat | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -131,9 +128,11 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             return None, None, None, "_Upload an image to see which visual tokens are kept._"
         image, comp = view
         guidance = state.session.guidance_view()
-        importance = render_importance(*guidance) if guidance else None
-        return render_selection(image, comp), render_scores(image, comp), importance, comp.caption()
+        importance = render_importance(*guidance) if guidance else None  # shown after an SGL turn only
+        return (render_selection(image, comp), render_scores(image, comp),
+                gr.Image(value=importance, visible=importance is not None), comp.caption())
 
+    @gpu  # encodes the uploaded images
     def add_message(history, message, state, *settings):
         try:
             state = state or new_state(*settings)
@@ -175,6 +174,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         if state is not None:
             state.session.stop()  # the generating thread ends after its current token
 
+    @gpu  # re-compresses the current image for the maps
     def apply_settings(state, method, dominant, contextual, *sgl):
         if state is None:
             return state, gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -253,7 +253,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                 score_map = gr.Image(label="Selection score (attention)", type="pil", interactive=False,
                                      elem_id="score-map")
                 importance_map = gr.Image(label="SGL: small model's importance (kept tokens outlined)", type="pil",
-                                          interactive=False, elem_id="importance-map", visible=small is not None)
+                                          interactive=False, elem_id="importance-map", visible=False)
                 stats = gr.Markdown(format_stats(None), elem_id="stats")
         with gr.Row():
             compare_table = gr.Markdown(elem_id="compare-table")
@@ -294,7 +294,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    vlm, small, banner = load_models(args.model or default_model(), args.small_model)
+    vlm, small, banner = load_models(args.model or default_preset(), args.small_model)
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
     demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small)

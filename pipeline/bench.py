@@ -220,6 +220,11 @@ def ov_image(tiles: int) -> Image.Image:
     return Image.open(ASSETS / "coffee.png").convert("RGB").resize((side, side))
 
 
+def prefill_timer(vlm, ids, feats):
+    """A callable running one LLM prefill of `ids` (image features in place) on a fresh cache."""
+    return lambda: forward(vlm, embed(vlm, ids, feats), new_cache(vlm))
+
+
 def prefill_inputs(session, image):
     session.add_image(image)
     ids, units, _ = session._flatten(session.segments + session._user_segments(QUESTION))
@@ -238,11 +243,8 @@ def row_prefill(args, clock, hw, vlm) -> list:
             comp = s.last_compression
             sides[method] = (s, ids, feats, comp)
 
-        def prefill(method):
-            _, ids, feats, _ = sides[method]
-            return lambda: forward(vlm, embed(vlm, ids, feats), new_cache(vlm))
-
-        ta, tb = side_by_side(clock, prefill("visionzip"), prefill("full"), args.repeats)
+        ta, tb = side_by_side(clock, prefill_timer(vlm, *sides["visionzip"][1:3]),
+                              prefill_timer(vlm, *sides["full"][1:3]), args.repeats)
         # time to first token with the image already compressed (fresh session, shared compress cache)
         ttft = {}
         for method in ("visionzip", "full"):
@@ -322,34 +324,30 @@ def row_heatmap(args, clock, vlm) -> Row:
                times, budget, target="<= 1.0")
 
 
-def row_llava_7b_prefill(args, clock, hw) -> Row:
-    """7: llava-1.5-7b-arch LLM prefill, 576 -> 64 visual tokens."""
-    vlm = arch("llava-1.5-7b-arch", args)
-    image = Image.open(ASSETS / "chelsea.png").convert("RGB")
+def row_large_prefill(args, clock, hw, row_id, preset, image, what, labels, target) -> Row:
+    """7 and 8: LLM prefill of a 7B preset, VisionZip-64 per crop vs all visual tokens."""
+    vlm = arch(preset, args)
     sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
-    ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
-                                   for m in ("visionzip", "full")], args.repeats)
-    row = Row("7", f"LLM prefill, {vlm.name} ({len(sides['visionzip'][0])} vs {len(sides['full'][0])} tokens)",
-              "VisionZip-64", "full (576)", ta, tb, target="<= 0.5",
-              floor_a_s=floor_s(llm_prefill_cost(vlm, len(sides["visionzip"][0])), hw),
-              floor_b_s=floor_s(llm_prefill_cost(vlm, len(sides["full"][0])), hw))
-    del vlm
-    return row
+    ta, tb = side_by_side(clock, prefill_timer(vlm, *sides["visionzip"]), prefill_timer(vlm, *sides["full"]),
+                          args.repeats)
+    n_zip, n_full = len(sides["visionzip"][0]), len(sides["full"][0])
+    return Row(row_id, f"LLM prefill, {vlm.name}, {what} ({n_zip} vs {n_full} tokens)", *labels, ta, tb,
+               target=target, floor_a_s=floor_s(llm_prefill_cost(vlm, n_zip), hw),
+               floor_b_s=floor_s(llm_prefill_cost(vlm, n_full), hw))
+
+
+def row_llava_7b_prefill(args, clock, hw) -> Row:
+    """7: llava-1.5-7b-arch, 576 -> 64 visual tokens."""
+    image = Image.open(ASSETS / "chelsea.png").convert("RGB")
+    return row_large_prefill(args, clock, hw, "7", "llava-1.5-7b-arch", image, "one 336 px crop",
+                             ("VisionZip-64", "full (576)"), "<= 0.5")
 
 
 def row_ov_7b_anyres(args, clock, hw) -> Row:
     """8: llava-ov-7b-arch, a 3x3-tile image (the most tokens full OneVision sends), 64 per crop."""
-    vlm = arch("llava-ov-7b-arch", args)
     image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))
-    sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
-    ta, tb = side_by_side(clock, *[lambda m=m: forward(vlm, embed(vlm, *sides[m]), new_cache(vlm))
-                                   for m in ("visionzip", "full")], args.repeats)
-    row = Row("8", f"LLM prefill, {vlm.name}, 1152px image ({len(sides['visionzip'][0])} vs "
-                   f"{len(sides['full'][0])} tokens)", "VisionZip 64/crop", "full anyres", ta, tb, target="<= 0.15",
-              floor_a_s=floor_s(llm_prefill_cost(vlm, len(sides["visionzip"][0])), hw),
-              floor_b_s=floor_s(llm_prefill_cost(vlm, len(sides["full"][0])), hw))
-    del vlm
-    return row
+    return row_large_prefill(args, clock, hw, "8", "llava-ov-7b-arch", image, "1152 px image (1 + 3x3 crops)",
+                             ("VisionZip 64/crop", "full anyres"), "<= 0.15")
 
 
 def row_sgl(args, clock, hw) -> list:
@@ -387,6 +385,10 @@ def fmt(v, unit):
     return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
 
 
+def spread(values, unit) -> str:
+    return f"{fmt(statistics.median(values), unit)} ({fmt(min(values), unit)}..{fmt(max(values), unit)})"
+
+
 def markdown(rows, meta) -> str:
     lines = [f"Device: {meta['device_name']} · {meta['dtype']} · torch {meta['torch']} · transformers "
              f"{meta['transformers']} · {'smoke (tiny models)' if meta['smoke'] else 'quick' if meta['quick'] else 'full'} shapes"
@@ -396,9 +398,9 @@ def markdown(rows, meta) -> str:
              + (" floor A / B |" if meta.get("hardware") else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if meta.get("hardware") else "")]
     for r in rows:
-        spread = lambda xs: f"{fmt(statistics.median(xs), r.unit)} ({fmt(min(xs), r.unit)}..{fmt(max(xs), r.unit)})"
         met = {True: "yes", False: "**no**", None: ""}[r.met]
-        line = f"| {r.id} | {r.what} | {r.a} | {r.b} | {spread(r.a_s)} | {spread(r.b_s)} | {r.ratio:.3f} | {r.target} | {met} |"
+        line = (f"| {r.id} | {r.what} | {r.a} | {r.b} | {spread(r.a_s, r.unit)} | {spread(r.b_s, r.unit)} | "
+                f"{r.ratio:.3f} | {r.target} | {met} |")
         if meta.get("hardware"):
             fa = fmt(r.floor_a_s, "s") if r.floor_a_s else "-"
             fb = fmt(r.floor_b_s, "s") if r.floor_b_s else "-"

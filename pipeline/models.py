@@ -81,6 +81,11 @@ class VLM:
         return f"{self.name} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
 
 
+def default_preset() -> str:
+    """The model to start with on this hardware: a 7B OneVision on a GPU, the 0.5B one on a CPU."""
+    return "llava-ov-7b" if torch.cuda.is_available() else "llava-ov-0.5b"
+
+
 def default_device_dtype(device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:

@@ -18,6 +18,7 @@ cache, so only the needed rows softmax(q K^T / sqrt(d)) are computed.
 
 import importlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from PIL import Image
 
 from .compress import encode_image
 from .errors import InputError
+from .generate import embed, embed_token, forward, forward_layers, new_cache
 
 CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
 
@@ -156,3 +158,109 @@ def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
     if k > 0:
         mask[importance.topk(min(k, importance.numel())).indices] = True
     return mask
+
+
+def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
+    """One SGL turn of a ChatSession (a generator of text deltas; returns the answer ids): the small
+    model answers and ranks, the exit score decides, and the pruned large model answers if needed."""
+    small, large = session.small, session.vlm
+    s_ids, s_units, _ = small_flat
+    visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
+    turn_start = len(session._flatten(session.segments, "small")[0])  # first id of this turn's new tokens
+    # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
+    after = max(int(visual[-1]) if visual.numel() else -1, turn_start - 1)
+
+    # 1. The small model answers with all visual tokens; hooks collect the importance.
+    t_small = time.perf_counter()
+    cache, start, features, reused = session._reuse("small", s_units)
+    signature = [u[0] for u in s_units]
+    small_tokens, max_probs = [], []
+    with ImportanceCapture(small, cache, visual.to(small.device), after) as capture:
+        logits = forward(small, embed(small, s_ids[start:], features), cache)
+        session.caches["small"][1] = signature
+
+        def small_step(token, fed):
+            logits = forward(small, embed_token(small, token), cache)
+            session.caches["small"][1] = signature + [("t", t) for t in small_tokens[:fed]]
+            return logits
+
+        for _ in session._decode(small, logits, small_step, stats, t0, small_tokens, stream=False,
+                                 max_probs=max_probs):
+            pass
+    importance = capture.importance.cpu()
+    stats.timings["small_answer_s"] = time.perf_counter() - t_small
+    stats.timings["small_prefill_tokens"] = len(s_ids) - start
+    stats.timings["small_cache_reused"] = reused
+
+    # 2. Early exit: confidence and consistency (re-scoring with the top 5% visual tokens).
+    t_score = time.perf_counter()
+    confidence = geometric_mean(max_probs[: len(small_tokens)])
+    consistency = rescored_probability(small, s_ids, s_units, visual, importance, small_tokens)
+    score = (confidence + consistency) / 2
+    stats.timings["small_score_s"] = time.perf_counter() - t_score
+    exit_now = session.early_exit is not None and score >= session.early_exit and not session._stop.is_set()
+
+    n_layers = len(large.language_model.layers)
+    k_layer = int(math.floor(session.prune_layer * n_layers))
+    keep_visual = top_k_mask(importance, int(math.floor(session.keep_ratio * visual.numel())))
+    spans, offset = {}, 0
+    for u in units:
+        if u[3] is not None:
+            spans[u[0][1]] = (offset, offset + (u[2] - u[1]))
+            offset += u[2] - u[1]
+    stats.guidance = Guidance(
+        importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
+        consistency=consistency, score=score, threshold=session.early_exit, early_exit=exit_now,
+        small_answer=small.tokenizer.decode(small_tokens, skip_special_tokens=True), small_tokens=small_tokens,
+        prune_layer=k_layer, image_spans=spans, rows=capture.rows)
+    stats.early_exit = exit_now
+
+    if exit_now:  # the small model's answer is the answer; the large model is not run
+        stats.model_used = small.name
+        stats.prefill_tokens = stats.timings["small_prefill_tokens"]
+        stats.cache_reused = reused
+        stats.ttft_s = time.perf_counter() - t0
+        generated.extend(small_tokens)
+        text = stats.guidance.small_answer
+        if text:
+            yield text
+        return list(small_tokens)
+
+    # 3. The large model: all tokens up to layer K, then the kept visual tokens only.
+    t_large = time.perf_counter()
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[visual] = keep_visual
+    cache = new_cache(large)
+    session.caches["large"] = [cache, []]  # recomputed every SGL turn (the kept set depends on the question)
+    positions = torch.arange(len(ids), device=large.device)
+    feats = [u[3] for u in units if u[3] is not None]
+    logits = forward_layers(large, embed(large, ids, feats), positions, cache, prune_at=k_layer,
+                            keep=keep.to(large.device))[-1]
+    stats.prefill_s = time.perf_counter() - t_large
+    stats.prefill_tokens, stats.cache_reused = len(ids), False  # the large model recomputes (see session.py)
+
+    def large_step(token, fed):
+        pos = torch.tensor([len(ids) + fed - 1], device=large.device)
+        return forward_layers(large, embed_token(large, token), pos, cache)[-1]
+
+    answer = yield from session._decode(large, logits, large_step, stats, t0, generated)
+    stats.timings["large_s"] = time.perf_counter() - t_large
+    return answer
+
+
+@torch.inference_mode()
+def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> float:
+    """Geometric mean probability of the small model's own answer when it re-reads the
+    conversation keeping only its top 5% visual tokens (original positions kept)."""
+    if not answer:
+        return 0.0
+    keep = torch.ones(len(s_ids) + len(answer) - 1, dtype=torch.bool)
+    if visual.numel():
+        keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
+    feats = [u[3] for u in s_units if u[3] is not None]
+    embeds = embed(small, s_ids + answer[:-1], feats)
+    positions = torch.arange(embeds.shape[1], device=small.device)
+    logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),
+                            last=len(answer))
+    probs = torch.softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)]
+    return geometric_mean(probs.tolist())

@@ -20,10 +20,11 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def url(tiny_ov):
+def url(tiny_ov, tiny_ov_large):
     import app
-    demo = app.build_demo(tiny_ov, banner="**Offline demo:** tiny random-weight model; answers are random text.",
-                          max_new_tokens=24)
+    # what `python app.py` shows offline: tiny-ov-large guided by tiny-ov-small for SGL
+    demo = app.build_demo(tiny_ov_large, banner="**Offline demo:** tiny random-weight models; answers are random "
+                          "text until real weights are available.", max_new_tokens=24, small=tiny_ov)
     demo.queue(default_concurrency_limit=1)
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", css=app.CSS)
     yield local_url
@@ -54,6 +55,18 @@ def test_upload_ask_and_see_the_selection(url, tmp_path):
             assert page.locator("#chatbot img").count() >= 1  # the uploaded photo in the conversation
             sel = page.locator("#selection-map img").bounding_box()
             assert sel["width"] > 200 and sel["height"] > 100
+            assert not page.locator("#importance-map img").count()  # no SGL turn yet
+            # switch to SGL and ask a follow-up: the small model's importance map appears
+            page.locator("#method label", has_text="SGL").click()
+            page.locator("#sgl_zip input").check()  # both models see the VisionZip tokens
+            page.wait_for_timeout(800)
+            page.locator("#textbox textarea").fill("And what colour is it?")
+            page.locator("#textbox textarea").press("Enter")
+            page.wait_for_selector("#importance-map img", timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('SGL: answered by')",
+                                   timeout=60_000)
+            assert page.locator("#chatbot .message.bot").count() >= 2
+            assert "192 of 1836" in page.locator("#stats").inner_text()  # both models on VisionZip tokens
             shot = tmp_path / "screenshot.png"
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):

@@ -2,7 +2,6 @@
 and tinted with their contextual token's colour, for a CLIP grid and for anyres tiles."""
 
 import numpy as np
-import pytest
 
 from pipeline import encode_image
 from pipeline.heatmap import DIM, GAP, PANEL_SIDE, TINT, group_colours, render_scores, render_selection

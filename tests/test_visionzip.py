@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import InputError, encode_image, load_vlm
+from pipeline import InputError, encode_image
 from pipeline.models import resolve
 from pipeline.visionzip import BUDGETS
 
