@@ -28,6 +28,7 @@ from .sgl import Guidance, check_pair, sgl_answer
 from .visionzip import check_budget
 
 METHODS = ("full", "visionzip", "sgl")
+UNCHANGED = object()  # set_method(early_exit=...) default: None already means "disabled"
 
 
 @dataclass
@@ -70,25 +71,26 @@ class ChatSession:
         self._stop = threading.Event()
         if small is not None:
             check_pair(small, vlm)
+        self.sgl_tokens, self.keep_ratio, self.prune_layer, self.early_exit = "full", 0.35, 0.4, 0.8
         self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
                         early_exit=early_exit, sgl_tokens=sgl_tokens)
         self.reset()
 
     # ---- configuration -------------------------------------------------------------------------
     def set_method(self, method: str, dominant: int = 54, contextual: int = 10, keep_ratio: float | None = None,
-                   prune_layer: float | None = None, early_exit: float | None | str = "keep",
-                   sgl_tokens: str | None = None):
+                   prune_layer: float | None = None, early_exit=UNCHANGED, sgl_tokens: str | None = None):
         """Applies from the next turn; images are re-compressed once for the new method/budget.
+        SGL knobs left out (None) keep their current values; `early_exit=None` disables early exit.
         For "sgl", `sgl_tokens` ("full" | "visionzip") says whether both models see VisionZip tokens."""
         if method not in METHODS:
             raise InputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
         if method == "sgl" and self.small is None:
             raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
-        sgl_tokens = sgl_tokens or getattr(self, "sgl_tokens", "full")
+        sgl_tokens = sgl_tokens or self.sgl_tokens
         if sgl_tokens not in ("full", "visionzip"):
             raise InputError("sgl_tokens must be 'full' or 'visionzip'.")
-        keep_ratio = getattr(self, "keep_ratio", 0.35) if keep_ratio is None else float(keep_ratio)
-        prune_layer = getattr(self, "prune_layer", 0.4) if prune_layer is None else float(prune_layer)
+        keep_ratio = self.keep_ratio if keep_ratio is None else float(keep_ratio)
+        prune_layer = self.prune_layer if prune_layer is None else float(prune_layer)
         if not 0 < keep_ratio <= 1 or not 0 <= prune_layer <= 1:
             raise InputError("SGL needs 0 < keep ratio <= 1 and 0 <= prune layer <= 1 (a fraction of the depth).")
         visual = sgl_tokens if method == "sgl" else method
@@ -97,10 +99,8 @@ class ChatSession:
             check_budget(dominant, contextual, grid[0] * grid[1] + self.vlm.adapter.has_cls, self.vlm.adapter.has_cls)
         self.method, self.dominant, self.contextual = method, int(dominant), int(contextual)
         self.sgl_tokens, self.keep_ratio, self.prune_layer = sgl_tokens, keep_ratio, prune_layer
-        if early_exit != "keep":
+        if early_exit is not UNCHANGED:
             self.early_exit = early_exit
-        elif not hasattr(self, "early_exit"):
-            self.early_exit = 0.8
 
     @property
     def visual_method(self) -> str:
