@@ -280,11 +280,11 @@ class ChatSession:
         p0 = time.perf_counter()
         logits = forward(vlm, embed(vlm, ids[start:], features), cache)
         stats.prefill_s = time.perf_counter() - p0
-        self.caches["large"][1] = signature
+        self.caches["large"][1] = fed = list(signature)  # what the cache holds, one unit per position
 
-        def step(token, fed):
+        def step(token, _):
             logits = forward(vlm, embed_token(vlm, token), cache)
-            self.caches["large"][1] = signature + [("t", t) for t in generated[:fed]]
+            fed.append(("t", token))
             return logits
 
         return (yield from self._decode(vlm, logits, step, stats, t0, generated))

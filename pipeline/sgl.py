@@ -177,11 +177,11 @@ def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
     small_tokens, max_probs = [], []
     with ImportanceCapture(small, cache, visual.to(small.device), after) as capture:
         logits = forward(small, embed(small, s_ids[start:], features), cache)
-        session.caches["small"][1] = signature
+        session.caches["small"][1] = fed = list(signature)  # what the cache holds, one unit per position
 
-        def small_step(token, fed):
+        def small_step(token, _):
             logits = forward(small, embed_token(small, token), cache)
-            session.caches["small"][1] = signature + [("t", t) for t in small_tokens[:fed]]
+            fed.append(("t", token))
             return logits
 
         for _ in session._decode(small, logits, small_step, stats, t0, small_tokens, stream=False,
