@@ -100,6 +100,8 @@ class ImportanceCapture:
         self._q, self._rope, self._hooks = {}, {}, []
 
     def __enter__(self):
+        attn = self.layers[0].self_attn
+        self._rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb  # Llama / Qwen2
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             self._hooks.append(attn.register_forward_pre_hook(self._save_rope(i), with_kwargs=True))
@@ -133,8 +135,7 @@ class ImportanceCapture:
                 return
             q = q.view(1, n, -1, module.head_dim).transpose(1, 2)  # (1, H, n, d)
             cos, sin = self._rope.pop(i)
-            rotary = importlib.import_module(type(module).__module__).apply_rotary_pos_emb
-            q = rotary(q, q, cos, sin)[0][:, :, first:]  # (1, H, r, d)
+            q = self._rotary(q, q, cos, sin)[0][:, :, first:]  # (1, H, r, d)
             heads = q.shape[1]
             k = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # (1, H, L, d)
             logits = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (1, H, r, L)
@@ -166,7 +167,8 @@ def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
     small, large = session.small, session.vlm
     s_ids, s_units, _ = small_flat
     visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
-    turn_start = len(session._flatten(session.segments, "small")[0])  # first id of this turn's new tokens
+    n_earlier_units = sum(len(v) if kind == "text" else 1 for kind, v in session.segments)
+    turn_start = s_units[n_earlier_units][1]  # first id of this turn's new tokens
     # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
     after = max(int(visual[-1]) if visual.numel() else -1, turn_start - 1)
 
