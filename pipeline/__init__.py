@@ -6,8 +6,11 @@ Importable without gradio; the UI lives in app.py.
 from .compress import Compression, CropInfo, encode_image
 from .errors import InputError, ModelUnavailable
 from .generate import Sampling
+from .kvstore import KVStore
 from .models import PRESETS, SGL_PAIRS, VLM, load_vlm
-from .session import ChatSession, TurnStats, compare_with_full
+from .session import ChatSession, TurnStats, compare, compare_with_full
+from .state import ChatState, Settings, Turn
 
-__all__ = ["ChatSession", "Compression", "CropInfo", "InputError", "ModelUnavailable", "PRESETS", "SGL_PAIRS",
-           "Sampling", "TurnStats", "VLM", "compare_with_full", "encode_image", "load_vlm"]
+__all__ = ["ChatSession", "ChatState", "Compression", "CropInfo", "InputError", "KVStore", "ModelUnavailable",
+           "PRESETS", "SGL_PAIRS", "Sampling", "Settings", "Turn", "TurnStats", "VLM", "compare", "compare_with_full",
+           "encode_image", "load_vlm"]

@@ -59,14 +59,14 @@ def build_arch_model(name: str, device, dtype, quick: bool = False):
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if family == "llava":
         config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
-                             image_token_index=32000, vision_feature_layer=-2,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                              vision_feature_select_strategy="default")
         cls = LlavaForConditionalGeneration
         processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                           do_center_crop=True)
     else:
         config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
-                                      image_token_index=151646, vision_feature_layer=-1,
+                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                                       vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS)
         cls = LlavaOnevisionForConditionalGeneration
         processor = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},

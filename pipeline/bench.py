@@ -26,11 +26,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .chat import Message
 from .compress import encode_image
 from .generate import embed, forward, new_cache
 from .heatmap import render_scores, render_selection
+from .kvstore import cache_nbytes
 from .models import default_device_dtype, load_vlm
-from .session import ChatSession, cache_nbytes
+from .session import ChatSession
+from .state import Turn
 from .vision import attention_statistics, run_vision_tower
 from .visionzip import select
 
@@ -226,9 +229,10 @@ def prefill_timer(vlm, ids, feats):
 
 
 def prefill_inputs(session, image):
+    """(ids, image features) of the first question about `image`, as the session would send them."""
     session.add_image(image)
-    ids, units, _ = session._flatten(session.segments + session._user_segments(QUESTION))
-    return ids, [u[3] for u in units if u[3] is not None]
+    plan = session.plan(Turn(QUESTION, list(session.state.pending)))
+    return plan.ids, [u.features for u in plan.units if u.features is not None]
 
 
 def row_prefill(args, clock, hw, vlm) -> list:
@@ -240,8 +244,7 @@ def row_prefill(args, clock, hw, vlm) -> list:
         for method in ("visionzip", "full"):
             s = ChatSession(vlm, method=method, max_new_tokens=1)
             ids, feats = prefill_inputs(s, image)
-            comp = s.last_compression
-            sides[method] = (s, ids, feats, comp)
+            sides[method] = (s, ids, feats, s.current_view()[1])
 
         ta, tb = side_by_side(clock, prefill_timer(vlm, *sides["visionzip"][1:3]),
                               prefill_timer(vlm, *sides["full"][1:3]), args.repeats)
@@ -249,7 +252,7 @@ def row_prefill(args, clock, hw, vlm) -> list:
         ttft = {}
         for method in ("visionzip", "full"):
             s = ChatSession(vlm, method=method, max_new_tokens=1)
-            s.compressions = sides[method][0].compressions
+            s.state.compressions = sides[method][0].state.compressions
             s.add_image(image)
             s.ask(QUESTION)
             ttft[method] = s.last_turn.ttft_s
@@ -273,17 +276,21 @@ def row_turn2(args, clock, hw, vlm) -> Row:
     for reuse in (True, False):
         s = ChatSession(vlm, method="full", max_new_tokens=8, reuse_cache=reuse)
         if sessions:
-            s.compressions = next(iter(sessions.values()))[0].compressions
+            s.state.compressions = next(iter(sessions.values()))[0].state.compressions
         s.add_image(image)
         s.ask(QUESTION)
-        sessions[reuse] = (s, list(s.segments), list(s.caches["large"][1]))
+        cache, signature = s.kv.checkout(s.state.session_id, "large")
+        s.kv.checkin(s.state.session_id, "large", cache, signature)
+        sessions[reuse] = (s, list(s.state.turns), signature)
+        s.set_method("full", max_new_tokens=1)
 
     def second_turn(reuse):
-        s, segments, signature = sessions[reuse]
+        s, turns, signature = sessions[reuse]
 
-        def run():
-            s.segments, s.caches["large"][1] = list(segments), list(signature)  # back to the end of turn 1
-            s.max_new_tokens = 1
+        def run():  # back to the end of turn 1: its conversation, and a cache that holds just that
+            s.state.turns = list(turns)
+            cache, _ = s.kv.checkout(s.state.session_id, "large")
+            s.kv.checkin(s.state.session_id, "large", cache, list(signature))
             s.ask("And what colours dominate?")
         return run
 
@@ -300,9 +307,7 @@ def row_kv_bytes(args) -> Row:
     """5: KV-cache bytes after turn 1, llava-1.5-7b-arch shapes, read off the cache itself (run on
     the meta device: real shapes and dtypes, no memory and no arithmetic)."""
     vlm = load_vlm("llava-1.5-7b-arch", device="meta", dtype=torch.float16, quick=False)
-    tok, adapter = vlm.tokenizer, vlm.adapter
-    before = [tok.bos_token_id] + tok(adapter.system_prefix() + adapter.user_open, add_special_tokens=False)["input_ids"]
-    after = tok("\n" + QUESTION + adapter.user_close, add_special_tokens=False)["input_ids"]
+    (_, before), _, (_, after) = vlm.chat.render([Message("user", QUESTION, ["image"])])
     sizes = {}
     for n in (64, 576):
         ids = before + [vlm.image_token_id] * n + after
@@ -362,7 +367,7 @@ def row_sgl(args, clock, hw) -> list:
     def question(vlm, **kw):
         def run():
             s = ChatSession(vlm, max_new_tokens=32, stop_at_eos=False, **kw)
-            s.compressions = shared
+            s.state.compressions = shared
             s.add_image(image)
             s.ask(QUESTION)
         return run

@@ -9,8 +9,6 @@ from .session import ChatSession
 
 
 def main(argv=None) -> int:
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="zipchat pipeline command line")
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="ask one or more questions about an image; prints answers and turn stats")

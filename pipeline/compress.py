@@ -39,10 +39,6 @@ class Compression:
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()
 
-    def layout(self) -> tuple:
-        """What must match between the two models of an SGL pair."""
-        return (self.num_tokens, tuple(c.grid for c in self.crops))
-
     def caption(self) -> str:
         share = 100 * self.num_tokens / self.full_tokens
         if self.method == "full":
@@ -119,6 +115,13 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     full_tokens = len(full_token_map(vlm, prepared)) if compress else features.shape[0]
     return Compression(method, dominant, contextual, features.shape[0], full_tokens, crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)
+
+
+def full_layout(vlm, image) -> tuple:
+    """(visual tokens, grid of each crop) of an image without compression: what must match between
+    the two models of an SGL pair. Computed from the preprocessing alone; no model runs."""
+    prepared = vlm.adapter.prepare(image)
+    return len(full_token_map(vlm, prepared)), tuple(c.grid for c in prepared.crops)
 
 
 def full_token_map(vlm, prepared) -> np.ndarray:

@@ -28,7 +28,7 @@ def embed(vlm, ids: list, features: list) -> torch.Tensor:
     if features:
         # placeholder positions from the Python list: no device sync, no data-dependent shapes
         where = [i for i, t in enumerate(ids) if t == vlm.image_token_id]
-        image = torch.cat(features).to(embeds.dtype)
+        image = torch.cat(features).to(embeds.device, embeds.dtype)  # the state keeps features on the CPU
         if len(where) != image.shape[0]:
             raise RuntimeError(f"{len(where)} image placeholders but {image.shape[0]} image features")
         embeds[0, torch.tensor(where, device=embeds.device)] = image
@@ -46,6 +46,18 @@ def forward(vlm, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
 
 def embed_token(vlm, token_id: int) -> torch.Tensor:
     return vlm.model.get_input_embeddings()(torch.tensor([[token_id]], device=vlm.device))
+
+
+def suppress(logits: torch.Tensor, vlm) -> torch.Tensor:
+    """-inf on the ids generation must never emit: image placeholders and other control tokens
+    that are not stop tokens, and embedding rows the tokenizer has no token for."""
+    bias = vlm.extra.get("suppress_bias")
+    if bias is None or bias.device != logits.device:
+        bias = torch.zeros(logits.shape[-1], device=logits.device)
+        banned = [i for i in vlm.banned_ids if i < logits.shape[-1]]
+        bias[banned] = float("-inf")
+        vlm.extra["suppress_bias"] = bias
+    return logits + bias
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -8,6 +8,7 @@ how full-resolution features are packed, and the chat format. Everything else is
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from transformers import (
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
 from .arch import ARCH_PRESETS, build_arch_model
+from .chat import ChatFormat, control_ids
 from .errors import ModelUnavailable
+from .templates import LLAVA_TEMPLATE, ONEVISION_TEMPLATE
 from .tiny import TINY_SPECS, ensure_tiny_model
 
 # name -> Hugging Face hub repository (transformers-native checkpoints, no remote code)
@@ -80,6 +83,29 @@ class VLM:
     def describe(self) -> str:
         return f"{self.name} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
 
+    @cached_property
+    def chat(self) -> ChatFormat:
+        """The checkpoint's chat template (the family's copy of it when the checkpoint has none)."""
+        template = self.tokenizer.chat_template or self.adapter.chat_template
+        return ChatFormat(self.tokenizer, template, self.image_token_id)
+
+    @cached_property
+    def stop_ids(self) -> frozenset:
+        return frozenset(self.adapter.stop_ids())
+
+    @cached_property
+    def banned_ids(self) -> frozenset:
+        """Ids generation never emits: control tokens that are not stop tokens (image placeholders,
+        chat markers, BOS, padding) and embedding rows past the tokenizer's vocabulary."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return frozenset((control_ids(self.tokenizer) | {self.image_token_id} | set(range(len(self.tokenizer), vocab)))
+                         - self.stop_ids)
+
+    @property
+    def context_window(self) -> int:
+        """Positions the language model was trained for (prompt + answer)."""
+        return int(self.language_model.config.max_position_embeddings)
+
 
 def default_preset() -> str:
     """The model to start with on this hardware: a 7B OneVision on a GPU, the 0.5B one on a CPU."""
@@ -90,7 +116,10 @@ def default_device_dtype(device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            try:
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            except RuntimeError:  # ZeroGPU's main process has no GPU to ask; its GPUs (A100/H200) have bf16
+                dtype = torch.bfloat16
         else:
             dtype = torch.float32
     elif isinstance(dtype, str):
@@ -150,7 +179,7 @@ def load_vlm(name_or_path: str, device=None, dtype=None, quick: bool = False) ->
     if not local_only and not hub_reachable():
         raise ModelUnavailable(
             f"'{name_or_path}' ({source}) is not in the local Hugging Face cache and the hub cannot be reached. "
-            "Download it where there is network (`huggingface-cli download " + source + "`) or pass a local directory."
+            "Download it where there is network (`hf download " + source + "`) or pass a local directory."
         )
     try:
         from transformers import AutoConfig
@@ -161,6 +190,7 @@ def load_vlm(name_or_path: str, device=None, dtype=None, quick: bool = False) ->
             )
         model = MODEL_CLASSES[config.model_type].from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.chat_template = tokenizer.chat_template or checkpoint_chat_template(source)
         with _quiet_transformers():  # "falling back to the PIL backend" without torchvision is expected
             image_processor = AutoImageProcessor.from_pretrained(source)
     except ModelUnavailable:
@@ -168,13 +198,29 @@ def load_vlm(name_or_path: str, device=None, dtype=None, quick: bool = False) ->
     except (OSError, ValueError) as e:
         raise ModelUnavailable(
             f"Could not load '{name_or_path}' ({source}): {str(e).splitlines()[0]}. Without network, download "
-            f"it elsewhere with `huggingface-cli download {source}` and pass the local directory."
+            f"it elsewhere with `hf download {source}` and pass the local directory."
         ) from None
     model.to(device).eval()
     adapter_cls = LlavaAdapter if config.model_type == "llava" else OnevisionAdapter
     return VLM(name=name_or_path, model=model, tokenizer=tokenizer, image_processor=image_processor,
                adapter=adapter_cls(model.config, image_processor, tokenizer), device=device, dtype=dtype,
                is_tiny=is_tiny)
+
+
+def checkpoint_chat_template(source: str) -> str | None:
+    """The processor-level chat template of a checkpoint (chat_template.jinja or .json), if any."""
+    import json
+    from transformers.utils import cached_file
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+        if path:
+            text = Path(path).read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 class _quiet_transformers:
@@ -194,7 +240,7 @@ def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
 
 class _Adapter:
     has_cls: bool
-    bos: bool
+    chat_template: str
 
     def __init__(self, config, image_processor, tokenizer):
         self.config = config
@@ -216,27 +262,13 @@ class _Adapter:
                 ids.add(tid)
         return {i for i in ids if i is not None}
 
-    # Chat format: the conversation is a list of text and image segments (see session.py).
-    def user_turn(self, question: str, num_images: int, first: bool) -> list:
-        prefix = self.system_prefix() if first else ""
-        return [("text", prefix + self.user_open)] + [("image", None)] * num_images + [
-            ("text", self.image_sep if num_images else ""), ("text", question + self.user_close)]
-
 
 class LlavaAdapter(_Adapter):
     """LLaVA-1.5: CLIP ViT-L/14-336 with CLS, one 336x336 crop, Vicuna v1 chat format."""
     family = "llava"
     has_cls = True
-    bos = True
-    user_open = "USER: "
-    image_sep = "\n"
-    user_close = " ASSISTANT:"
-    end_of_turn = "</s>"
     stop_strings = ("</s>",)
-
-    def system_prefix(self):
-        return ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions. ")
+    chat_template = LLAVA_TEMPLATE
 
     def prepare(self, image) -> Prepared:
         out = self.image_processor(images=[image], return_tensors="pt")
@@ -264,20 +296,8 @@ class OnevisionAdapter(_Adapter):
     """LLaVA-OneVision: SigLIP-384 without CLS, a base image plus anyres tiles, Qwen2 chat format."""
     family = "llava_onevision"
     has_cls = False
-    bos = False
-    user_open = "<|im_start|>user "
-    image_sep = "\n"
-    user_close = "<|im_end|>\n<|im_start|>assistant\n"
-    end_of_turn = "<|im_end|>\n"
     stop_strings = ("<|im_end|>", "<|endoftext|>")
-
-    def system_prefix(self):
-        return ""
-
-    def user_turn(self, question, num_images, first):
-        # "<|im_start|>user <image>\nQuestion<|im_end|>\n<|im_start|>assistant\n" as in the HF template
-        segs = [("text", self.user_open)] + [("image", None)] * num_images
-        return segs + [("text", ("\n" if num_images else "") + question + self.user_close)]
+    chat_template = ONEVISION_TEMPLATE
 
     def prepare(self, image) -> Prepared:
         out = self.image_processor(images=[image], return_tensors="pt")

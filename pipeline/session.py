@@ -1,34 +1,46 @@
-"""ChatSession: one conversation about images, with compress-once images and a reused KV cache.
+"""ChatSession: one conversation about images, on top of a plain ChatState.
 
-The conversation is a list of segments, ("text", token ids) or ("image", image key). Flattened,
-each image becomes `num_tokens` placeholder ids whose embeddings are the image's compressed
-features. A KV cache holds some prefix of that flat sequence; its identity is recorded as a
-signature (token ids, and (image key, method, budget) per image), so a turn keeps the longest
-prefix the cache still matches and prefills the rest — only the new question on a normal turn.
+The state (state.py) is the conversation itself: the turns as text, the images, their compressed
+features on the CPU, the settings. It pickles, so it can cross the ZeroGPU process boundary; the
+session binds it to the models loaded in this process (`ChatSession.resume`).
 
-Method "sgl" adds a small model with its own KV cache (reused the same way) that answers first
-and ranks the visual tokens; the large model then answers with the pruned tokens (see sgl.py).
-The large model recomputes its KV cache every SGL turn: which tokens it keeps from layer K on
-depends on the question, so its cache of earlier turns does not fit the new question.
+Each turn renders the whole conversation with the checkpoint's chat template (chat.py); every image
+placeholder becomes `num_tokens` placeholder ids whose embeddings are the image's compressed
+features. A model's KV cache (a Lane, lane.py) records what its positions hold, so a turn keeps the
+longest prefix the cache still matches and prefills the rest: normally the latest answer and the
+new question. Caches live in a process-local KVStore keyed by session (kvstore.py); where there is
+none (a fresh ZeroGPU process) the turn prefills the conversation once.
+
+Method "sgl" adds a small model with its own lane that answers first and ranks the visual tokens;
+the large model then answers with the pruned tokens (sgl.py).
 """
 
+import copy
+import math
+import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from .chat import Message
 from .compress import Compression, encode_image, method_key
 from .errors import InputError
-from .generate import Sampling, embed, embed_token, forward, new_cache, pick, truncate_cache
+from .generate import Sampling, pick, suppress
 from .images import image_digest, load_image
+from .kvstore import KVStore, cache_nbytes
+from .lane import Lane, Unit
 from .sgl import Guidance, check_pair, sgl_answer
+from .state import ChatState, Settings, Turn
+from .stopflag import StopFlag
 from .visionzip import check_budget
 
 METHODS = ("full", "visionzip", "sgl")
-UNCHANGED = object()  # set_method(early_exit=...) default: None already means "disabled"
+UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
+MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
 
 
 @dataclass
@@ -48,6 +60,8 @@ class TurnStats:
     images_encoded: int = 0  # images encoded/compressed for this turn (0: compressed images reused)
     kv_cache_bytes: int = 0
     stopped: bool = False  # generation was cancelled
+    dropped_turns: int = 0  # oldest turns left out to fit the context window
+    context_window: int = 0
     early_exit: bool | None = None  # SGL: the small model's answer was used
     guidance: Guidance | None = None  # SGL: importance per visual token, kept indices, score
     device: str = ""
@@ -55,122 +69,165 @@ class TurnStats:
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
 
 
+@dataclass
+class Plan:
+    """What one turn sends to the model(s): the flat ids and their units, per lane."""
+    ids: list
+    units: list  # list[Unit]
+    compressions: list
+    turn_start: int  # index in ids of this turn's first token
+    window_start: int
+    small_ids: list | None = None
+    small_units: list | None = None
+
+
 class ChatSession:
     def __init__(self, vlm, method: str = "full", dominant: int = 54, contextual: int = 10,
                  max_new_tokens: int = 256, sampling: Sampling | None = None, reuse_cache: bool = True,
                  cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
-                 early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True):
+                 early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
+                 state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None):
         self.vlm = vlm
-        self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
         self.small = small
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling or Sampling()
+        self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
         self.reuse_cache = reuse_cache
-        self.cache_bytes = cache_bytes
+        self.kv = kv if kv is not None else KVStore()  # a private store unless the app shares one
+        self.context_window = context_window or vlm.context_window
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._lanes = {}
+        self._encoded = [0, 0.0]  # images encoded since the last turn, and the seconds it took
         if small is not None:
             check_pair(small, vlm)
-        self.sgl_tokens, self.keep_ratio, self.prune_layer, self.early_exit = "full", 0.35, 0.4, 0.8
-        self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
-                        early_exit=early_exit, sgl_tokens=sgl_tokens)
-        self.reset()
+        if state is None:
+            state = ChatState(model=vlm.name, small=small.name if small else None, cache_bytes=cache_bytes,
+                              settings=Settings(sampling=sampling or Sampling()))
+            self.state = state
+            self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
+                            early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens)
+        elif state.model != vlm.name or state.small != (small.name if small else None):
+            raise ValueError(f"this state belongs to {state.model} (+ {state.small}), not {vlm.name}")
+        self.state = state
+        self.stop_flag = StopFlag(state.session_id)
+
+    @classmethod
+    def resume(cls, state: ChatState, models: dict, kv: KVStore | None = None, **options) -> "ChatSession":
+        """Bind a conversation's state to the models loaded in this process (looked up by name)."""
+        return cls(models[state.model], small=models[state.small] if state.small else None, state=state, kv=kv,
+                   **options)
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def last_turn(self) -> TurnStats | None:
+        return self.state.last_turn
 
     # ---- configuration -------------------------------------------------------------------------
-    def set_method(self, method: str, dominant: int = 54, contextual: int = 10, keep_ratio: float | None = None,
-                   prune_layer: float | None = None, early_exit=UNCHANGED, sgl_tokens: str | None = None):
-        """Applies from the next turn; images are re-compressed once for the new method/budget.
-        SGL knobs left out (None) keep their current values; `early_exit=None` disables early exit.
-        For "sgl", `sgl_tokens` ("full" | "visionzip") says whether both models see VisionZip tokens."""
-        if method not in METHODS:
-            raise InputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
+    def set_method(self, method: str, dominant: int | None = None, contextual: int | None = None,
+                   keep_ratio: float | None = None, prune_layer: float | None = None, early_exit=UNSET,
+                   sgl_tokens: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None):
+        """Applies from the next turn; images are re-compressed once for a new method or budget.
+        Values left out (None) keep their current value; `early_exit=None` disables early exit.
+        Every value is checked here (the app's events are public API): nothing changes on a bad one."""
+        s = self.settings
+        if not isinstance(method, str) or method not in METHODS:
+            raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHODS)}.")
         if method == "sgl" and self.small is None:
             raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
-        sgl_tokens = sgl_tokens or self.sgl_tokens
+        sgl_tokens = s.sgl_tokens if sgl_tokens is None else sgl_tokens
         if sgl_tokens not in ("full", "visionzip"):
             raise InputError("sgl_tokens must be 'full' or 'visionzip'.")
-        keep_ratio = self.keep_ratio if keep_ratio is None else float(keep_ratio)
-        prune_layer = self.prune_layer if prune_layer is None else float(prune_layer)
-        if not 0 < keep_ratio <= 1 or not 0 <= prune_layer <= 1:
-            raise InputError("SGL needs 0 < keep ratio <= 1 and 0 <= prune layer <= 1 (a fraction of the depth).")
-        visual = sgl_tokens if method == "sgl" else method
-        if visual != "full":
+        dominant = s.dominant if dominant is None else checked("dominant tokens", dominant, 1, 100_000, integer=True)
+        contextual = s.contextual if contextual is None else checked("contextual tokens", contextual, 0, 100_000,
+                                                                      integer=True)
+        keep_ratio = s.keep_ratio if keep_ratio is None else checked("keep ratio", keep_ratio, 0, 1)
+        if keep_ratio <= 0:
+            raise InputError("The SGL keep ratio must be above 0 (a share of the visual tokens, at most 1).")
+        prune_layer = s.prune_layer if prune_layer is None else checked("prune layer", prune_layer, 0, 1)
+        if early_exit is UNSET:
+            early_exit = s.early_exit
+        elif early_exit is not None:
+            early_exit = checked("early-exit threshold", early_exit, 0, 2)
+        max_new_tokens = s.max_new_tokens if max_new_tokens is None else checked(
+            "max new tokens", max_new_tokens, 1, 1_000_000, integer=True)
+        temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
+        top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
+        if (sgl_tokens if method == "sgl" else method) != "full":
             grid = self.vlm.adapter.grid
             check_budget(dominant, contextual, grid[0] * grid[1] + self.vlm.adapter.has_cls, self.vlm.adapter.has_cls)
-        self.method, self.dominant, self.contextual = method, int(dominant), int(contextual)
-        self.sgl_tokens, self.keep_ratio, self.prune_layer = sgl_tokens, keep_ratio, prune_layer
-        if early_exit is not UNCHANGED:
-            self.early_exit = early_exit
+        self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
+                                      keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
+                                      sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,
+                                      sampling=replace(s.sampling, temperature=temperature, top_p=top_p))
 
     @property
     def visual_method(self) -> str:
         """How images are encoded for the LLM(s): "full" or "visionzip"."""
-        return self.sgl_tokens if self.method == "sgl" else self.method
-
-    def reset(self):
-        """Forget the conversation, images and caches."""
-        self.segments = []  # [("text", [ids]) | ("image", key)]
-        self.images = {}  # key -> PIL image (kept to re-compress after a method change)
-        self.pending = []  # image keys added since the last question
-        self.compressions = OrderedDict()  # (image key, method key, model name) -> Compression, LRU by bytes
-        self.caches = {}  # "large" | "small" -> [DynamicCache, signature]
-        self.last_turn = None
-        self.last_compression = None
-        self.last_image_key = None
-        self.last_question = None
-        self._last_turn_start = 0  # index in self.segments where the last turn's segments begin
-        self._last_turn_images = []
-        self._pending_encode_s = 0.0
-        self._pending_encodes = 0
-
-    @property
-    def cache(self):
-        return self.caches.get("large", [None])[0]
-
-    def stop(self):
-        """Ask a running ask_stream to stop after the current token."""
-        self._stop.set()
-
-    # ---- images --------------------------------------------------------------------------------
-    def add_image(self, image) -> Compression:
-        """Check, encode and compress an image once; it joins the next question."""
-        image = load_image(image)
-        key = image_digest(image)
-        self.images[key] = image
-        comp = self._compression(key)
-        self.pending.append(key)
-        self.last_compression = comp
-        self.last_image_key = key
-        return comp
-
-    def current_view(self):
-        """(PIL image, Compression for the current method) of the latest image, or None."""
-        if self.last_image_key is None:
-            return None
-        comp = self._compression(self.last_image_key)
-        self.last_compression = comp
-        return self.images[self.last_image_key], comp
+        s = self.settings
+        return s.sgl_tokens if s.method == "sgl" else s.method
 
     def _method_key(self):
-        return method_key(self.visual_method, self.dominant, self.contextual)
+        return method_key(self.visual_method, self.settings.dominant, self.settings.contextual)
 
-    def _compression(self, key, model: str = "large") -> Compression:
-        vlm = self.vlm if model == "large" else self.small
-        ck = (key, self._method_key(), vlm.name)  # by model, so sessions may share one cache safely
-        if ck in self.compressions:
-            self.compressions.move_to_end(ck)
-            return self.compressions[ck]
-        if model == "large":
-            comp = encode_image(self.vlm, self.images[key], self.visual_method, self.dominant, self.contextual)
+    def reset(self):
+        """Forget the conversation, images and caches (the settings stay)."""
+        st = self.state
+        self.kv.drop(st.session_id)
+        self._lanes = {}
+        self.state = ChatState(model=st.model, small=st.small, settings=st.settings, session_id=st.session_id,
+                               cache_bytes=st.cache_bytes)
+
+    def stop(self):
+        """Ask a running ask_stream (in this process or another) to stop after the current token."""
+        self.stop_flag.set()
+
+    # ---- images --------------------------------------------------------------------------------
+    def add_image(self, image, compress: bool = True) -> Compression | None:
+        """Check an image; it joins the next question. With `compress` it is encoded now (else at
+        the next turn). Nothing changes if the image is refused."""
+        image = load_image(image)
+        key = image_digest(image)
+        self.state.images[key] = image
+        comp = self.compression(key) if compress else None
+        self.state.pending.append(key)
+        self.state.last_image_key = key
+        return comp
+
+    def current_view(self, compress: bool = True):
+        """(PIL image, Compression for the current method) of the latest image, or None. Without
+        `compress`, None also when that compression is not cached yet."""
+        key = self.state.last_image_key
+        if key is None or not (compress or self._cached(key)):
+            return None
+        return self.state.images[key], self.compression(key)
+
+    def _cached(self, key, lane: str = "large") -> bool:
+        vlm = self.vlm if lane == "large" else self.small
+        return (key, self._method_key(), vlm.name) in self.state.compressions
+
+    def compression(self, key, lane: str = "large") -> Compression:
+        """The Compression of image `key` for the current method and `lane`'s model, encoded once."""
+        st = self.state
+        vlm = self.vlm if lane == "large" else self.small
+        ck = (key, self._method_key(), vlm.name)
+        if ck in st.compressions:
+            st.compressions.move_to_end(ck)
+            return st.compressions[ck]
+        s = self.settings
+        if lane == "large":
+            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual)
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
-            selection = self._compression(key) if self.visual_method == "visionzip" else None
-            comp = encode_image(self.small, self.images[key], self.visual_method, self.dominant, self.contextual,
+            selection = self.compression(key) if self.visual_method == "visionzip" else None
+            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
                                 selection_from=selection)
-        self._pending_encode_s += comp.encode_s  # counted in the next turn's stats
-        self._pending_encodes += 1
-        self.compressions[ck] = comp
-        while sum(c.nbytes for c in self.compressions.values()) > self.cache_bytes and len(self.compressions) > 1:
-            self.compressions.popitem(last=False)  # dropped ones are re-encoded from self.images if needed
+        comp.features = comp.features.cpu()  # the state holds no device tensor
+        self._encoded[0] += 1
+        self._encoded[1] += comp.encode_s
+        st.compressions[ck] = comp
+        while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
+            st.compressions.popitem(last=False)  # dropped ones are re-encoded from st.images if needed
         return comp
 
     # ---- turns ---------------------------------------------------------------------------------
@@ -181,6 +238,9 @@ class ChatSession:
         """Yield the answer as text deltas. The turn is recorded even if the caller stops early."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("Please type a question.")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InputError(f"The question is {len(question):,} characters long; the limit is "
+                             f"{MAX_QUESTION_CHARS:,}. Please shorten it.")
         if not self._lock.acquire(blocking=False):
             raise InputError("An answer is still being generated in this session; stop it or wait.")
         try:
@@ -188,115 +248,144 @@ class ChatSession:
         finally:
             self._lock.release()
 
-    def _tokenize(self, text: str) -> list:
-        return self.vlm.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def lane(self, name: str) -> Lane:
+        """The KV-cache lane of the "large" or "small" model for this turn, checked out of the store."""
+        if name not in self._lanes:
+            cache, signature = self.kv.checkout(self.state.session_id, name)
+            self._lanes[name] = Lane(self.vlm if name == "large" else self.small, cache, signature)
+        return self._lanes[name]
 
-    def _user_segments(self, question: str) -> list:
-        adapter = self.vlm.adapter
-        first = not self.segments
-        segments = []
-        if first and adapter.bos and self.vlm.tokenizer.bos_token_id is not None:
-            segments.append(("text", [self.vlm.tokenizer.bos_token_id]))
-        images = iter(self.pending)
-        for kind, text in adapter.user_turn(question, len(self.pending), first):
-            segments.append(("image", next(images)) if kind == "image" else ("text", self._tokenize(text)))
-        return segments
+    def _return_lanes(self):
+        for name, lane in self._lanes.items():
+            if lane.cache is not None:
+                self.kv.checkin(self.state.session_id, name, lane.cache, lane.signature)
+        self._lanes = {}
 
-    def _flatten(self, segments, model: str = "large"):
-        """-> (ids, signature units (unit, start, end, features or None), compressions used)."""
+    def _turn(self, question: str):
+        st, vlm = self.state, self.vlm
+        self.stop_flag.clear()
+        t0 = time.perf_counter()
+        turn = Turn(question=question, images=list(st.pending))
+        plan = self.plan(turn)  # compresses the images it needs; may drop the oldest turns
+        (images_encoded, encode_s), self._encoded = self._encoded, [0, 0.0]
+        comps = plan.compressions
+        stats = TurnStats(
+            method=self.settings.method, model_used=vlm.name,
+            visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
+            prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids), encode_s=encode_s,
+            images_encoded=images_encoded, dropped_turns=plan.window_start, context_window=self.context_window,
+            device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
+        )
+        generated, finished, cancelled = [], False, False
+        try:
+            if self.settings.method == "sgl":
+                answer = yield from sgl_answer(self, plan, stats, t0, generated)
+            else:
+                answer = yield from self._plain_answer(plan, stats, t0, generated)
+            generated[:] = answer
+            finished = True
+        except GeneratorExit:  # the caller stopped reading: the partial answer is the answer
+            finished = cancelled = True
+            raise
+        finally:
+            lane = self._lanes.get("large")
+            stats.kv_cache_bytes = cache_nbytes(lane.cache) if lane else 0
+            self._return_lanes()
+            if finished or generated:  # a failure before the first token leaves no trace
+                stats.new_tokens = len(generated)
+                stats.stopped = self.stop_flag.is_set() or cancelled or not finished
+                if not stats.ttft_s:
+                    stats.ttft_s = time.perf_counter() - t0
+                answer_vlm = self.small if stats.early_exit else vlm
+                turn.answer = answer_vlm.tokenizer.decode(generated, skip_special_tokens=True)
+                turn.answer_tokens, turn.stopped = len(generated), stats.stopped
+                st.turns.append(turn)
+                st.pending, st.window_start, st.last_turn = [], plan.window_start, stats
+
+    def plan(self, turn: Turn) -> Plan:
+        """Render the conversation with `turn` as the new question, fitted to the context window:
+        the oldest turns are left out until the prompt and room for an answer fit. If no kept turn
+        has an image, the most recent image of the left-out turns is carried along (the user is most
+        likely still talking about it), as long as it fits. Nothing fits: InputError."""
+        st = self.state
+        room = min(self.settings.max_new_tokens, self.context_window // 4)  # kept free for the answer
+        start, carry = st.window_start, True
+        while True:
+            kept = st.turns[start:]
+            carried = []
+            if carry and not turn.images and not any(t.images for t in kept):
+                carried = next((t.images for t in reversed(st.turns[:start]) if t.images), [])
+            history = self._messages(kept, carried)
+            segments = self.vlm.chat.render(history + [Message("user", turn.question, turn.images)])
+            ids, units, comps = self._flatten(segments)
+            if len(ids) + room <= self.context_window:
+                break
+            if start < len(st.turns):
+                start += 1
+            elif carried:
+                carry = False
+            else:
+                raise InputError(
+                    f"This question needs {len(ids):,} tokens ({sum(c.num_tokens for c in comps):,} of them visual) "
+                    f"plus room for an answer, but {self.vlm.name} reads at most {self.context_window:,}. "
+                    "Shorten the question, or use VisionZip or a smaller budget for fewer visual tokens.")
+        history_ids = self._flatten(self.vlm.chat.render(history, add_generation_prompt=False))[0]
+        turn_start = 0
+        while turn_start < min(len(history_ids), len(ids)) and history_ids[turn_start] == ids[turn_start]:
+            turn_start += 1
+        plan = Plan(ids, units, comps, turn_start, start)
+        if self.settings.method == "sgl":
+            plan.small_ids, plan.small_units, _ = self._flatten(segments, "small")
+        return plan
+
+    @staticmethod
+    def _messages(turns: list, carried: list) -> list:
+        messages = []
+        for i, t in enumerate(turns):
+            images = (carried if i == 0 else []) + t.images
+            messages += [Message("user", t.question, images), Message("assistant", t.answer)]
+        return messages
+
+    def _flatten(self, segments, lane: str = "large"):
+        """-> (ids, units, compressions): each image becomes its visual tokens' placeholder ids."""
+        vlm = self.vlm if lane == "large" else self.small
         ids, units, comps = [], [], []
-        vlm = self.vlm if model == "large" else self.small
         for kind, value in segments:
             if kind == "text":
                 for t in value:
-                    units.append((("t", t), len(ids), len(ids) + 1, None))
+                    units.append(Unit(("t", t), len(ids), len(ids) + 1, None))
                     ids.append(t)
             else:
-                comp = self._compression(value, model)
+                comp = self.compression(value, lane)
                 comps.append(comp)
-                start = len(ids)
+                units.append(Unit(("i", value) + self._method_key(), len(ids), len(ids) + comp.num_tokens,
+                                  comp.features))
                 ids.extend([vlm.image_token_id] * comp.num_tokens)
-                units.append((("i", value) + self._method_key(), start, len(ids), comp.features))
         return ids, units, comps
 
-    def _reuse(self, model: str, units) -> tuple:
-        """Keep the longest prefix of the model's KV cache that matches the conversation.
-        -> (cache, first id to run, features of the images in the rest, cache was reused)."""
-        vlm = self.vlm if model == "large" else self.small
-        signature = [u[0] for u in units]
-        cache, cached = self.caches.get(model, (None, []))
-        n = common_prefix(signature, cached) if self.reuse_cache and cache is not None else 0
-        n = min(n, len(units) - 1)  # at least one token to run, for the logits
-        start = units[n][1] if n > 0 else 0
-        if n == 0:
-            cache = new_cache(vlm)
-        else:
-            truncate_cache(cache, start)
-        self.caches[model] = [cache, signature[:n]]
-        return cache, start, [u[3] for u in units[n:] if u[3] is not None], n > 0
-
-    def _turn(self, question: str):
-        self._stop.clear()
-        vlm = self.vlm
-        t0 = time.perf_counter()
-        new_segments = self._user_segments(question)
-        ids, units, comps = self._flatten(self.segments + new_segments)  # (re-)encodes images only if needed
-        if self.method == "sgl":
-            small_flat = self._flatten(self.segments + new_segments, "small")
-        encode_s, images_encoded = self._pending_encode_s, self._pending_encodes
-        self._pending_encode_s, self._pending_encodes = 0.0, 0
-
-        stats = TurnStats(
-            method=self.method, model_used=vlm.name,
-            visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
-            prompt_tokens=len(ids), prefill_tokens=len(ids), encode_s=encode_s, images_encoded=images_encoded,
-            device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
-        )
-        self.last_turn = stats
-        self.last_question = question
-        self._last_turn_start, self._last_turn_images = len(self.segments), list(self.pending)
-        self.pending = []
-        generated = []
-        try:
-            if self.method == "sgl":
-                answer = yield from sgl_answer(self, ids, units, small_flat, stats, t0, generated)
-            else:
-                answer = yield from self._plain_answer(ids, units, stats, t0, generated)
-            generated[:] = answer
-        finally:
-            stats.new_tokens = len(generated)
-            stats.stopped = self._stop.is_set()
-            if not stats.ttft_s:
-                stats.ttft_s = time.perf_counter() - t0
-            end = self._tokenize(vlm.adapter.end_of_turn)
-            self.segments += new_segments + [("text", list(generated) + end)]
-            stats.kv_cache_bytes = cache_nbytes(self.cache)
-
-    def _plain_answer(self, ids, units, stats, t0, generated):
-        vlm = self.vlm
-        cache, start, features, reused = self._reuse("large", units)
-        stats.cache_reused, stats.prefill_tokens = reused, len(ids) - start
-        signature = [u[0] for u in units]
+    def _plain_answer(self, plan: Plan, stats: TurnStats, t0: float, generated: list):
+        lane = self.lane("large")
+        start, features, reused = lane.reuse(plan.units, enabled=self.reuse_cache)
+        stats.cache_reused, stats.prefill_tokens = reused, len(plan.ids) - start
         p0 = time.perf_counter()
-        logits = forward(vlm, embed(vlm, ids[start:], features), cache)
+        logits = lane.prefill(plan.ids, plan.units, start, features)
         stats.prefill_s = time.perf_counter() - p0
-        self.caches["large"][1] = fed = list(signature)  # what the cache holds, one unit per position
+        return (yield from self.decode(self.vlm, logits, lane.step, stats, t0, generated,
+                                       limit=self.context_window - len(plan.ids)))
 
-        def step(token, _):
-            logits = forward(vlm, embed_token(vlm, token), cache)
-            fed.append(("t", token))
-            return logits
-
-        return (yield from self._decode(vlm, logits, step, stats, t0, generated))
-
-    def _decode(self, vlm, logits, step, stats, t0, generated, stream=True, max_probs=None):
-        """Pick tokens until a stop token, the budget or stop(); `step(token, fed)` feeds one back.
+    def decode(self, vlm, logits, step, stats, t0, generated, stream: bool = True, max_probs: list | None = None,
+               limit: int | None = None):
+        """Pick tokens until a stop token, the budget or a stop request; `step(token)` feeds one back
+        and returns the next logits. Never picks a banned id (image placeholders, chat markers).
         Appends to `generated` as it goes (so a cancelled turn keeps its partial answer)."""
-        rng = torch.Generator().manual_seed(self.sampling.seed + len(self.segments))
-        stop_ids = vlm.adapter.stop_ids() if self.stop_at_eos else set()
+        s = self.settings
+        budget = min(s.max_new_tokens, limit) if limit is not None else s.max_new_tokens
+        rng = torch.Generator().manual_seed(s.sampling.seed + len(self.state.turns))
+        stop_ids = vlm.stop_ids if self.stop_at_eos else set()
         text_so_far, decode_start = "", None
-        while len(generated) < self.max_new_tokens and not self._stop.is_set():
-            token = pick(logits, self.sampling, rng)
+        while len(generated) < budget and not self.stop_flag.is_set():
+            logits = suppress(logits, vlm)
+            token = pick(logits, s.sampling, rng)
             if max_probs is not None:
                 max_probs.append(float(torch.softmax(logits, -1).max()))
             if token in stop_ids:
@@ -311,9 +400,9 @@ class ChatSession:
                     delta, text_so_far = text[len(text_so_far):], text
                     if delta:
                         yield delta
-            if len(generated) >= self.max_new_tokens or self._stop.is_set():
+            if len(generated) >= budget or self.stop_flag.is_set():
                 break
-            logits = step(token, len(generated))
+            logits = step(token)
         if stream:
             text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
             if text.startswith(text_so_far) and len(text) > len(text_so_far):  # flush a held-back tail
@@ -326,52 +415,52 @@ class ChatSession:
     def guidance_view(self):
         """(PIL image, its Compression, per-token importance, per-token kept mask) of the latest
         image for the last SGL turn, or None."""
-        t = self.last_turn
-        if t is None or t.guidance is None or self.last_image_key not in t.guidance.image_spans:
+        t, key = self.state.last_turn, self.state.last_image_key
+        if t is None or t.guidance is None or key not in t.guidance.image_spans:
             return None
-        start, end = t.guidance.image_spans[self.last_image_key]
+        start, end = t.guidance.image_spans[key]
         kept = np.zeros(len(t.guidance.importance), dtype=bool)
         kept[t.guidance.kept] = True
-        return (self.images[self.last_image_key], self._compression(self.last_image_key),
-                t.guidance.importance[start:end], kept[start:end])
+        return self.state.images[key], self.compression(key), t.guidance.importance[start:end], kept[start:end]
 
 
-def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
-    """Re-answer the last question twice from the same history, with no KV cache on either side:
-    once with the session's method and once with all visual tokens. -> {label: (answer, TurnStats)}."""
-    if session.last_question is None:
+def checked(name: str, value, low: float, high: float, integer: bool = False):
+    """A number from a person or an API call, or an InputError that says what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"The {name} must be a number (got {value!r}).")
+    if not math.isfinite(value):
+        raise InputError(f"The {name} must be a finite number (got {value!r}).")
+    if integer and value != int(value):
+        raise InputError(f"The {name} must be a whole number (got {value!r}).")
+    if not low <= value <= high:
+        raise InputError(f"The {name} must be between {low:g} and {high:g} (got {value!r}).")
+    return int(value) if integer else float(value)
+
+
+def compare(session: ChatSession, methods: list | None = None, max_new_tokens: int | None = None) -> list:
+    """Re-answer the last question once per method from the same history (no KV cache, nothing of
+    the session changed). Default: the session's method and "full" ("visionzip" when the session
+    is already "full"). -> [(method, answer, TurnStats)]."""
+    st = session.state
+    if not st.turns:
         raise InputError("Ask a question first; then it can be compared with the full model.")
-    results = {}
-    for label, method in ((session.method, session.method), ("full", "full")):
-        other = ChatSession(session.vlm, method=method, dominant=session.dominant, contextual=session.contextual,
-                            max_new_tokens=max_new_tokens or session.max_new_tokens, sampling=session.sampling,
-                            cache_bytes=session.cache_bytes, small=session.small, keep_ratio=session.keep_ratio,
-                            prune_layer=session.prune_layer, early_exit=session.early_exit,
-                            sgl_tokens=session.sgl_tokens)
-        other.images = session.images
-        other.compressions = session.compressions  # shared compress-once cache (LRU-bounded)
-        other.segments = session.segments[: session._last_turn_start]
-        other.pending = list(session._last_turn_images)
-        answer = other.ask(session.last_question)
-        results[label] = (answer, other.last_turn)
+    if methods is None:
+        methods = [st.settings.method, "visionzip" if st.settings.method == "full" else "full"]
+    results = []
+    for method in methods:
+        other_state = copy.copy(st)
+        other_state.session_id = uuid.uuid4().hex  # its own stop flag (and a private KV store)
+        other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
+        other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
+        other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
+        other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
+                            context_window=session.context_window)
+        other.set_method(method)
+        answer = other.ask(st.turns[-1].question)
+        results.append((method, answer, other.last_turn))
     return results
 
 
-def common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def cache_nbytes(cache) -> int:
-    if cache is None:
-        return 0
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
+    """{method: (answer, TurnStats)} for the session's method and the full model (see `compare`)."""
+    return {m: (a, t) for m, a, t in compare(session, max_new_tokens=max_new_tokens)}

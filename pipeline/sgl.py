@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .compress import encode_image
+from .chat import Message
+from .compress import full_layout
 from .errors import InputError
-from .generate import embed, embed_token, forward, forward_layers, new_cache
+from .generate import embed, embed_token, forward_layers, new_cache
 
 CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
 
@@ -57,22 +58,21 @@ def probe_image() -> Image.Image:
 
 
 def check_pair(small, large):
-    """Refuse an SGL pair whose visual-token layouts (count and grid per crop) or tokenizers differ."""
+    """Refuse an SGL pair whose visual-token layouts (count and grid per crop) or chat formats differ.
+    Only the preprocessing and the tokenizers run, so this is cheap and needs no GPU."""
     checked = large.extra.setdefault("sgl_pairs_checked", set())
     if small.name in checked:
         return
     probe = probe_image()
-    s_layout = encode_image(small, probe, "full").layout()
-    g_layout = encode_image(large, probe, "full").layout()
+    s_layout, g_layout = full_layout(small, probe), full_layout(large, probe)
     if s_layout != g_layout:
         raise InputError(
             f"SGL needs two models with the same visual-token layout, but '{small.name}' gives {describe(s_layout)} "
             f"and '{large.name}' gives {describe(g_layout)} for the same image. Choose a matching pair "
             "(llava-ov-0.5b -> llava-ov-7b, llava-1.5-7b -> llava-1.5-13b, tiny-ov-small -> tiny-ov-large)."
         )
-    text = "USER: What is in the image? ASSISTANT: a cat<|im_end|>"
-    if (small.tokenizer(text)["input_ids"] != large.tokenizer(text)["input_ids"]
-            or small.image_token_id != large.image_token_id):
+    chat = [Message("user", "What is in the image?", ["probe"]), Message("assistant", "A cat."), Message("user", "Sure?")]
+    if small.chat.render(chat) != large.chat.render(chat) or small.image_token_id != large.image_token_id:
         raise InputError(f"SGL needs one tokenizer for both models; '{small.name}' and '{large.name}' differ.")
     checked.add(small.name)
 
@@ -161,33 +161,24 @@ def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
+def sgl_answer(session, plan, stats, t0, generated):
     """One SGL turn of a ChatSession (a generator of text deltas; returns the answer ids): the small
     model answers and ranks, the exit score decides, and the pruned large model answers if needed."""
     small, large = session.small, session.vlm
-    s_ids, s_units, _ = small_flat
+    ids, units, s_ids, s_units = plan.ids, plan.units, plan.small_ids, plan.small_units
     visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
-    n_earlier_units = sum(len(v) if kind == "text" else 1 for kind, v in session.segments)
-    turn_start = s_units[n_earlier_units][1]  # first id of this turn's new tokens
     # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
-    after = max(int(visual[-1]) if visual.numel() else -1, turn_start - 1)
+    after = max(int(visual[-1]) if visual.numel() else -1, plan.turn_start - 1)
 
     # 1. The small model answers with all visual tokens; hooks collect the importance.
     t_small = time.perf_counter()
-    cache, start, features, reused = session._reuse("small", s_units)
-    signature = [u[0] for u in s_units]
+    lane = session.lane("small")
+    start, features, reused = lane.reuse(s_units, enabled=session.reuse_cache)
     small_tokens, max_probs = [], []
-    with ImportanceCapture(small, cache, visual.to(small.device), after) as capture:
-        logits = forward(small, embed(small, s_ids[start:], features), cache)
-        session.caches["small"][1] = fed = list(signature)  # what the cache holds, one unit per position
-
-        def small_step(token, _):
-            logits = forward(small, embed_token(small, token), cache)
-            fed.append(("t", token))
-            return logits
-
-        for _ in session._decode(small, logits, small_step, stats, t0, small_tokens, stream=False,
-                                 max_probs=max_probs):
+    with ImportanceCapture(small, lane.cache, visual.to(small.device), after) as capture:
+        logits = lane.prefill(s_ids, s_units, start, features)
+        for _ in session.decode(small, logits, lane.step, stats, t0, small_tokens, stream=False,
+                                max_probs=max_probs, limit=session.context_window - len(s_ids)):
             pass
     importance = capture.importance.cpu()
     stats.timings["small_answer_s"] = time.perf_counter() - t_small
@@ -200,19 +191,20 @@ def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
     consistency = rescored_probability(small, s_ids, s_units, visual, importance, small_tokens)
     score = (confidence + consistency) / 2
     stats.timings["small_score_s"] = time.perf_counter() - t_score
-    exit_now = session.early_exit is not None and score >= session.early_exit and not session._stop.is_set()
+    threshold = session.settings.early_exit
+    exit_now = threshold is not None and score >= threshold and not session.stop_flag.is_set()
 
     n_layers = len(large.language_model.layers)
-    k_layer = int(math.floor(session.prune_layer * n_layers))
-    keep_visual = top_k_mask(importance, int(math.floor(session.keep_ratio * visual.numel())))
+    k_layer = int(math.floor(session.settings.prune_layer * n_layers))
+    keep_visual = top_k_mask(importance, int(math.floor(session.settings.keep_ratio * visual.numel())))
     spans, offset = {}, 0
     for u in units:
-        if u[3] is not None:
-            spans[u[0][1]] = (offset, offset + (u[2] - u[1]))
-            offset += u[2] - u[1]
+        if u.features is not None:
+            spans[u.key[1]] = (offset, offset + (u.end - u.start))
+            offset += u.end - u.start
     stats.guidance = Guidance(
         importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
-        consistency=consistency, score=score, threshold=session.early_exit, early_exit=exit_now,
+        consistency=consistency, score=score, threshold=threshold, early_exit=exit_now,
         small_answer=small.tokenizer.decode(small_tokens, skip_special_tokens=True), small_tokens=small_tokens,
         prune_layer=k_layer, image_spans=spans, rows=capture.rows)
     stats.early_exit = exit_now
@@ -228,24 +220,28 @@ def sgl_answer(session, ids, units, small_flat, stats, t0, generated):
             yield text
         return list(small_tokens)
 
-    # 3. The large model: all tokens up to layer K, then the kept visual tokens only.
+    # 3. The large model: all tokens up to layer K, then the kept visual tokens only. Its cache is
+    # rebuilt every turn: which tokens it keeps from layer K on depends on the question.
     t_large = time.perf_counter()
     keep = torch.ones(len(ids), dtype=torch.bool)
     keep[visual] = keep_visual
-    cache = new_cache(large)
-    session.caches["large"] = [cache, []]  # recomputed every SGL turn (the kept set depends on the question)
+    lane = session.lane("large")
+    lane.reset()
     positions = torch.arange(len(ids), device=large.device)
-    feats = [u[3] for u in units if u[3] is not None]
-    logits = forward_layers(large, embed(large, ids, feats), positions, cache, prune_at=k_layer,
+    feats = [u.features for u in units if u.features is not None]
+    logits = forward_layers(large, embed(large, ids, feats), positions, lane.cache, prune_at=k_layer,
                             keep=keep.to(large.device))[-1]
     stats.prefill_s = time.perf_counter() - t_large
-    stats.prefill_tokens, stats.cache_reused = len(ids), False  # the large model recomputes (see session.py)
+    stats.prefill_tokens, stats.cache_reused = len(ids), False
+    fed = [0]
 
-    def large_step(token, fed):
-        pos = torch.tensor([len(ids) + fed - 1], device=large.device)
-        return forward_layers(large, embed_token(large, token), pos, cache)[-1]
+    def large_step(token):
+        pos = torch.tensor([len(ids) + fed[0]], device=large.device)
+        fed[0] += 1
+        return forward_layers(large, embed_token(large, token), pos, lane.cache)[-1]
 
-    answer = yield from session._decode(large, logits, large_step, stats, t0, generated)
+    answer = yield from session.decode(large, logits, large_step, stats, t0, generated,
+                                       limit=session.context_window - len(ids))
     stats.timings["large_s"] = time.perf_counter() - t_large
     return answer
 
@@ -259,7 +255,7 @@ def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> f
     keep = torch.ones(len(s_ids) + len(answer) - 1, dtype=torch.bool)
     if visual.numel():
         keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
-    feats = [u[3] for u in s_units if u[3] is not None]
+    feats = [u.features for u in s_units if u.features is not None]
     embeds = embed(small, s_ids + answer[:-1], feats)
     positions = torch.arange(embeds.shape[1], device=small.device)
     logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -25,7 +25,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-TINY_VERSION = 1  # bump when a tiny model's recipe changes, so caches are rebuilt
+from .templates import LLAVA_TEMPLATE, ONEVISION_TEMPLATE
+
+TINY_VERSION = 2  # bump when a tiny model's recipe changes, so caches are rebuilt
 SEED = 1234
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
@@ -84,11 +86,14 @@ def _build_tokenizer(family: str) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
-    if family == "llava":
+    if family == "llava":  # Llama's tokenizer starts every sequence with <s>
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     else:
         specials = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    tokenizer.chat_template = LLAVA_TEMPLATE if family == "llava" else ONEVISION_TEMPLATE  # the real checkpoints'
+    return tokenizer
 
 
 def _build_model(spec: dict, tokenizer):

@@ -34,10 +34,10 @@ def test_bad_image_then_good_request(tiny_llava, photo, case):
     s = ChatSession(tiny_llava, method="visionzip", max_new_tokens=4)
     s.add_image(photo)
     s.ask("first question")
-    before = list(s.segments)
+    before = list(s.state.turns)
     with pytest.raises(InputError, match=message):
         s.add_image(make(photo))
-    assert s.segments == before and s.pending == []  # nothing was lost or half-added
+    assert s.state.turns == before and s.state.pending == []  # nothing was lost or half-added
     assert s.ask("still there?")
     assert s.last_turn.cache_reused
 
@@ -61,8 +61,8 @@ def test_budget_and_method_errors(tiny_llava, tiny_ov, photo):
         s.set_method("zip")
     with pytest.raises(InputError):
         s.set_method("visionzip", 600, 0)
-    assert s.method == "visionzip" and s.dominant == 54  # unchanged after a refused change
-    s.max_new_tokens = 3
+    assert s.settings.method == "visionzip" and s.settings.dominant == 54  # unchanged after a refused change
+    s.set_method("visionzip", max_new_tokens=3)
     s.add_image(photo)
     assert s.ask("ok?")
 

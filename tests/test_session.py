@@ -4,9 +4,15 @@ method equals transformers' own forward, and images are encoded once."""
 import pytest
 import torch
 
-from pipeline import ChatSession, compare_with_full
+from pipeline import ChatSession, Turn, compare_with_full
 from pipeline.generate import embed
 from pipeline.vision import encoder_layers
+
+
+def prompt(session, question):
+    """(ids, image features) the session will send for `question`, built before asking it."""
+    plan = session.plan(Turn(question, list(session.state.pending)))
+    return plan.ids, [u.features for u in plan.units if u.features is not None]
 
 QUESTIONS = ["What is in the image?", "What colour is it?", "Describe it in one sentence."]
 
@@ -31,8 +37,9 @@ def test_kv_reuse_equals_recompute(tiny_vlm, method, photo, photo2):
     assert reused == recomputed
     assert [s.cache_reused for s in stats] == [False, True, True]
     assert not any(s.cache_reused for s in stats_re)
-    # turn 3 prefills only the new question on top of the cache; the recompute prefills everything
-    assert stats[2].prefill_tokens < 40 < stats_re[2].prefill_tokens == stats_re[2].prompt_tokens
+    # turn 3 prefills only text on top of the cache (the latest answer as the chat template renders it,
+    # and the new question); the recompute prefills everything
+    assert stats[2].prefill_tokens <= stats[1].new_tokens + 40 < stats_re[2].prefill_tokens == stats_re[2].prompt_tokens
     assert stats[2].prompt_tokens == stats_re[2].prompt_tokens
 
 
@@ -40,7 +47,7 @@ def test_full_first_turn_equals_transformers_generate(tiny_vlm, photo):
     """Our own decode loop vs HF `generate` on HF's own image path (pixel_values -> packed features)."""
     s = ChatSession(tiny_vlm, method="full", max_new_tokens=10)
     s.add_image(photo)
-    ids, _, _ = s._flatten(s.segments + s._user_segments(QUESTIONS[0]))
+    ids, _ = prompt(s, QUESTIONS[0])
     answer = s.ask(QUESTIONS[0])
     out = tiny_vlm.image_processor(images=[photo], return_tensors="pt")
     kwargs = {"pixel_values": out["pixel_values"]}
@@ -48,10 +55,11 @@ def test_full_first_turn_equals_transformers_generate(tiny_vlm, photo):
         kwargs["image_sizes"] = out["image_sizes"]
     with torch.no_grad():
         gen = tiny_vlm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=10, do_sample=False, eos_token_id=sorted(tiny_vlm.adapter.stop_ids()),
+                                      max_new_tokens=10, do_sample=False, eos_token_id=sorted(tiny_vlm.stop_ids),
+                                      suppress_tokens=sorted(tiny_vlm.banned_ids),
                                       pad_token_id=tiny_vlm.tokenizer.pad_token_id, **kwargs)
     expected = gen[0, len(ids):].tolist()
-    expected = [t for t in expected if t not in tiny_vlm.adapter.stop_ids() and t != tiny_vlm.tokenizer.pad_token_id]
+    expected = [t for t in expected if t not in tiny_vlm.stop_ids and t != tiny_vlm.tokenizer.pad_token_id]
     assert answer == tiny_vlm.tokenizer.decode(expected, skip_special_tokens=True)
     assert s.last_turn.new_tokens == len(expected)
 
@@ -61,16 +69,15 @@ def test_visionzip_turn_equals_generate_on_embeddings(tiny_vlm, photo):
     s = ChatSession(tiny_vlm, method="visionzip", max_new_tokens=8)
     s.add_image(photo)
     s.ask(QUESTIONS[0])
-    ids, units, _ = s._flatten(s.segments + s._user_segments(QUESTIONS[1]))
-    features = [u[3] for u in units if u[3] is not None]
+    ids, features = prompt(s, QUESTIONS[1])
     answer = s.ask(QUESTIONS[1])
     assert s.last_turn.cache_reused
     with torch.no_grad():
         gen = tiny_vlm.model.generate(inputs_embeds=embed(tiny_vlm, ids, features), max_new_tokens=8, do_sample=False,
                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      eos_token_id=sorted(tiny_vlm.adapter.stop_ids()),
+                                      eos_token_id=sorted(tiny_vlm.stop_ids), suppress_tokens=sorted(tiny_vlm.banned_ids),
                                       pad_token_id=tiny_vlm.tokenizer.pad_token_id)
-    expected = [t for t in gen[0].tolist() if t not in tiny_vlm.adapter.stop_ids() and t != tiny_vlm.tokenizer.pad_token_id]
+    expected = [t for t in gen[0].tolist() if t not in tiny_vlm.stop_ids and t != tiny_vlm.tokenizer.pad_token_id]
     assert answer == tiny_vlm.tokenizer.decode(expected, skip_special_tokens=True)
 
 
@@ -151,8 +158,7 @@ def test_compare_with_full_reanswers_last_question(tiny_llava, photo):
     full_answer, full_stats = results["full"]
     assert full_stats.visual_tokens == 576 and results["visionzip"][1].visual_tokens == 64
     reference = ChatSession(tiny_llava, method="full", max_new_tokens=8, reuse_cache=False)
-    reference.add_image(photo)
-    reference.segments = list(s.segments[: s._last_turn_start])  # same history (the compressed answers)
-    reference.pending = []
+    reference.state.images = dict(s.state.images)
+    reference.state.turns = list(s.state.turns[:1])  # same history (the first turn's VisionZip answer)
     assert full_answer == reference.ask(QUESTIONS[1])
     assert s.ask(QUESTIONS[2]) and s.last_turn.cache_reused  # the session itself is untouched

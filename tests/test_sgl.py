@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import ChatSession, InputError
+from pipeline import ChatSession, InputError, Turn
 from pipeline.models import resolve
 
 Q1, Q2 = "What is in the image?", "What colour is it?"
@@ -19,8 +19,9 @@ def sgl_session(small, large, **kw):
 
 def conversation_before_answer(session, question, model="large"):
     """(ids, features) the model sees for `question`, built before asking it."""
-    ids, units, _ = session._flatten(session.segments + session._user_segments(question), model)
-    return ids, [u[3] for u in units if u[3] is not None]
+    plan = session.plan(Turn(question, list(session.state.pending)))
+    ids, units = (plan.ids, plan.units) if model == "large" else (plan.small_ids, plan.small_units)
+    return ids, [u.features for u in units if u.features is not None]
 
 
 def eager_importance(small, ids, features, answer_fed, after):
@@ -52,7 +53,7 @@ def test_importance_equals_eager_attention(tiny_ov, tiny_ov_large, photo):
 
     # turn 2 (on top of the small model's reused cache): only this turn's tokens are counted
     ids2, features2 = conversation_before_answer(s, Q2, "small")
-    turn_start = len(s._flatten(s.segments)[0])
+    turn_start = s.plan(Turn(Q2)).turn_start
     s.ask(Q2)
     g2 = s.last_turn.guidance
     reference2 = eager_importance(tiny_ov, ids2, features2, g2.small_tokens[:-1], turn_start - 1)
@@ -94,7 +95,9 @@ def reference_pruned_greedy(large, ids, features, keep, k_layer, n_new, stop_ids
                     h = layer(h, attention_mask=mask, position_ids=pos[None],
                               position_embeddings=lm.rotary_emb(h, pos[None]))
                 out = lm.norm(h)
-            token = int(large.model.lm_head(out[:, -1]).argmax())
+            logits = large.model.lm_head(out[:, -1])[0]
+            logits[sorted(large.banned_ids)] = float("-inf")  # ids generation never emits
+            token = int(logits.argmax())
         if token in stop_ids:
             break
         tokens.append(token)
@@ -116,7 +119,7 @@ def test_pruned_decoding_matches_recompute_reference(tiny_ov, tiny_ov_large, pho
         assert len(g.kept) == math.floor(0.1 * len(visual))
         assert g.prune_layer == math.floor(prune_layer * len(tiny_ov_large.language_model.layers))
         expected = reference_pruned_greedy(tiny_ov_large, ids, features, keep, g.prune_layer, 6,
-                                           tiny_ov_large.adapter.stop_ids())
+                                           tiny_ov_large.stop_ids)
         assert len(expected) >= 2
         assert answer == tiny_ov_large.tokenizer.decode(expected, skip_special_tokens=True)
 
@@ -169,7 +172,7 @@ def test_visionzip_and_sgl_compose(tiny_ov, tiny_ov_large, photo):
     s.ask(Q1)
     t = s.last_turn
     assert t.visual_tokens == 64 * len(comp.crops) == len(t.guidance.importance)
-    small_comp = s._compression(s.last_image_key, "small")
+    small_comp = s.compression(s.state.last_image_key, "small")
     for a, b in zip(comp.crops, small_comp.crops):  # the same patches and groups for both models
         assert (a.dominant == b.dominant).all() and (a.groups == b.groups).all()
     assert not torch.allclose(small_comp.features[:, :8], comp.features[:, :8])  # each model's own features

@@ -1,0 +1,53 @@
+"""The plain data of one conversation: what a browser tab keeps between events.
+
+Everything here pickles (no model, no device tensor): on ZeroGPU every GPU call runs in another
+process, receives this state pickled and hands back the updated copy. Models are looked up by
+name; the KV cache lives beside the state in a process-local store (kvstore.py) and is rebuilt
+with one prefill when it is not there.
+"""
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .generate import Sampling
+
+
+@dataclass
+class Settings:
+    method: str = "full"  # "full" | "visionzip" | "sgl"
+    dominant: int = 54
+    contextual: int = 10
+    keep_ratio: float = 0.35  # SGL: share of visual tokens the large model keeps from layer K on
+    prune_layer: float = 0.4  # SGL: K as a fraction of the large model's depth
+    early_exit: float | None = 0.8  # SGL: exit threshold; None disables early exit
+    sgl_tokens: str = "full"  # SGL: "visionzip" makes both models see VisionZip tokens
+    max_new_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class Turn:
+    """One question and its answer. The answer is kept as text: the next turn renders the whole
+    conversation again with the checkpoint's chat template."""
+    question: str
+    images: list = field(default_factory=list)  # keys of the images sent with this question
+    answer: str = ""
+    answer_tokens: int = 0
+    stopped: bool = False
+
+
+@dataclass
+class ChatState:
+    model: str  # name of the large (answering) model
+    small: str | None = None  # name of the SGL small model
+    settings: Settings = field(default_factory=Settings)
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    turns: list = field(default_factory=list)  # list[Turn]
+    window_start: int = 0  # turns before this index no longer fit the model's context window
+    pending: list = field(default_factory=list)  # image keys waiting for the next question
+    images: dict = field(default_factory=dict)  # image key -> PIL image (kept to re-compress)
+    compressions: OrderedDict = field(default_factory=OrderedDict)  # (key, method, model) -> Compression
+    cache_bytes: int = 1 << 30  # bound of `compressions` (LRU by bytes)
+    last_image_key: str | None = None
+    last_turn: object = None  # TurnStats of the latest turn
