@@ -1,0 +1,81 @@
+"""Driving the app the way a browser or an API user does: gradio_client calls, and `python app.py`
+started as a separate process (with the environment a Space gives it)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from gradio_client import Client, handle_file
+
+from tests.conftest import ROOT
+
+CAT = str(ROOT / "assets" / "chelsea.png")
+VISIONZIP = ("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False)  # method, dominant, contextual, SGL knobs
+
+
+def resend(history):
+    """The client hands back file parts as local paths; sending them again needs handle_file."""
+    for message in history:
+        for part in message["content"]:
+            if part.get("type") == "file" and isinstance(part["file"], str):
+                part["file"] = handle_file(part["file"])
+    return history
+
+
+def texts(history):
+    """[(role, text)] of the text parts of a chat history."""
+    return [(m["role"], part["text"]) for m in history for part in m["content"] if part.get("type") == "text"]
+
+
+def send(client, history, text, files=(), settings=VISIONZIP):
+    """One user message through both events -> (history, stats, selection map, caption)."""
+    history = client.predict(resend(history), {"text": text, "files": [handle_file(f) for f in files]}, *settings,
+                             api_name="/add_message")[0]
+    history, stats, selection, _, _, caption = client.predict(resend(history), api_name="/respond")
+    return history, stats, selection, caption
+
+
+def stat(stats: str, row: str) -> str:
+    """The value of one row of the stats table."""
+    return stats.split(f"| {row} | ")[1].split(" |")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppProcess:
+    """`python app.py ...` in its own process; `.url` once it answers on loopback."""
+
+    def __init__(self, *args, env=None, unset=(), zerogpu=False, timeout=180):
+        self.port = free_port()
+        env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
+        env.setdefault("GRADIO_SERVER_PORT", str(self.port))
+        if zerogpu:  # the stand-in `spaces` package: every GPU call in a forked child
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "zerogpu"), env.get("PYTHONPATH", "")])
+        self.log = open(os.devnull, "w") if not os.environ.get("ZIPCHAT_TEST_LOG") else sys.stderr
+        self.process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.close()
+        raise RuntimeError("app.py did not start listening")
+
+    def close(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
