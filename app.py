@@ -27,6 +27,7 @@ import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
 from pipeline.heatmap import render_importance, render_scores, render_selection  # noqa: E402
+from pipeline.kvstore import default_budget  # noqa: E402
 from pipeline.models import default_preset  # noqa: E402
 from pipeline.stopflag import StopFlag  # noqa: E402
 from pipeline.visionzip import BUDGETS  # noqa: E402
@@ -44,6 +45,15 @@ def gpu(duration):
     if spaces is None:
         return lambda fn: fn
     return spaces.GPU(duration=duration)
+
+
+class Slider(gr.Slider):
+    """gr.Slider whose value may be missing in an API call: None reaches the handler, which says what
+    is wrong, instead of failing inside Gradio's preprocessing with a TypeError. Drawn as a slider."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return None if payload is None else super().preprocess(payload)
 
 
 @dataclass
@@ -127,6 +137,11 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
     checked there. Anything that is not one of the offered choices is refused with a message."""
     if method not in METHOD_NAMES:
         raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHOD_NAMES)}.")
+    numbers = {"dominant tokens": dominant, "contextual tokens": contextual, "keep ratio": keep_ratio,
+               "prune layer": prune_layer, "early-exit threshold": threshold}
+    for name, value in numbers.items():
+        if value is None:  # (set_method reads None as "unchanged"; from the UI or the API it is a mistake)
+            raise InputError(f"The {name} is missing: send a number.")
     for name, flag in (("early exit", exit_on), ("both models see VisionZip tokens", sgl_zip)):
         if not isinstance(flag, bool):
             raise InputError(f"'{name}' must be true or false (got {flag!r}).")
@@ -152,7 +167,7 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
                small=None, session_options: dict | None = None) -> gr.Blocks:
     models = {m.name: m for m in (vlm, small) if m is not None}
-    kv = KVStore()  # this process's KV caches, keyed by session
+    kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded
     big = max(sum(p.numel() for p in m.model.parameters()) for m in models.values()) > 3e9
     options = session_options or {}
 
@@ -315,23 +330,23 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                                       label="Visual tokens", elem_id="method")
                     budget = gr.Radio([64, 128, 192], value=64, label="Budget per crop (dominant + contextual)")
                     with gr.Row():
-                        dominant = gr.Slider(1, 729, value=54, step=1, label="dominant (CLS counts as one)",
+                        dominant = Slider(1, 729, value=54, step=1, label="dominant (CLS counts as one)",
                                              elem_id="dominant")
-                        contextual = gr.Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
+                        contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
                 sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
                             "part-way through its layers, or is skipped when the small model is confident."
                             if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
                 with gr.Accordion("SGL: a small model guides the large one", open=small is not None):
                     gr.Markdown(sgl_note)
                     with gr.Row():
-                        keep_ratio = gr.Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
+                        keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
                                                interactive=small is not None, elem_id="keep_ratio")
-                        prune_layer = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
+                        prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
                                                 interactive=small is not None, elem_id="prune_layer")
                     with gr.Row():
                         exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None,
                                               elem_id="exit_on")
-                        threshold = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
+                        threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
                                               interactive=small is not None, elem_id="threshold")
                         sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
                                               interactive=small is not None, elem_id="sgl_zip")
@@ -357,7 +372,11 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         submitted = textbox.submit(add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state],
                                    queue=False, api_name="add_message")
         answering = submitted.then(respond, [chatbot, state], [chatbot, state, stats, *maps], api_name="respond")
+        # the textbox comes back whatever happened: after the answer, or after a failure that Gradio (or
+        # ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
         answering.then(unlock, None, [textbox], api_name=False)
+        for event in (submitted, answering):
+            event.failure(unlock, None, [textbox], api_name=False)
         stop_btn.click(stop, state, None, queue=False, api_name="stop")
         budget.change(pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
         for control in settings:
@@ -366,6 +385,12 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         clear_btn.click(clear, state, [chatbot, state, textbox, *maps, stats, compare_table, compare_method,
                                        compare_full], queue=False, api_name="clear")
     return demo
+
+
+def launch_options() -> dict:
+    """What `python app.py` passes to launch(), besides host and port (tests launch with the same)."""
+    # show_error: an API call that Gradio's own input checks refuse gets their message, not a generic one
+    return dict(max_file_size="25mb", css=CSS, show_error=True)
 
 
 def main(argv=None):
@@ -392,7 +417,7 @@ def main(argv=None):
     demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
                       session_options={"stop_at_eos": False} if args.ignore_eos else None)
     demo.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="25mb", css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 
 
 if __name__ == "__main__":

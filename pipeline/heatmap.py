@@ -123,9 +123,10 @@ def render_selection(image: Image.Image, comp) -> Image.Image:
 
 
 def _outline(draw, rect, colour):
-    """A 1-pixel outline on the patch's own pixels (edges rounded, so neighbours never overlap)."""
+    """A 1-pixel outline on the patch's own pixels (edges rounded, so neighbours never overlap). A patch
+    less than a pixel wide or high (a very thin image) becomes a line or a dot."""
     x0, y0, x1, y1 = (round(v) for v in rect)
-    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=1)
+    draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=1)
 
 
 def _blend_inside(canvas, original, tint_img, mask_img, crop, origin):
@@ -189,6 +190,7 @@ def _render_values(image, comp, per_crop: list, cmap: str, label: str, outline: 
 
 def _colour_bar(lut, vmin, vmax, height, label="score"):
     bar_w, pad = 18, 6
+    height = max(height, 96)  # readable beside a very flat panel
     bar = Image.new("RGB", (bar_w + 70, height), (255, 255, 255))
     grad = lut[::-1][np.linspace(0, 255, height - 2 * pad).astype(int)]
     strip = np.repeat(grad[:, None, :], bar_w, axis=1).astype(np.uint8)

@@ -12,8 +12,18 @@ from collections import OrderedDict
 import torch
 
 
+def default_budget(device) -> int:
+    """Bytes of KV cache to keep across sessions: a quarter of the GPU's memory, 2 GiB on a CPU."""
+    if torch.device(device).type == "cuda":
+        try:
+            return torch.cuda.get_device_properties(device).total_memory // 4
+        except (RuntimeError, AssertionError):  # ZeroGPU's main process sees no GPU: its workers hold no cache
+            return 4 << 30
+    return 2 << 30
+
+
 class KVStore:
-    def __init__(self, max_bytes: int = 8 << 30):
+    def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
         self._entries = OrderedDict()  # (session id, lane) -> (cache, signature, nbytes)
         self._lock = threading.Lock()

@@ -315,8 +315,10 @@ class ChatSession:
             carried = []
             if carry and not turn.images and not any(t.images for t in kept):
                 carried = next((t.images for t in reversed(st.turns[:start]) if t.images), [])
-            history = self._messages(kept, carried)
-            segments = self.vlm.chat.render(history + [Message("user", turn.question, turn.images)])
+            history = self._messages(kept)
+            question = Message("user", turn.question, list(turn.images))
+            (history[0] if history else question).images[:0] = carried  # before the first message's own
+            segments = self.vlm.chat.render(history + [question])
             ids, units, comps = self._flatten(segments)
             if len(ids) + room <= self.context_window:
                 break
@@ -339,11 +341,10 @@ class ChatSession:
         return plan
 
     @staticmethod
-    def _messages(turns: list, carried: list) -> list:
+    def _messages(turns: list) -> list:
         messages = []
-        for i, t in enumerate(turns):
-            images = (carried if i == 0 else []) + t.images
-            messages += [Message("user", t.question, images), Message("assistant", t.answer)]
+        for t in turns:
+            messages += [Message("user", t.question, list(t.images)), Message("assistant", t.answer)]
         return messages
 
     def _flatten(self, segments, lane: str = "large"):

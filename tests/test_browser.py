@@ -26,7 +26,7 @@ def url(tiny_ov, tiny_ov_large):
     demo = app.build_demo(tiny_ov_large, banner="**Offline demo:** tiny random-weight models; answers are random "
                           "text until real weights are available.", max_new_tokens=24, small=tiny_ov)
     demo.queue(default_concurrency_limit=1)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", css=app.CSS)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
     yield local_url
     demo.close()
 
@@ -71,5 +71,45 @@ def test_upload_ask_and_see_the_selection(url, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
                 shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+            error_then_keep_chatting(page)
         finally:
             browser.close()
+
+
+def ask(page, text):
+    page.locator("#textbox textarea").fill(text)
+    page.locator("#textbox textarea").press("Enter")
+
+
+def wait_until_textbox_is_back(page):
+    page.wait_for_function("() => !document.querySelector('#textbox textarea').disabled", timeout=60_000)
+
+
+def error_then_keep_chatting(page):
+    """A refused question, then a request that fails inside Gradio (the browser sends a broken chat
+    history): each time the message shows and the textbox comes back, and the chat goes on."""
+    bots = page.locator("#chatbot .message.bot")
+    ask(page, "why " * 2500)  # 10,000 characters: over the limit
+    page.wait_for_function("() => [...document.querySelectorAll('#chatbot .message.bot')].pop().innerText"
+                           ".includes('limit is 8,000')", timeout=60_000)
+    wait_until_textbox_is_back(page)
+
+    def corrupt(route):  # the answer request for "BREAK" carries a chat history Gradio cannot read
+        body = route.request.post_data or ""
+        if "BREAK" in body and '"fn_index"' in body:
+            import json
+            data = json.loads(body)
+            data["data"][0] = "not a chat history"
+            return route.continue_(post_data=json.dumps(data))
+        return route.continue_()
+
+    page.route("**/queue/join*", corrupt)
+    ask(page, "BREAK")
+    page.wait_for_timeout(500)
+    wait_until_textbox_is_back(page)  # the answer failed in Gradio: .failure gave the textbox back
+    page.unroute("**/queue/join*")
+    stats = page.locator("#stats").inner_text()
+    ask(page, "Still there?")
+    page.wait_for_function("(old) => document.querySelector('#stats').innerText !== old", arg=stats, timeout=60_000)
+    wait_until_textbox_is_back(page)
+    assert bots.last.inner_text().strip() and "⚠️" not in bots.last.inner_text()

@@ -108,7 +108,10 @@ def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
     assert calls[:run] == [2] * run and all(c == 0 for c in calls[run:])
     if tiny_vlm.adapter.family == "llava":
         assert run == len(layers) - 1  # feature layer -2: the last layer never runs
-    assert n_crops >= 1
+        assert n_crops == 1  # one 336 px centre crop
+    else:  # the base image and the anyres tiles the processor chose for this 451x300 photo
+        rows, cols = tiny_vlm.adapter.prepare(photo).tile_grid
+        assert (rows, cols) == (1, 2) and n_crops == 1 + rows * cols
 
 
 def test_text_only_and_stats(tiny_llava):

@@ -4,6 +4,7 @@ and the selection/merge rules written out with plain Python loops."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import InputError, encode_image
 from pipeline.models import resolve
@@ -113,16 +114,31 @@ def test_budget_larger_than_grid_is_refused(tiny_llava, photo):
         encode_image(tiny_llava, photo, "visionzip", 0, 10)
 
 
+def crop_pixels(image, box, side):
+    """What the processor should have fed the tower for a crop with this box: the box cut from the
+    original, resized to side x side (bicubic, as LLaVA-OneVision's processor) and normalised to
+    [-1, 1]; plus the mask of the pixels that lie on the image (the rest is the processor's padding)."""
+    x0, y0, x1, y1 = box
+    cut = image.crop((round(x0), round(y0), round(x1), round(y1))).resize((side, side), Image.BICUBIC)
+    xs = x0 + (np.arange(side) + 0.5) / side * (x1 - x0)
+    ys = y0 + (np.arange(side) + 0.5) / side * (y1 - y0)
+    on_image = (xs[None, :] >= 1) & (xs[None, :] < image.width - 1) & (ys[:, None] >= 1) & (ys[:, None] < image.height - 1)
+    return np.asarray(cut, dtype=np.float32) / 127.5 - 1, on_image
+
+
 def test_crop_boxes_match_anyres_preprocessing(tiny_ov, photo):
-    """Each tile's box, cut from the original and resized, reproduces the processor's pixels."""
-    comp = encode_image(tiny_ov, photo, "visionzip", 54, 10)
+    """Each crop's box, cut from the original and resized, reproduces the processor's pixels: the
+    maps draw every crop where the model's input really came from."""
     prepared = tiny_ov.adapter.prepare(photo)
     rows, cols = prepared.tile_grid
-    assert len(comp.crops) == 1 + rows * cols
-    w, h = photo.size
-    x0s = sorted({round(c.box[0], 3) for c in comp.crops[1:]})
-    assert len(x0s) == cols
-    # tiles tile the padded canvas: consecutive boxes touch, and together they cover the image
-    assert min(c.box[0] for c in comp.crops[1:]) <= 0 and max(c.box[2] for c in comp.crops[1:]) >= w - 1
-    assert min(c.box[1] for c in comp.crops[1:]) <= 0 and max(c.box[3] for c in comp.crops[1:]) >= h - 1
-    assert comp.crops[0].box == (0, 0, w, h)
+    assert len(prepared.crops) == 1 + rows * cols > 2
+    assert prepared.crops[0].box == (0, 0, photo.width, photo.height)
+    for i, crop in enumerate(prepared.crops):
+        expected, on_image = crop_pixels(photo, crop.box, 384)
+        got = prepared.pixel_values[i].permute(1, 2, 0).numpy()
+        assert on_image.mean() > 0.5
+        assert np.abs(expected - got)[on_image].mean() < 0.03, i  # resampling differences only
+        if i:  # and a box a tenth of a tile off would not pass
+            x0, y0, x1, y1 = crop.box
+            shifted, mask = crop_pixels(photo, (x0 + (x1 - x0) / 10, y0, x1 + (x1 - x0) / 10, y1), 384)
+            assert np.abs(shifted - got)[mask & on_image].mean() > 0.06

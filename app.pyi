@@ -1,0 +1,414 @@
+"""zipchat: chat about an image while seeing which visual tokens the language model gets.
+
+Gradio UI only: components, event wiring and launch flags. All model work is in `pipeline/`.
+Run `python app.py --help` for the flags.
+
+The per-tab state is plain data (pipeline.ChatState: the conversation, images, compressed
+features on the CPU, settings). Models are loaded once at startup and looked up by name; the
+handlers that run a model are wrapped in `spaces.GPU` when the `spaces` package is installed, take
+the state and return (or yield, last) the updated state, because on ZeroGPU they run in another
+process. KV caches live in a process-local store keyed by session: a speed-up only.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+try:  # Hugging Face ZeroGPU: imported before torch, as the `spaces` package asks
+    import spaces
+except ImportError:
+    spaces = None
+import gradio as gr  # noqa: E402
+
+from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
+from pipeline.heatmap import render_importance, render_scores, render_selection  # noqa: E402
+from pipeline.models import default_preset  # noqa: E402
+from pipeline.stopflag import StopFlag  # noqa: E402
+from pipeline.visionzip import BUDGETS  # noqa: E402
+
+log = logging.getLogger("zipchat")
+ASSETS = Path(__file__).resolve().parent / "assets"
+METHOD_NAMES = {"Full": "full", "VisionZip": "visionzip", "SGL": "sgl"}
+SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
+CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else None
+NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
+
+
+def gpu(duration):
+    """`spaces.GPU(duration=...)` where the `spaces` package is installed (a no-op off ZeroGPU)."""
+    if spaces is None:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+from gradio.events import Dependency
+
+class Slider(gr.Slider):
+    """gr.Slider whose value may be missing in an API call: None reaches the handler, which says what
+    is wrong, instead of failing inside Gradio's preprocessing with a TypeError. Drawn as a slider."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return None if payload is None else super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+@dataclass
+class AppState:
+    """One browser tab: the conversation's plain state and the question waiting for an answer."""
+    chat: ChatState
+    question: str | None = None
+
+
+def load_models(name: str, small_name: str | None = "auto", dtype=None):
+    """-> (large vlm, small vlm or None, banner or None). Without weights, start on the tiny
+    models of the same family (tiny-ov-large guided by tiny-ov-small for OneVision)."""
+    banner = None
+    try:
+        vlm = load_vlm(name, dtype=dtype)
+    except ModelUnavailable as e:
+        tiny = "tiny-llava" if "1.5" in name or name == "tiny-llava" else "tiny-ov-large"
+        print(f"[zipchat] {e}\n[zipchat] Starting on the offline tiny model '{tiny}' instead. To use real weights, "
+              f"run `hf download <repo>` with network (presets: pipeline/models.py) and start again, "
+              f"or pass --model /path/to/local/checkpoint.", file=sys.stderr)
+        banner = (f"**Offline demo:** '{name}' could not be loaded, so this runs `{tiny}`, a tiny model with "
+                  "random weights. Its answers are random text until real weights are available; the compression, "
+                  "heatmaps and timings are real.")
+        vlm, name = load_vlm(tiny), tiny
+    if small_name == "auto":
+        small_name = SGL_PAIRS.get(name)
+    small = None
+    if small_name:
+        try:
+            small = load_vlm(small_name, dtype=dtype)
+        except ModelUnavailable as e:
+            print(f"[zipchat] SGL disabled: {e}", file=sys.stderr)
+    return vlm, small, banner
+
+
+def format_stats(t) -> str:
+    if t is None:
+        return "_Ask a question to see timings._"
+    reuse = "yes" if t.cache_reused else "no"
+    image = "re-used (compressed once)" if t.visual_tokens and not t.images_encoded else f"{t.images_encoded} encoded"
+    rows = [
+        ("model", f"{t.model_used} ({t.method})"),
+        ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}"),
+        ("prompt tokens (computed this turn)", f"{t.prompt_tokens} ({t.prefill_tokens})"),
+        ("time to first token", f"{t.ttft_s * 1000:.0f} ms"),
+        ("image encode + compress", f"{t.encode_s * 1000:.0f} ms"),
+        ("prefill", f"{t.prefill_s * 1000:.0f} ms"),
+        ("decode", f"{t.new_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s" + (" (stopped)" if t.stopped else "")),
+        ("KV cache reused / size", f"{reuse} / {t.kv_cache_bytes / 1e6:.1f} MB"),
+        ("image", image),
+        ("device", f"{t.device}, {t.dtype}"),
+    ]
+    if t.dropped_turns:
+        rows.append(("context window", f"{t.context_window} tokens: the oldest {t.dropped_turns} turn(s) left out"))
+    if t.guidance is not None:
+        g, ms = t.guidance, {k: v * 1000 for k, v in t.timings.items() if k.endswith("_s")}
+        threshold = "off" if g.threshold is None else f"{g.threshold:.2f}"
+        rows[1:1] = [
+            ("SGL: answered by", f"{t.model_used} ({'early exit' if t.early_exit else 'large model, pruned'})"),
+            ("SGL: exit score (threshold)", f"{g.score:.3f} = ({g.confidence:.3f} + {g.consistency:.3f}) / 2 ({threshold})"),
+            ("SGL: large model keeps", f"{len(g.kept)} of {len(g.importance)} visual tokens from layer {g.prune_layer}"),
+            ("SGL: small model", f"{ms.get('small_answer_s', 0):.0f} ms answer + {ms.get('small_score_s', 0):.0f} ms score"
+                                 + (", its KV cache reused" if t.timings.get("small_cache_reused") else "")),
+            ("SGL: large model", f"{ms['large_s']:.0f} ms" if "large_s" in ms else "not run"),
+        ]
+    return "| turn stat | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def format_compare(results: list) -> str:
+    """Markdown table, one column per method: [(method, answer, TurnStats)]."""
+    rows = [("visual tokens", lambda t: t.visual_tokens), ("prompt tokens", lambda t: t.prompt_tokens),
+            ("time to first token", lambda t: f"{t.ttft_s * 1000:.0f} ms"),
+            ("prefill", lambda t: f"{t.prefill_s * 1000:.0f} ms"),
+            ("decode", lambda t: f"{t.decode_tok_per_s:.1f} tok/s")]
+    head = "| | " + " | ".join(m for m, _, _ in results) + " |\n|---|" + "---|" * len(results) + "\n"
+    return head + "\n".join(f"| {name} | " + " | ".join(str(f(t)) for _, _, t in results) + " |" for name, f in rows)
+
+
+def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip) -> dict:
+    """The UI's (or an API call's) settings as ChatSession.set_method arguments; the numbers are
+    checked there. Anything that is not one of the offered choices is refused with a message."""
+    if method not in METHOD_NAMES:
+        raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHOD_NAMES)}.")
+    for name, flag in (("early exit", exit_on), ("both models see VisionZip tokens", sgl_zip)):
+        if not isinstance(flag, bool):
+            raise InputError(f"'{name}' must be true or false (got {flag!r}).")
+    return dict(method=METHOD_NAMES[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
+                prune_layer=prune_layer, early_exit=threshold if exit_on else None,
+                sgl_tokens="visionzip" if sgl_zip else "full")
+
+
+def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
+    """A ZeroGPU slot that fits the work: short for a follow-up question, longer when images must be
+    encoded first, for a 7B+ model, for SGL's two models, and per answer compared."""
+    if state is None:
+        return 10
+    s = state.chat.settings
+    seconds = 15 + (15 if big else 0) + s.max_new_tokens // (8 if big else 20)
+    if state.chat.pending:
+        seconds += 30 if big else 10
+    if s.method == "sgl":
+        seconds += 20
+    return min(300, seconds * answers)
+
+
+def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
+               small=None, session_options: dict | None = None) -> gr.Blocks:
+    models = {m.name: m for m in (vlm, small) if m is not None}
+    kv = KVStore()  # this process's KV caches, keyed by session
+    big = max(sum(p.numel() for p in m.model.parameters()) for m in models.values()) > 3e9
+    options = session_options or {}
+
+    def session_for(state: AppState) -> ChatSession:
+        return ChatSession.resume(state.chat, models, kv=kv, **options)
+
+    def new_state(settings: dict) -> AppState:
+        session = ChatSession(vlm, small=small, max_new_tokens=max_new_tokens, kv=kv, **settings, **options)
+        return AppState(session.state)
+
+    def views(session: ChatSession | None):
+        """(selection map, score map, importance map, caption) of the latest image. No model runs here."""
+        view = session.current_view(compress=False) if session else None
+        if view is None:
+            return None, None, gr.update(value=None, visible=False), NO_IMAGE
+        image, comp = view
+        guidance = session.guidance_view()
+        importance = render_importance(*guidance) if guidance else None  # shown after an SGL turn only
+        return (render_selection(image, comp), render_scores(image, comp),
+                gr.update(value=importance, visible=importance is not None), comp.caption())
+
+    def add_message(history, message, state, *settings):
+        """Checks the upload and the question and queues them; no model runs here."""
+        history = list(history or [])
+        message = message if isinstance(message, dict) else {"text": message}
+        files, text = message.get("files") or [], message.get("text") or ""
+        try:
+            config = settings_from(*settings)
+            if state is None:
+                state = new_state(config)
+            else:
+                session_for(state).set_method(**config)
+            if not isinstance(files, list) or not isinstance(text, str):
+                raise InputError("A message is {'text': str, 'files': [paths]}.")
+        except InputError as e:  # the message stays in the textbox, to send again
+            history.append({"role": "assistant", "content": f"⚠️ {e}"})
+            return history, gr.update(interactive=False), state
+        session = session_for(state)
+        for f in files:
+            path = f.get("path") if isinstance(f, dict) else f
+            try:
+                session.add_image(path, compress=False)
+                history.append({"role": "user", "content": {"path": path}})
+            except InputError as e:
+                history.append({"role": "assistant", "content": f"⚠️ {e}"})
+        text = text.strip()
+        state.question = text or None
+        if text:
+            history.append({"role": "user", "content": text})
+        elif not files:
+            history.append({"role": "assistant", "content": "⚠️ Please type a question."})
+        return history, gr.update(value=None, interactive=False), state
+
+    @gpu(duration=lambda history, state: gpu_seconds(state, big))
+    def respond(history, state):
+        """Encodes new images, streams the answer, and yields the updated state last."""
+        history = list(history or [])
+        skip = (gr.skip(),) * 6
+        if state is None or (state.question is None and not state.chat.pending):
+            yield history, *skip
+            return
+        session = session_for(state)
+        question, state.question = state.question, None
+        answer = {"role": "assistant", "content": ""}
+        history.append(answer)
+        try:
+            if question is None:  # images without a question: encode them so the maps show
+                comp = [session.compression(key) for key in state.chat.pending][-1]
+                answer["content"] = f"Got it: {comp.caption()}. Now ask a question about the image."
+            else:
+                for delta in session.ask_stream(question):
+                    answer["content"] += delta
+                    yield history, *skip
+                answer["content"] = answer["content"] or "(empty answer)"
+                if not state.chat.images and len(state.chat.turns) == 1:
+                    history.append({"role": "assistant", "content": "ℹ️ No image in this conversation yet: "
+                                    "attach one with the 📎 button to see which visual tokens the model gets."})
+        except Exception as e:
+            if not isinstance(e, InputError):  # a failure must not leave the tab stuck: say it, keep the state
+                log.exception("answer failed")
+            message = f"⚠️ {e}" if isinstance(e, InputError) else f"⚠️ Something went wrong: {type(e).__name__}: {e}"
+            if answer["content"]:
+                history.append({"role": "assistant", "content": message})
+            else:
+                answer["content"] = message
+        yield history, state, format_stats(state.chat.last_turn), *views(session)
+
+    def unlock():
+        return gr.update(interactive=True)
+
+    def stop(state):
+        if state is not None:
+            StopFlag(state.chat.session_id).set()  # the answering process ends after its current token
+
+    @gpu(duration=lambda state: 30 if big else 15)
+    def compress_latest(state: AppState) -> AppState:
+        """Encodes the latest image for the current settings (for the maps)."""
+        session_for(state).current_view()
+        return state
+
+    def apply_settings(state, *settings):
+        if state is None:
+            return state, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        session = session_for(state)
+        try:
+            session.set_method(**settings_from(*settings))
+        except InputError as e:
+            gr.Warning(str(e))
+            s = state.chat.settings
+            return (state, gr.skip(), gr.skip(), gr.skip(),
+                    f"⚠️ Not applied: {e} Still using {s.method} ({s.dominant} + {s.contextual}).")
+        if state.chat.last_image_key is not None and session.current_view(compress=False) is None:
+            state = compress_latest(state)
+            session = session_for(state)
+        return state, *views(session)
+
+    def pick_budget(total):
+        if total not in BUDGETS:
+            return gr.skip(), gr.skip()
+        return BUDGETS[total]
+
+    @gpu(duration=lambda state: gpu_seconds(state, big, answers=2))
+    def compare_answers(state):
+        if state is None or not state.chat.turns:
+            return "_Ask a question first, then compare it with the full model._", "", ""
+        try:
+            results = compare(session_for(state))
+        except InputError as e:
+            return f"⚠️ {e}", "", ""
+        (m1, a1, _), (m2, a2, _) = results
+        return format_compare(results), f"**{m1}:** {a1}", f"**{m2}:** {a2}"
+
+    def clear(state):
+        if state is not None:
+            kv.drop(state.chat.session_id)
+        return ([], None, gr.update(value=None, interactive=True), None, None, gr.update(value=None, visible=False),
+                NO_IMAGE, format_stats(None), "", "", "")
+
+    with gr.Blocks(title="zipchat", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("# zipchat\nChat about an image. **VisionZip** keeps the few visual tokens that matter "
+                    "(dominant tokens by attention, the rest merged into contextual tokens); the maps on the right "
+                    f"show which. Model: `{vlm.describe()}`.")
+        if banner:
+            gr.Markdown(banner, elem_id="offline-banner", elem_classes=["banner"])
+        state = gr.State(None, time_to_live=SESSION_TTL_S,
+                         delete_callback=lambda s: s is not None and kv.drop(s.chat.session_id))
+        with gr.Row():
+            with gr.Column(scale=5):
+                chatbot = gr.Chatbot(elem_id="chatbot", height=520, buttons=["copy"])
+                textbox = gr.MultimodalTextbox(
+                    file_types=["image"], file_count="multiple", sources=["upload"], elem_id="textbox",
+                    placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
+                with gr.Row():
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear_btn = gr.Button("Clear", elem_id="clear")
+                    compare_btn = gr.Button("Compare with full", elem_id="compare")
+                with gr.Accordion("Method", open=True):
+                    choices = [k for k, v in METHOD_NAMES.items() if v != "sgl" or small is not None]
+                    method = gr.Radio(choices, value={v: k for k, v in METHOD_NAMES.items()}[method_default],
+                                      label="Visual tokens", elem_id="method")
+                    budget = gr.Radio([64, 128, 192], value=64, label="Budget per crop (dominant + contextual)")
+                    with gr.Row():
+                        dominant = Slider(1, 729, value=54, step=1, label="dominant (CLS counts as one)",
+                                             elem_id="dominant")
+                        contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
+                sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
+                            "part-way through its layers, or is skipped when the small model is confident."
+                            if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
+                with gr.Accordion("SGL: a small model guides the large one", open=small is not None):
+                    gr.Markdown(sgl_note)
+                    with gr.Row():
+                        keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
+                                               interactive=small is not None, elem_id="keep_ratio")
+                        prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
+                                                interactive=small is not None, elem_id="prune_layer")
+                    with gr.Row():
+                        exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None,
+                                              elem_id="exit_on")
+                        threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
+                                              interactive=small is not None, elem_id="threshold")
+                        sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
+                                              interactive=small is not None, elem_id="sgl_zip")
+            with gr.Column(scale=4):
+                caption = gr.Markdown(NO_IMAGE, elem_id="caption")
+                selection_map = gr.Image(label="Selection: dominant (outlined) and contextual groups (tinted)",
+                                         type="pil", interactive=False, elem_id="selection-map")
+                score_map = gr.Image(label="Selection score (attention)", type="pil", interactive=False,
+                                     elem_id="score-map")
+                importance_map = gr.Image(label="SGL: small model's importance (kept tokens outlined)", type="pil",
+                                          interactive=False, elem_id="importance-map", visible=False)
+                stats = gr.Markdown(format_stats(None), elem_id="stats")
+        with gr.Row():
+            compare_table = gr.Markdown(elem_id="compare-table")
+            compare_method = gr.Markdown(elem_id="compare-method")
+            compare_full = gr.Markdown(elem_id="compare-full")
+        examples = json.loads((ASSETS / "examples.json").read_text())
+        gr.Examples([[{"text": e["question"], "files": [str(ASSETS / e["image"])]}] for e in examples],
+                    inputs=[textbox], label="Examples")
+
+        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip]
+        maps = [selection_map, score_map, importance_map, caption]
+        submitted = textbox.submit(add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state],
+                                   queue=False, api_name="add_message")
+        answering = submitted.then(respond, [chatbot, state], [chatbot, state, stats, *maps], api_name="respond")
+        answering.then(unlock, None, [textbox], api_name=False)
+        stop_btn.click(stop, state, None, queue=False, api_name="stop")
+        budget.change(pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
+        for control in settings:
+            control.change(apply_settings, [state, *settings], [state, *maps], api_name=f"settings_{control.elem_id}")
+        compare_btn.click(compare_answers, state, [compare_table, compare_method, compare_full], api_name="compare")
+        clear_btn.click(clear, state, [chatbot, state, textbox, *maps, stats, compare_table, compare_method,
+                                       compare_full], queue=False, api_name="clear")
+    return demo
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="zipchat: VisionZip chat about images")
+    env = os.environ.get  # a Space runs `python app.py` with no arguments: its variables set the defaults
+    parser.add_argument("--model", default=env("ZIPCHAT_MODEL"),
+                        help="preset, hub id or local directory (default: $ZIPCHAT_MODEL, else by hardware)")
+    parser.add_argument("--small-model", default=env("ZIPCHAT_SMALL_MODEL", "auto"),
+                        help="small model for SGL; 'auto' picks the preset's partner (llava-ov-7b -> llava-ov-0.5b), "
+                             "'' disables SGL (default: $ZIPCHAT_SMALL_MODEL, else auto)")
+    parser.add_argument("--method", default=env("ZIPCHAT_METHOD", "visionzip"), choices=["full", "visionzip", "sgl"])
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; Spaces set 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                        help="port (default: $GRADIO_SERVER_PORT, else 7860)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--max-new-tokens", type=int, default=int(env("ZIPCHAT_MAX_NEW_TOKENS") or 256))
+    parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[zipchat] %(message)s")
+    vlm, small, banner = load_models(args.model or default_preset(), args.small_model)
+    if args.method == "sgl" and small is None:
+        parser.error("--method sgl needs a small model (--small-model)")
+    demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
+                      session_options={"stop_at_eos": False} if args.ignore_eos else None)
+    demo.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="25mb", css=CSS)
+
+
+if __name__ == "__main__":
+    main()
