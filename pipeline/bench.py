@@ -34,7 +34,7 @@ from .kvstore import cache_nbytes
 from .models import default_device_dtype, load_vlm
 from .session import ChatSession
 from .state import Turn
-from .vision import attention_statistics, run_vision_tower
+from .families.llava_common import attention_statistics, run_tower
 from .visionzip import select
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -156,7 +156,8 @@ def row_encode(args, clock, hw) -> list:
     """1-2: CLIP-L/336 tower up to layer -2 + VisionZip vs the reference-style encode."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .arch import CLIP_L_336, shrink
+    from .arch import shrink
+    from .families.llava import CLIP_L_336
     shape = shrink(CLIP_L_336) if args.quick else CLIP_L_336
     if args.smoke:
         shape = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
@@ -176,8 +177,8 @@ def row_encode(args, clock, hw) -> list:
 
     @torch.inference_mode()
     def ours():
-        out = run_vision_tower(tower, pixels, run, has_cls=True, with_attention=True)
-        return select(out.features[0], out.scores[0], out.keys[0], 54, 10, True)
+        out = run_tower(tower, pixels, run, has_cls=True, with_stats=True)
+        return select(out.units[0], out.scores[0], out.keys[0], 54, 10, True)
 
     @torch.inference_mode()
     def original_style():
@@ -204,7 +205,7 @@ def row_encode(args, clock, hw) -> list:
                                            with_kwargs=True)
     ours()
     hook.remove()
-    feats = run_vision_tower(tower, pixels, run, has_cls=True, with_attention=False).features[0]
+    feats = run_tower(tower, pixels, run, has_cls=True, with_stats=False).units[0]
 
     @torch.inference_mode()
     def selection_only():

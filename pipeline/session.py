@@ -155,8 +155,7 @@ class ChatSession:
         temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
         top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
         if (sgl_tokens if method == "sgl" else method) != "full":
-            grid = self.vlm.adapter.grid
-            check_budget(dominant, contextual, grid[0] * grid[1] + self.vlm.adapter.has_cls, self.vlm.adapter.has_cls)
+            check_budget(dominant, contextual, self.vlm.family.units_per_crop, self.vlm.family.has_cls)
         self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
                                       keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
                                       sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,

@@ -16,7 +16,6 @@ The importance is read without eager attention: per-instance hooks capture each 
 cache, so only the needed rows softmax(q K^T / sqrt(d)) are computed.
 """
 
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -92,6 +91,7 @@ class ImportanceCapture:
 
     def __init__(self, vlm, cache, visual: torch.Tensor, after: int):
         self.layers = vlm.language_model.layers
+        self.family = vlm.family
         self.cache = cache
         self.visual = visual
         self.after = after
@@ -100,8 +100,7 @@ class ImportanceCapture:
         self._q, self._rope, self._hooks = {}, {}, []
 
     def __enter__(self):
-        attn = self.layers[0].self_attn
-        self._rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb  # Llama / Qwen2
+        self._rotary = self.family.rotary(self.layers[0].self_attn)  # as the layer itself rotates its queries
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             self._hooks.append(attn.register_forward_pre_hook(self._save_rope(i), with_kwargs=True))

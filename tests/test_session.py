@@ -6,7 +6,7 @@ import torch
 
 from pipeline import ChatSession, Turn, compare_with_full
 from pipeline.generate import embed
-from pipeline.vision import encoder_layers
+from pipeline.families.llava_common import encoder_layers
 
 
 def prompt(session, question):
@@ -82,7 +82,7 @@ def test_visionzip_turn_equals_generate_on_embeddings(tiny_vlm, photo):
 
 
 def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
-    layers = encoder_layers(tiny_vlm.vision_tower)
+    layers = encoder_layers(tiny_vlm.family.tower(tiny_vlm.model))
     calls = [0] * len(layers)
     hooks = [layer.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
              for k, layer in enumerate(layers)]
@@ -103,14 +103,14 @@ def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
     finally:
         for h in hooks:
             h.remove()
-    run = tiny_vlm.adapter.num_layers_to_run
+    run = tiny_vlm.family.num_layers_to_run
     # vision layers run batched over crops: one call per layer per encode
     assert calls[:run] == [2] * run and all(c == 0 for c in calls[run:])
-    if tiny_vlm.adapter.family == "llava":
+    if tiny_vlm.family.name == "llava":
         assert run == len(layers) - 1  # feature layer -2: the last layer never runs
         assert n_crops == 1  # one 336 px centre crop
     else:  # the base image and the anyres tiles the processor chose for this 451x300 photo
-        rows, cols = tiny_vlm.adapter.prepare(photo).tile_grid
+        rows, cols = tiny_vlm.family.prepare(photo).tile_grid
         assert (rows, cols) == (1, 2) and n_crops == 1 + rows * cols
 
 

@@ -23,7 +23,7 @@ def eager_reference(vlm, image, dominant, contextual):
     keys = {}
     hook = body.encoder.layers[layer_idx].self_attn.k_proj.register_forward_hook(
         lambda m, i, o: keys.__setitem__("k", o))
-    pixel_values = vlm.adapter.prepare(image).pixel_values
+    pixel_values = vlm.family.prepare(image).pixel_values
     with torch.no_grad():
         out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
     hook.remove()
@@ -31,7 +31,7 @@ def eager_reference(vlm, image, dominant, contextual):
     attn = out.attentions[layer_idx]  # (crops, H, T, T)
     heads = attn.shape[1]
     K = keys["k"].view(X.shape[0], X.shape[1], heads, -1).mean(2)  # (crops, T, d)
-    has_cls = vlm.adapter.has_cls
+    has_cls = vlm.family.has_cls
     results = []
     for c in range(X.shape[0]):
         T = X.shape[1]
@@ -71,10 +71,10 @@ def test_visionzip_matches_brute_force(name, photo, request):
     comp = encode_image(vlm, photo, "visionzip", dominant, contextual)
     reference, eager = eager_reference(vlm, photo, dominant, contextual)
     assert len(comp.crops) == len(reference)
-    offset = 1 if vlm.adapter.has_cls else 0
+    offset = 1 if vlm.family.has_cls else 0
     budget = dominant + contextual
     for c, (crop, (dom, groups, tokens, score)) in enumerate(zip(comp.crops, reference)):
-        assert crop.includes_cls == vlm.adapter.has_cls
+        assert crop.includes_cls == vlm.family.has_cls
         expected_patches = [j - offset for j in dom if j >= offset]
         assert crop.dominant.tolist() == expected_patches
         assert len(crop.dominant) + crop.includes_cls == dominant
@@ -129,7 +129,7 @@ def crop_pixels(image, box, side):
 def test_crop_boxes_match_anyres_preprocessing(tiny_ov, photo):
     """Each crop's box, cut from the original and resized, reproduces the processor's pixels: the
     maps draw every crop where the model's input really came from."""
-    prepared = tiny_ov.adapter.prepare(photo)
+    prepared = tiny_ov.family.prepare(photo)
     rows, cols = prepared.tile_grid
     assert len(prepared.crops) == 1 + rows * cols > 2
     assert prepared.crops[0].box == (0, 0, photo.width, photo.height)

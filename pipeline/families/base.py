@@ -1,0 +1,120 @@
+"""What a model family is to the rest of zipchat: the interface every family module implements.
+
+A family turns an image into crops (each with its box on the original image and its grid of
+units), runs the vision tower to the feature layer while reading the one attention statistic
+VisionZip needs, projects selected units into the language model's space, and gives transformers'
+own features for the uncompressed image. It also names its checkpoints, its chat template copy,
+its tiny and architecture configs, and the rotary function SGL's hooks need. Nothing outside the
+family module touches that family's transformers internals.
+
+A *unit* is one token the LLM receives for an image: a patch (CLIP, SigLIP) or a merged token
+(InternVL's pixel shuffle). VisionZip selects units.
+"""
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Crop:
+    """One input of the vision tower and where it came from on the original image."""
+    box: tuple  # (x0, y0, x1, y1) in original-image pixels
+    grid: tuple  # (rows, cols) of units
+
+
+@dataclass
+class Prepared:
+    pixel_values: torch.Tensor  # (num_crops, 3, S, S)
+    crops: list  # list[Crop], same order as pixel_values
+    image_size: tuple  # (height, width) of the original image
+    tile_grid: tuple = (1, 1)  # (rows, cols) of tiles, the base image or thumbnail excluded
+    extra: dict = field(default_factory=dict)  # what the family's own processing needs again
+
+
+@dataclass
+class VisionOutput:
+    units: torch.Tensor  # (crops, U, C) projector inputs of the selectable units (CLS first when has_cls)
+    scores: torch.Tensor | None = None  # (crops, U) attention statistic per unit
+    keys: torch.Tensor | None = None  # (crops, U, d) keys per unit, averaged over heads (not normalised)
+
+
+class Family:
+    name: str  # short name, e.g. "llava"
+    model_type: str  # config.model_type of its checkpoints
+    model_class: type  # the transformers class
+    has_cls: bool  # the CLS token is a selectable unit (counted as a dominant token)
+    chat_template: str  # a copy of the checkpoints' template, for checkpoints that ship none
+    stop_strings: tuple  # end-of-turn tokens besides EOS
+    presets: dict = {}  # preset name -> hub repository
+    sgl_pairs: dict = {}  # large preset -> small preset of the same visual layout
+    tiny: dict = {}  # tiny preset name -> spec (see tiny.py)
+    arch: dict = {}  # architecture preset name -> (vision shape, text shape)
+    tiny_special_tokens: dict = {}  # tiny tokenizer: role ("bos_token", ...) -> token, plus "extra" tokens
+    # The ordered tokens an image contributes for every placeholder the template emits: the units in
+    # the middle, and markers around them where the family has them (InternVL's <img> ... </img>).
+    image_start: str | None = None
+    image_end: str | None = None
+
+    def __init__(self, config, image_processor, tokenizer):
+        self.config = config
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+
+    # ---- vision ------------------------------------------------------------------------------------
+    @property
+    def units_per_crop(self) -> int:
+        """Selectable units of one crop (CLS included when it is one): the largest VisionZip budget."""
+        raise NotImplementedError
+
+    def prepare(self, image) -> Prepared:
+        raise NotImplementedError
+
+    def encode(self, model, prepared: Prepared, with_stats: bool) -> VisionOutput:
+        """Run the tower to the feature layer (SDPA everywhere, nothing after it); with `with_stats`
+        also the unit scores and keys, computed from the captured input of the feature layer."""
+        raise NotImplementedError
+
+    def project(self, model, units: torch.Tensor) -> torch.Tensor:
+        """(crops, k, C) selected units -> (crops, k, D) tokens for the LLM."""
+        raise NotImplementedError
+
+    def encode_full(self, model, prepared: Prepared) -> torch.Tensor:
+        """(N, D): transformers' own image features for the LLM, uncompressed."""
+        raise NotImplementedError
+
+    def full_token_map(self, model, prepared: Prepared) -> np.ndarray:
+        """(N, 3) crop, unit (-1: CLS, newline), -1 for every token of `encode_full`, in order."""
+        raise NotImplementedError
+
+    # ---- language model ----------------------------------------------------------------------------
+    def image_ids(self, n: int, image_token_id: int) -> list:
+        """The ids one image with `n` visual tokens puts in the prompt (features go where the id is
+        image_token_id)."""
+        ids = [image_token_id] * n
+        start = [self.tokenizer.convert_tokens_to_ids(self.image_start)] if self.image_start else []
+        end = [self.tokenizer.convert_tokens_to_ids(self.image_end)] if self.image_end else []
+        return start + ids + end
+
+    def rotary(self, attention_module):
+        """The function that rotates queries (and keys) in this attention module, as it does itself:
+        (q, k, cos, sin) -> (q, k). SGL's hooks use it to read the queries the layer really uses."""
+        return importlib.import_module(type(attention_module).__module__).apply_rotary_pos_emb
+
+    # ---- tiny and architecture models --------------------------------------------------------------
+    @classmethod
+    def tiny_model(cls, spec: dict, tokenizer, text: dict):
+        """-> (model, image processor) with random weights; `text` has the LLM's config values."""
+        raise NotImplementedError
+
+    @classmethod
+    def arch_config(cls, vision: dict, text: dict, tokenizer):
+        """-> (config, image processor) of an architecture preset (real shapes)."""
+        raise NotImplementedError
+
+
+def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
+    """Index into hidden_states (0 = embeddings) -> number of encoder layers to run."""
+    return vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
