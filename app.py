@@ -28,7 +28,7 @@ import gradio as gr  # noqa: E402
 from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
 from pipeline.heatmap import render_importance, render_scores, render_selection  # noqa: E402
 from pipeline.kvstore import default_budget  # noqa: E402
-from pipeline.models import default_preset  # noqa: E402
+from pipeline.models import default_preset, offline_twin  # noqa: E402
 from pipeline.stopflag import StopFlag  # noqa: E402
 from pipeline.visionzip import BUDGETS  # noqa: E402
 
@@ -63,14 +63,14 @@ class AppState:
     question: str | None = None
 
 
-def load_models(name: str, small_name: str | None = "auto", dtype=None):
+def load_models(name: str, small_name: str | None = "auto", dtype=None, device_map=None):
     """-> (large vlm, small vlm or None, banner or None). Without weights, start on the tiny
     models of the same family (tiny-ov-large guided by tiny-ov-small for OneVision)."""
     banner = None
     try:
-        vlm = load_vlm(name, dtype=dtype)
+        vlm = load_vlm(name, dtype=dtype, device_map=device_map)
     except ModelUnavailable as e:
-        tiny = "tiny-llava" if "1.5" in name or name == "tiny-llava" else "tiny-ov-large"
+        tiny = offline_twin(name)
         print(f"[zipchat] {e}\n[zipchat] Starting on the offline tiny model '{tiny}' instead. To use real weights, "
               f"run `hf download <repo>` with network (presets: pipeline/models.py) and start again, "
               f"or pass --model /path/to/local/checkpoint.", file=sys.stderr)
@@ -83,7 +83,7 @@ def load_models(name: str, small_name: str | None = "auto", dtype=None):
     small = None
     if small_name:
         try:
-            small = load_vlm(small_name, dtype=dtype)
+            small = load_vlm(small_name, dtype=dtype, device_map=device_map)
         except ModelUnavailable as e:
             print(f"[zipchat] SGL disabled: {e}", file=sys.stderr)
     return vlm, small, banner
@@ -330,8 +330,9 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                                       label="Visual tokens", elem_id="method")
                     budget = gr.Radio([64, 128, 192], value=64, label="Budget per crop (dominant + contextual)")
                     with gr.Row():
-                        dominant = Slider(1, 729, value=54, step=1, label="dominant (CLS counts as one)",
-                                             elem_id="dominant")
+                        units = vlm.family.units_per_crop  # the largest budget of one crop
+                        dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
+                                          label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
                         contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
                 sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
                             "part-way through its layers, or is skipped when the small model is confident."
@@ -408,10 +409,12 @@ def main(argv=None):
                         help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("ZIPCHAT_MAX_NEW_TOKENS") or 256))
+    parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
+                        help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[zipchat] %(message)s")
-    vlm, small, banner = load_models(args.model or default_preset(), args.small_model)
+    vlm, small, banner = load_models(args.model or default_preset(), args.small_model, device_map=args.device_map)
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
     demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,

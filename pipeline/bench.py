@@ -6,9 +6,9 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6 (about 15 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10, 11 (about 20 minutes on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
-    python -m pipeline.bench --rows 7,8,9 --device cuda   # the GPU rows (bf16)
+    python -m pipeline.bench --rows 7,8,9,10,11 --device cuda   # the GPU rows (bf16)
 """
 
 import argparse
@@ -140,15 +140,16 @@ def floor_s(cost, hw) -> float | None:
 
 
 SMOKE_MODELS = {"llava-1.5-7b-arch": "tiny-llava", "llava-ov-0.5b-arch": "tiny-ov-small",
-                "llava-ov-7b-arch": "tiny-ov-large"}
+                "llava-ov-7b-arch": "tiny-ov-large", "llava-next-7b-arch": "tiny-next",
+                "internvl3-1b-arch": "tiny-internvl-small", "internvl3-8b-arch": "tiny-internvl-large"}
 
 
-def arch(name: str, args):
-    """The architecture preset, or with --smoke the tiny model of the same layout (a seconds-long
-    run of every row's code, for CI; its numbers mean nothing)."""
+def arch(name: str, args, quick: bool = False):
+    """The architecture preset (`quick`: half width and depth), or with --smoke the tiny model of the
+    same layout (a seconds-long run of every row's code, for CI; its numbers mean nothing)."""
     if args.smoke:
         return load_vlm(SMOKE_MODELS[name], device=args.device, dtype=args.dtype)
-    return load_vlm(name, device=args.device, dtype=args.dtype, quick=args.quick)
+    return load_vlm(name, device=args.device, dtype=args.dtype, quick=args.quick or quick)
 
 
 # ---- rows -----------------------------------------------------------------------------------------
@@ -330,9 +331,9 @@ def row_heatmap(args, clock, vlm) -> Row:
                times, budget, target="<= 1.0")
 
 
-def row_large_prefill(args, clock, hw, row_id, preset, image, what, labels, target) -> Row:
-    """7 and 8: LLM prefill of a 7B preset, VisionZip-64 per crop vs all visual tokens."""
-    vlm = arch(preset, args)
+def row_large_prefill(args, clock, hw, row_id, preset, image, what, labels, target, quick=False) -> Row:
+    """7, 8, 10, 11: LLM prefill of a preset, VisionZip-64 per crop vs all visual tokens."""
+    vlm = arch(preset, args, quick)
     sides = {m: prefill_inputs(ChatSession(vlm, method=m), image) for m in ("visionzip", "full")}
     ta, tb = side_by_side(clock, prefill_timer(vlm, *sides["visionzip"]), prefill_timer(vlm, *sides["full"]),
                           args.repeats)
@@ -354,6 +355,23 @@ def row_ov_7b_anyres(args, clock, hw) -> Row:
     image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))
     return row_large_prefill(args, clock, hw, "8", "llava-ov-7b-arch", image, "1152 px image (1 + 3x3 crops)",
                              ("VisionZip 64/crop", "full anyres"), "<= 0.15")
+
+
+def row_next_anyres(args, clock, hw) -> Row:
+    """10: llava-next-7b-arch at its largest anyres grid (base + 2x2 tiles of 336 px), 64 per crop.
+    On a CPU the half-width, half-depth shapes (a 7B model does not fit in float32 here)."""
+    image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((672, 672))
+    return row_large_prefill(args, clock, hw, "10", "llava-next-7b-arch", image, "672 px image (1 + 2x2 crops)",
+                             ("VisionZip 64/crop", "full anyres"), "<= 0.15", quick=args.device.type == "cpu")
+
+
+def row_internvl(args, clock, hw) -> Row:
+    """11: InternVL3 at 1 + 6 tiles (a 3:2 image: 3x2 tiles of 448 px + thumbnail), 64 vs 256 units per
+    tile: internvl3-8b-arch on a GPU, internvl3-1b-arch (real shapes) on a CPU."""
+    image = Image.open(ASSETS / "coffee.png").convert("RGB").resize((1344, 896))
+    preset = "internvl3-8b-arch" if args.device.type == "cuda" else "internvl3-1b-arch"
+    return row_large_prefill(args, clock, hw, "11", preset, image, "1344x896 image (3x2 tiles + thumbnail)",
+                             ("VisionZip 64/tile", "full (256/tile)"), "<= 0.3")
 
 
 def row_sgl(args, clock, hw) -> list:
@@ -430,7 +448,7 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9" if cuda else "1,2,3,4,5,6")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11" if cuda else "1,2,3,4,5,6,10,11")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -457,7 +475,11 @@ def main(argv=None):
         rows.append(row_ov_7b_anyres(args, clock, hw))
     if wanted & {"9", "9b"}:
         rows += row_sgl(args, clock, hw)
-    rows.sort(key=lambda r: r.id)
+    if "10" in wanted:
+        rows.append(row_next_anyres(args, clock, hw))
+    if "11" in wanted:
+        rows.append(row_internvl(args, clock, hw))
+    rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers
     meta = {

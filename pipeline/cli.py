@@ -21,10 +21,11 @@ def main(argv=None) -> int:
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--device")
     ask.add_argument("--dtype")
+    ask.add_argument("--device-map", help="'auto': accelerate places the model across GPUs (and CPU)")
     args = parser.parse_args(argv)
 
     try:
-        vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+        vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
         session = ChatSession(vlm, method=args.method, dominant=args.dominant, contextual=args.contextual,
                               max_new_tokens=args.max_new_tokens)
         if vlm.is_tiny:

@@ -24,10 +24,14 @@ def group_colours(n: int) -> np.ndarray:
 
 
 def panels(comp):
-    """-> [(title, [crop indices])]: one panel for a single crop, base + tiles for anyres."""
+    """-> [(title, [crop indices])]: one panel for a single crop; else one for the crop(s) showing the
+    whole image (LLaVA's base image, InternVL's thumbnail) and one for the tiles."""
     if len(comp.crops) == 1:
         return [("image", [0])]
-    return [("base image", [0]), (f"{len(comp.crops) - 1} tiles", list(range(1, len(comp.crops))))]
+    h, w = comp.image_size
+    whole = [i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)]
+    tiles = [i for i in range(len(comp.crops)) if i not in whole]
+    return [("whole image", whole), (f"{len(tiles)} tiles", tiles)]
 
 
 def _canvas(image: Image.Image, crops):

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from .arch import ARCH_PRESETS, build_arch_model
 from .chat import ChatFormat, control_ids
 from .errors import ModelUnavailable
-from .families import BY_MODEL_TYPE, FAMILIES
+from .families import BY_MODEL_TYPE, FAMILIES, family_of_preset
 from .tiny import TINY_SPECS, ensure_tiny_model
 
 HUB_PRESETS = {name: repo for f in FAMILIES for name, repo in f.presets.items()}  # -> hub repository
@@ -81,6 +81,13 @@ class VLM:
 def default_preset() -> str:
     """The model to start with on this hardware: a 7B OneVision on a GPU, the 0.5B one on a CPU."""
     return "llava-ov-7b" if torch.cuda.is_available() else "llava-ov-0.5b"
+
+
+def offline_twin(name: str) -> str:
+    """The tiny model standing in for `name` when its weights are unavailable: of the same family (the
+    large model of its tiny SGL pair where it has one), OneVision's for an unknown checkpoint."""
+    family = family_of_preset(name) or BY_MODEL_TYPE["llava_onevision"]
+    return next((large for large in family.sgl_pairs if large in family.tiny), next(iter(family.tiny)))
 
 
 def default_device_dtype(device=None, dtype=None):

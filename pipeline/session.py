@@ -347,7 +347,8 @@ class ChatSession:
         return messages
 
     def _flatten(self, segments, lane: str = "large"):
-        """-> (ids, units, compressions): each image becomes its visual tokens' placeholder ids."""
+        """-> (ids, units, compressions): each image becomes its visual tokens' placeholder ids (and the
+        family's markers around them)."""
         vlm = self.vlm if lane == "large" else self.small
         ids, units, comps = [], [], []
         for kind, value in segments:
@@ -358,9 +359,10 @@ class ChatSession:
             else:
                 comp = self.compression(value, lane)
                 comps.append(comp)
-                units.append(Unit(("i", value) + self._method_key(), len(ids), len(ids) + comp.num_tokens,
+                image_ids = vlm.family.image_ids(comp.num_tokens, vlm.image_token_id)  # markers around, if any
+                units.append(Unit(("i", value) + self._method_key(), len(ids), len(ids) + len(image_ids),
                                   comp.features))
-                ids.extend([vlm.image_token_id] * comp.num_tokens)
+                ids.extend(image_ids)
         return ids, units, comps
 
     def _plain_answer(self, plan: Plan, stats: TurnStats, t0: float, generated: list):

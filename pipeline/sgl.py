@@ -199,8 +199,8 @@ def sgl_answer(session, plan, stats, t0, generated):
     spans, offset = {}, 0
     for u in units:
         if u.features is not None:
-            spans[u.key[1]] = (offset, offset + (u.end - u.start))
-            offset += u.end - u.start
+            spans[u.key[1]] = (offset, offset + len(u.features))
+            offset += len(u.features)
     stats.guidance = Guidance(
         importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
         consistency=consistency, score=score, threshold=threshold, early_exit=exit_now,

@@ -42,9 +42,32 @@ def tiny_ov_large():
     return load_vlm("tiny-ov-large")
 
 
-@pytest.fixture(params=["tiny-llava", "tiny-ov-small"])
+@pytest.fixture(scope="session")
+def tiny_next():
+    from pipeline import load_vlm
+    return load_vlm("tiny-next")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl():
+    from pipeline import load_vlm
+    return load_vlm("tiny-internvl-small")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_large():
+    from pipeline import load_vlm
+    return load_vlm("tiny-internvl-large")
+
+
+FAMILY_FIXTURES = {"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov", "tiny-next": "tiny_next",
+                   "tiny-internvl-small": "tiny_internvl"}
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
 def tiny_vlm(request):
-    return request.getfixturevalue({"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov"}[request.param])
+    """One tiny model per family."""
+    return request.getfixturevalue(FAMILY_FIXTURES[request.param])
 
 
 @pytest.fixture(scope="session")

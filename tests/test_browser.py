@@ -113,3 +113,48 @@ def error_then_keep_chatting(page):
     page.wait_for_function("(old) => document.querySelector('#stats').innerText !== old", arg=stats, timeout=60_000)
     wait_until_textbox_is_back(page)
     assert bots.last.inner_text().strip() and "⚠️" not in bots.last.inner_text()
+
+
+@pytest.mark.parametrize("large, small", [("tiny-next", None), ("tiny-internvl-large", "tiny-internvl-small"),
+                                          ("tiny-llava", None)])
+def test_each_family_answers_in_the_browser(large, small, tmp_path):
+    """Every family through the page: upload, ask, see its maps and stats; SGL where it has a pair."""
+    import app
+    from pipeline import load_vlm
+    vlm, guide = load_vlm(large), (load_vlm(small) if small else None)
+    demo = app.build_demo(vlm, max_new_tokens=8, small=guide)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1250})
+                page.goto(url)
+                page.wait_for_selector("#textbox textarea", timeout=30_000)
+                assert large in page.locator("body").inner_text()  # the model line
+                page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
+                page.wait_for_selector("#textbox img", timeout=15_000)
+                ask(page, "What animal is this?")
+                page.wait_for_selector("#selection-map img", timeout=60_000)
+                page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
+                                       timeout=60_000)
+                wait_until_textbox_is_back(page)
+                caption = page.locator("#caption").inner_text()
+                assert "54 dominant + 10 contextual" in caption and "visual tokens" in caption
+                assert page.locator("#chatbot .message.bot").last.inner_text().strip()
+                if guide is not None:
+                    page.locator("#method label", has_text="SGL").click()
+                    page.wait_for_timeout(800)
+                    ask(page, "And its colour?")
+                    page.wait_for_selector("#importance-map img", timeout=60_000)
+                    page.wait_for_function("() => document.querySelector('#stats').innerText.includes('SGL: answered by')",
+                                           timeout=60_000)
+                page.screenshot(path=str(tmp_path / f"{large}.png"), full_page=True)
+                if os.environ.get("ZIPCHAT_SCREENSHOTS"):
+                    shutil.copy(tmp_path / f"{large}.png", os.environ["ZIPCHAT_SCREENSHOTS"])
+            finally:
+                browser.close()
+    finally:
+        demo.close()

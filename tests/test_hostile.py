@@ -226,7 +226,7 @@ APP_CASES = [  # (name, message dict, settings, expected text in the chat)
     ("dominant null", {"text": "hi", "files": []}, GOOD[:1] + [None] + GOOD[2:], "dominant tokens is missing"),
     ("keep ratio null", {"text": "hi", "files": []}, GOOD[:3] + [None] + GOOD[4:], "keep ratio is missing"),
     ("early exit null", {"text": "hi", "files": []}, GOOD[:5] + [None] + GOOD[6:], "'early exit' must be true or false"),
-    ("budget too large", {"text": "hi", "files": []}, GOOD[:1] + [700, 29] + GOOD[3:], "larger than the 577"),
+    ("budget too large", {"text": "hi", "files": []}, GOOD[:1] + [560, 29] + GOOD[3:], "larger than the 577"),
     ("message is null", None, GOOD, "Please type a question"),
     ("text is a number", {"text": 5, "files": []}, GOOD, "Input should be a valid string"),
     ("files not a list", {"text": "hi", "files": "cat.png"}, GOOD, "Input should be a valid list"),
@@ -268,7 +268,7 @@ def test_settings_endpoint_refuses_and_keeps_the_old_budget(url):
     from tests.appclient import CAT, send, stat
     c = Client(url, verbose=False)
     history, _, _, _ = send(c, [], "What is this?", [CAT])
-    *_, caption = c.predict("VisionZip", 700, 29, 0.35, 0.4, True, 0.8, False, api_name="/settings_dominant")
+    *_, caption = c.predict("VisionZip", 560, 29, 0.35, 0.4, True, 0.8, False, api_name="/settings_dominant")
     assert caption.startswith("⚠️ Not applied") and "Still using visionzip (54 + 10)" in caption
     history, stats, _, _ = send(c, history, "And now?", settings=("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False))
     assert stat(stats, "visual tokens to the LLM") == "64 of 576"

@@ -6,7 +6,6 @@ import torch
 
 from pipeline import ChatSession, Turn, compare_with_full
 from pipeline.generate import embed
-from pipeline.families.llava_common import encoder_layers
 
 
 def prompt(session, question):
@@ -82,7 +81,7 @@ def test_visionzip_turn_equals_generate_on_embeddings(tiny_vlm, photo):
 
 
 def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
-    layers = encoder_layers(tiny_vlm.family.tower(tiny_vlm.model))
+    layers = tiny_vlm.family.tower_layers(tiny_vlm.model)
     calls = [0] * len(layers)
     hooks = [layer.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
              for k, layer in enumerate(layers)]
@@ -106,12 +105,14 @@ def test_encoder_runs_once_and_never_past_feature_layer(tiny_vlm, photo):
     run = tiny_vlm.family.num_layers_to_run
     # vision layers run batched over crops: one call per layer per encode
     assert calls[:run] == [2] * run and all(c == 0 for c in calls[run:])
-    if tiny_vlm.family.name == "llava":
+    if tiny_vlm.family.name in ("llava", "llava_next"):
         assert run == len(layers) - 1  # feature layer -2: the last layer never runs
-        assert n_crops == 1  # one 336 px centre crop
-    else:  # the base image and the anyres tiles the processor chose for this 451x300 photo
-        rows, cols = tiny_vlm.family.prepare(photo).tile_grid
-        assert (rows, cols) == (1, 2) and n_crops == 1 + rows * cols
+    # the crops each family's processor makes of this 451x300 photo: a 336 px centre square (LLaVA-1.5);
+    # the base image + 1x2 tiles of 384 (OneVision) or 336 (NeXT, whose 672x336 pinpoint fits best);
+    # 2x3 tiles of 448 px (the closest aspect ratio to 3:2) + a thumbnail (InternVL)
+    expected = {"llava": (1, 1, 1), "llava_onevision": (1, 2, 3), "llava_next": (1, 2, 3), "internvl": (2, 3, 7)}
+    rows, cols = tiny_vlm.family.prepare(photo).tile_grid
+    assert (rows, cols, n_crops) == expected[tiny_vlm.family.name]
 
 
 def test_text_only_and_stats(tiny_llava):

@@ -10,6 +10,10 @@ from pipeline import ChatSession, InputError, Turn
 from pipeline.models import resolve
 
 Q1, Q2 = "What is in the image?", "What colour is it?"
+# every family: its tiny pair, or (LLaVA-1.5, NeXT: one tiny model) the model guiding itself
+PAIRS = {"llava_onevision": ("tiny_ov", "tiny_ov_large"), "internvl": ("tiny_internvl", "tiny_internvl_large"),
+         "llava": ("tiny_llava", "tiny_llava"), "llava_next": ("tiny_next", "tiny_next")}
+
 
 
 def sgl_session(small, large, **kw):
@@ -38,7 +42,9 @@ def eager_importance(small, ids, features, answer_fed, after):
     return total.numpy()
 
 
-def test_importance_equals_eager_attention(tiny_ov, tiny_ov_large, photo):
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+def test_importance_equals_eager_attention(family, photo, request):
+    tiny_ov, tiny_ov_large = (request.getfixturevalue(f) for f in PAIRS[family])
     s = sgl_session(tiny_ov, tiny_ov_large)
     s.add_image(photo)
     ids, features = conversation_before_answer(s, Q1, "small")
@@ -61,14 +67,17 @@ def test_importance_equals_eager_attention(tiny_ov, tiny_ov_large, photo):
     assert not np.allclose(g2.importance, g.importance)  # re-ranked for the new question
 
 
-def test_keep_all_reproduces_the_large_model(tiny_ov, tiny_ov_large, photo):
-    sgl = sgl_session(tiny_ov, tiny_ov_large, keep_ratio=1.0, prune_layer=0.5)
-    full = ChatSession(tiny_ov_large, method="full", max_new_tokens=8)
+@pytest.mark.parametrize("family", list(PAIRS))
+def test_keep_all_reproduces_the_large_model(family, photo, request):
+    small, large = (request.getfixturevalue(f) for f in PAIRS[family])
+    sgl = sgl_session(small, large, keep_ratio=1.0, prune_layer=0.5)
+    full = ChatSession(large, method="full", max_new_tokens=8)
     for s in (sgl, full):
         s.add_image(photo)
     for q in (Q1, Q2):
         assert sgl.ask(q) == full.ask(q)
-        assert sgl.last_turn.model_used == "tiny-ov-large" and sgl.last_turn.early_exit is False
+        assert sgl.last_turn.model_used == large.name and sgl.last_turn.early_exit is False
+        assert len(sgl.last_turn.guidance.kept) == sgl.last_turn.visual_tokens
 
 
 def reference_pruned_greedy(large, ids, features, keep, k_layer, n_new, stop_ids):

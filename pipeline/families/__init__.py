@@ -4,10 +4,12 @@ Adding a family is one new module with a `Family` subclass (see base.py), listed
 """
 
 from .base import Crop, Family, Prepared, VisionOutput
+from .internvl import InternVL
 from .llava import Llava
+from .llava_next import LlavaNext
 from .onevision import OneVision
 
-FAMILIES = [Llava, OneVision]
+FAMILIES = [Llava, OneVision, LlavaNext, InternVL]
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 

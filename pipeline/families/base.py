@@ -72,6 +72,10 @@ class Family:
     def prepare(self, image) -> Prepared:
         raise NotImplementedError
 
+    def tower_layers(self, model) -> list:
+        """The vision tower's encoder layers (for tests and benchmarks that count what runs)."""
+        raise NotImplementedError
+
     def encode(self, model, prepared: Prepared, with_stats: bool) -> VisionOutput:
         """Run the tower to the feature layer (SDPA everywhere, nothing after it); with `with_stats`
         also the unit scores and keys, computed from the captured input of the feature layer."""

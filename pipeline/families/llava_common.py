@@ -96,6 +96,9 @@ class LlavaStyle(Family):
     def tower(self, model):
         return model.model.vision_tower
 
+    def tower_layers(self, model):
+        return encoder_layers(self.tower(model))
+
     def encode(self, model, prepared, with_stats):
         tower = self.tower(model)
         pixels = prepared.pixel_values.to(tower.device, tower.dtype)

@@ -1,0 +1,73 @@
+"""LLaVA-NeXT (llava-hf/llava-v1.6-vicuna-*-hf): CLIP ViT-L/14-336 with CLS, read at layer -2; the base
+image plus anyres tiles (2x2, 1x2, 2x1, 1x3, 3x1 of 336 px); Vicuna with the LLaVA-1.5 chat template.
+VisionZip works per crop as for LLaVA-1.5 (CLS counted as a dominant token); with all tokens,
+transformers' own packing (CLS dropped, unpadding, a newline per row) is used unchanged."""
+
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessorPil)
+
+from .base import Prepared
+from .llava import CLIP_L_336, CLIP_MEAN, CLIP_STD, TEMPLATE, VICUNA_7B, VICUNA_13B
+from .llava_common import LlavaStyle, anyres_crops, anyres_token_map, run_tower
+
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's image_grid_pinpoints
+
+
+class LlavaNext(LlavaStyle):
+    name = "llava_next"
+    model_type = "llava_next"
+    model_class = LlavaNextForConditionalGeneration
+    has_cls = True
+    chat_template = TEMPLATE  # llava-v1.6-vicuna ships the same template as llava-1.5
+    stop_strings = ("</s>",)
+    presets = {"llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-next-13b": "llava-hf/llava-v1.6-vicuna-13b-hf"}
+    sgl_pairs = {"llava-next-13b": "llava-next-7b"}
+    tiny = {"tiny-next": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4)}
+    arch = {"llava-next-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-next-13b-arch": (CLIP_L_336, VICUNA_13B)}
+    tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+    def prepare(self, image) -> Prepared:
+        out = self.image_processor(images=[image], return_tensors="pt")
+        h, w = out["image_sizes"][0].tolist()
+        crops, tile_grid = anyres_crops((h, w), self.config.image_grid_pinpoints, self.side, self.grid)
+        return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, 336, 336)
+
+    def pack(self, model, crop_features, image_size, newline):
+        """(crops, N, D), CLS already dropped -> transformers' packing: base tokens, then unpadded tiles
+        with a newline per row."""
+        packed, _ = model.model.pack_image_features([crop_features], torch.tensor([image_size]),
+                                                    self.config.vision_feature_select_strategy, image_newline=newline)
+        return packed[0]
+
+    def encode_full(self, model, prepared):
+        tower = self.tower(model)
+        features = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
+                             self.has_cls, with_stats=False).units
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.pack(model, self.project(model, features), prepared.image_size, model.model.image_newline)
+
+    def full_token_map(self, model, prepared):
+        return anyres_token_map(lambda feats, newline: self.pack(model, feats, prepared.image_size, newline), prepared)
+
+    @classmethod
+    def tiny_model(cls, spec, tokenizer, text, vision):
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(image_size=336, projection_dim=64, initializer_factor=4.0, **vision),
+            text_config=LlamaConfig(**text), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
+        return LlavaNextForConditionalGeneration(config), cls.processor()
+
+    @classmethod
+    def arch_config(cls, vision, text, tokenizer):
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                                 image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
+        return config, cls.processor()
+
+    @staticmethod
+    def processor():
+        return LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                          image_grid_pinpoints=PINPOINTS, do_pad=True, do_center_crop=True,
+                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
