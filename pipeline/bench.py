@@ -6,9 +6,9 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6, 10, 11 (about 20 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10-13 (about 25 minutes on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
-    python -m pipeline.bench --rows 7,8,9,10,11 --device cuda   # the GPU rows (bf16)
+    python -m pipeline.bench --rows 7,8,9,10,11,12,13 --device cuda   # the GPU rows (bf16)
 """
 
 import argparse
@@ -141,7 +141,8 @@ def floor_s(cost, hw) -> float | None:
 
 SMOKE_MODELS = {"llava-1.5-7b-arch": "tiny-llava", "llava-ov-0.5b-arch": "tiny-ov-small",
                 "llava-ov-7b-arch": "tiny-ov-large", "llava-next-7b-arch": "tiny-next",
-                "internvl3-1b-arch": "tiny-internvl-small", "internvl3-8b-arch": "tiny-internvl-large"}
+                "internvl3-1b-arch": "tiny-internvl-small", "internvl3-8b-arch": "tiny-internvl-large",
+                "qwen2.5-vl-3b-arch": "tiny-qwen-small", "qwen2.5-vl-7b-arch": "tiny-qwen-large"}
 
 
 def arch(name: str, args, quick: bool = False):
@@ -374,6 +375,35 @@ def row_internvl(args, clock, hw) -> Row:
                              ("VisionZip 64/tile", "full (256/tile)"), "<= 0.3")
 
 
+def qwen_preset(args) -> tuple:
+    """(preset, quick): Qwen2.5-VL-7B's shapes on a GPU; on a CPU the 3B's at half width and depth."""
+    return ("qwen2.5-vl-7b-arch", False) if args.device.type == "cuda" else ("qwen2.5-vl-3b-arch", True)
+
+
+def row_qwen_prefill(args, clock, hw) -> Row:
+    """12: Qwen2.5-VL at 1024x768 (about 1000 image tokens), VisionZip's 64/576 share (11%) vs full."""
+    image = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1024, 768))
+    preset, quick = qwen_preset(args)
+    return row_large_prefill(args, clock, hw, "12", preset, image, "1024x768 image", ("VisionZip 11%", "full"),
+                             "<= 0.2", quick=quick)
+
+
+def row_qwen_encode(args, clock) -> Row:
+    """13: Qwen2.5-VL's vision encode with the score capture (hooks on the last block, its attention
+    statistic by hand) vs the plain tower, both on a 1024x768 image."""
+    preset, quick = qwen_preset(args)
+    vlm = arch(preset, args, quick)
+    prepared = vlm.family.prepare(Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1024, 768)))
+    visual = vlm.family.tower(vlm.model)
+    pixels = prepared.pixel_values.to(visual.device, visual.dtype)
+    grid = prepared.extra["grid_thw"].to(visual.device)
+    with torch.inference_mode():
+        ta, tb = side_by_side(clock, lambda: vlm.family.encode(vlm.model, prepared, with_stats=True),
+                              lambda: visual(pixels, grid_thw=grid), args.repeats)
+    return Row("13", f"vision encode, {vlm.name} tower, 1024x768 ({prepared.pixel_values.shape[0]} patches)",
+               "with VisionZip's score capture", "plain tower", ta, tb, target="<= 1.05")
+
+
 def row_sgl(args, clock, hw) -> list:
     """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
     question (stop tokens ignored: random weights would stop at random). The image is compressed
@@ -448,7 +478,7 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11" if cuda else "1,2,3,4,5,6,10,11")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13" if cuda else "1,2,3,4,5,6,10,11,12,13")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -479,6 +509,10 @@ def main(argv=None):
         rows.append(row_next_anyres(args, clock, hw))
     if "11" in wanted:
         rows.append(row_internvl(args, clock, hw))
+    if "12" in wanted:
+        rows.append(row_qwen_prefill(args, clock, hw))
+    if "13" in wanted:
+        rows.append(row_qwen_encode(args, clock))
     rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers

@@ -42,8 +42,15 @@ class Compression:
         share = 100 * self.num_tokens / self.full_tokens
         if self.method == "full":
             return f"all {self.num_tokens} visual tokens (no compression)"
-        per_crop = f"{self.dominant_budget} dominant + {self.contextual_budget} contextual"
-        crops = f" x {len(self.crops)} crops" if len(self.crops) > 1 else ""
+        kept = {(len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops}
+        if kept == {(self.dominant_budget, self.contextual_budget)}:
+            per_crop = f"{self.dominant_budget} dominant + {self.contextual_budget} contextual"
+            crops = f" x {len(self.crops)} crops" if len(self.crops) > 1 else ""
+        else:  # a share of each image's units (dynamic resolution)
+            d, c = (sum(k) for k in zip(*((len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops)))
+            per_crop = (f"{d} dominant + {c} contextual (the {self.dominant_budget}+{self.contextual_budget} "
+                        "per 576 share)")
+            crops = ""
         return f"{per_crop}{crops} = {self.num_tokens} of {self.full_tokens} visual tokens ({share:.0f}%)"
 
     def per_patch(self, values: np.ndarray) -> list:
@@ -84,7 +91,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     for i, crop in enumerate(prepared.crops):
         x = out.units[i]  # (U, C)
         if selection_from is None:
-            sel = select(x, out.scores[i], out.keys[i], dominant, contextual, family.has_cls)
+            d, c = family.budget(dominant, contextual, x.shape[0] - offset)
+            sel = select(x, out.scores[i], out.keys[i], d, c, family.has_cls)
             dom, targets, groups = sel.dominant, sel.targets, sel.groups
             selected.append(sel.tokens)
             info = CropInfo(
@@ -102,9 +110,15 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             targets = torch.as_tensor(info.targets + offset).long()
             selected.append(gather(x, dom.to(x.device), targets.to(x.device), groups.to(x.device)))
         crops.append(info)
-        token_map += [(i, p, -1) for p in (dom.cpu().numpy() - offset)]
-        token_map += [(i, t, g) for g, t in enumerate(info.targets)]
-    features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
+        crop_map = [(i, p, -1) for p in (dom.cpu().numpy() - offset)] + [(i, t, g) for g, t in enumerate(info.targets)]
+        if family.keeps_index_order:  # M-RoPE families: the kept units in index order (a contextual token at its target)
+            order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])
+            crop_map, selected[-1] = [crop_map[k] for k in order], selected[-1][torch.tensor(order)]
+        token_map += crop_map
+    if len({len(s) for s in selected}) == 1:  # the same budget in every crop: one batched projection
+        features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
+    else:
+        features = torch.cat([family.project(model, s[None])[0] for s in selected])
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)

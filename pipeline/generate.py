@@ -36,11 +36,14 @@ def embed(vlm, ids: list, features: list) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward(vlm, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Run new positions (1, n, D) on top of `cache` (extended in place) -> logits of the last (V,)."""
-    start = cache.get_seq_length()
-    positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
-    out = vlm.language_model(inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True)
+def forward(vlm, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Run new tokens (1, n, D) on top of `cache` (extended in place) -> logits of the last (V,).
+    `positions` (P, n): the family's position ids of these tokens (default: the next n indices)."""
+    if positions is None:
+        start = cache.get_seq_length()
+        positions = torch.arange(start, start + embeds.shape[1])[None]
+    position_ids = vlm.family.position_ids(positions.to(embeds.device))
+    out = vlm.language_model(inputs_embeds=embeds, past_key_values=cache, position_ids=position_ids, use_cache=True)
     return vlm.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
 
 
@@ -94,21 +97,21 @@ def forward_layers(vlm, embeds: torch.Tensor, positions: torch.Tensor, cache: Dy
                    prune_at: int | None = None, keep: torch.Tensor | None = None, last: int = 1) -> torch.Tensor:
     """The decoder written out layer by layer, so that tokens can be dropped part-way (SGL).
 
-    embeds (1, n, D) at `positions` (n,) are run on top of `cache`. At layer `prune_at` only the
-    tokens where `keep` (n,) is True go on, with their original positions (for the rotary
-    embedding); layers from there on cache only those tokens. Each layer's cache may therefore have
-    its own length; a token attends to every earlier token in its layer's cache.
+    embeds (1, n, D) at `positions` (P, n) (the family's position ids) are run on top of `cache`. At
+    layer `prune_at` only the tokens where `keep` (n,) is True go on, with their original positions
+    (for the rotary embedding); layers from there on cache only those tokens. Each layer's cache may
+    therefore have its own length; a token attends to every earlier token in its layer's cache.
     Returns the logits (last, V) of the final `last` surviving positions."""
     lm = vlm.language_model
-    h, pos = embeds, positions
-    rope = lm.rotary_emb(h, pos[None])
+    h, pos = embeds, positions.to(embeds.device)
+    rope = lm.rotary_emb(h, vlm.family.position_ids(pos))
     for i, layer in enumerate(lm.layers):
         if i == prune_at and keep is not None:
-            h, pos = h[:, keep], pos[keep]
-            rope = lm.rotary_emb(h, pos[None])
+            h, pos = h[:, keep], pos[:, keep]
+            rope = lm.rotary_emb(h, vlm.family.position_ids(pos))
         n_past = cache.layers[i].get_seq_length() if i < len(cache.layers) else 0
-        h = layer(h, attention_mask=causal_mask(h.shape[1], n_past, h.device), position_ids=pos[None],
-                  past_key_values=cache, use_cache=True, position_embeddings=rope)
+        h = layer(h, attention_mask=causal_mask(h.shape[1], n_past, h.device), past_key_values=cache,
+                  use_cache=True, position_embeddings=rope)
         if isinstance(h, tuple):
             h = h[0]
     h = lm.norm(h[:, -last:])

@@ -34,6 +34,11 @@ class KVStore:
             cache, signature, _ = self._entries.pop((session_id, lane), (None, [], 0))
         return cache, signature
 
+    def signature(self, session_id: str, lane: str) -> list:
+        """What the stored cache of this lane holds (a copy; [] when there is none)."""
+        with self._lock:
+            return list(self._entries.get((session_id, lane), (None, [], 0))[1])
+
     def checkin(self, session_id: str, lane: str, cache, signature: list):
         with self._lock:
             self._entries[(session_id, lane)] = (cache, signature, cache_nbytes(cache))

@@ -13,11 +13,13 @@ from .generate import embed, embed_token, forward, new_cache, truncate_cache
 
 
 class Unit(NamedTuple):
-    """A stretch of the flat token sequence: one text token, or one image's visual tokens."""
+    """A stretch of the flat token sequence: one text token, or one image's visual tokens (with the
+    family's markers around them, if any)."""
     key: tuple  # ("t", id) | ("i", image key, *method key)
     start: int
     end: int
-    features: torch.Tensor | None  # (end - start, D) for an image, None for text
+    features: torch.Tensor | None  # (visual tokens, D) for an image, None for text
+    compression: object = None  # the image's Compression (token map, grid), None for text
 
 
 class Lane:
@@ -25,6 +27,7 @@ class Lane:
         self.vlm = vlm
         self.cache = cache
         self.signature = list(signature or [])
+        self.next_position = None  # the position of the next token fed (after a prefill)
 
     def reset(self):
         """An empty cache (for passes that cannot be reused, like SGL's pruned large model)."""
@@ -49,12 +52,16 @@ class Lane:
 
     def prefill(self, ids: list, units: list, start: int, features: list) -> torch.Tensor:
         """Run ids[start:] (images filled in from `features`) -> logits of the last position."""
-        logits = forward(self.vlm, embed(self.vlm, ids[start:], features), self.cache)
+        positions = self.vlm.family.positions(ids, units)  # (P, L) of the whole sequence
+        logits = forward(self.vlm, embed(self.vlm, ids[start:], features), self.cache, positions[:, start:])
         self.signature = [u.key for u in units]
+        self.next_position = int(positions.max()) + 1
         return logits
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one generated token -> logits of the next."""
-        logits = forward(self.vlm, embed_token(self.vlm, token), self.cache)
+        position = torch.full((self.vlm.family.position_rows, 1), self.next_position)
+        logits = forward(self.vlm, embed_token(self.vlm, token), self.cache, position)
         self.signature.append(("t", token))
+        self.next_position += 1
         return logits

@@ -361,7 +361,7 @@ class ChatSession:
                 comps.append(comp)
                 image_ids = vlm.family.image_ids(comp.num_tokens, vlm.image_token_id)  # markers around, if any
                 units.append(Unit(("i", value) + self._method_key(), len(ids), len(ids) + len(image_ids),
-                                  comp.features))
+                                  comp.features, comp))
                 ids.extend(image_ids)
         return ids, units, comps
 

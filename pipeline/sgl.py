@@ -226,16 +226,17 @@ def sgl_answer(session, plan, stats, t0, generated):
     keep[visual] = keep_visual
     lane = session.lane("large")
     lane.reset()
-    positions = torch.arange(len(ids), device=large.device)
+    positions = large.family.positions(ids, units)  # (P, L), original positions kept for the pruned tokens
     feats = [u.features for u in units if u.features is not None]
     logits = forward_layers(large, embed(large, ids, feats), positions, lane.cache, prune_at=k_layer,
                             keep=keep.to(large.device))[-1]
     stats.prefill_s = time.perf_counter() - t_large
     stats.prefill_tokens, stats.cache_reused = len(ids), False
     fed = [0]
+    first = int(positions.max()) + 1
 
     def large_step(token):
-        pos = torch.tensor([len(ids) + fed[0]], device=large.device)
+        pos = torch.full((large.family.position_rows, 1), first + fed[0])
         fed[0] += 1
         return forward_layers(large, embed_token(large, token), pos, lane.cache)[-1]
 
@@ -256,7 +257,9 @@ def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> f
         keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
     feats = [u.features for u in s_units if u.features is not None]
     embeds = embed(small, s_ids + answer[:-1], feats)
-    positions = torch.arange(embeds.shape[1], device=small.device)
+    prompt = small.family.positions(s_ids, s_units)  # (P, L); the answer continues after its largest
+    after = int(prompt.max()) + 1 + torch.arange(len(answer) - 1)
+    positions = torch.cat([prompt, after.expand(prompt.shape[0], -1)], dim=1)
     logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),
                             last=len(answer))
     probs = torch.softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)]

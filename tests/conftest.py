@@ -60,8 +60,20 @@ def tiny_internvl_large():
     return load_vlm("tiny-internvl-large")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    from pipeline import load_vlm
+    return load_vlm("tiny-qwen-small")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_large():
+    from pipeline import load_vlm
+    return load_vlm("tiny-qwen-large")
+
+
 FAMILY_FIXTURES = {"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov", "tiny-next": "tiny_next",
-                   "tiny-internvl-small": "tiny_internvl"}
+                   "tiny-internvl-small": "tiny_internvl", "tiny-qwen-small": "tiny_qwen"}
 
 
 @pytest.fixture(params=list(FAMILY_FIXTURES))

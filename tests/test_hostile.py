@@ -99,9 +99,8 @@ def test_hostile_input_then_a_normal_follow_up(case, tiny_llava, photo):
     t = s.last_turn
     assert t.new_tokens > 0 and t.visual_tokens >= 64 and t.cache_reused
     # the context holds exactly one image-placeholder id per visual token: typed text never adds any
-    lane = s.lane("large")
-    assert sum(1 for key in lane.signature if key[0] == "t" and key[1] == tiny_llava.image_token_id) == 0
-    s._return_lanes()
+    signature = s.kv.signature(s.state.session_id, "large")
+    assert signature and sum(1 for key in signature if key[0] == "t" and key[1] == tiny_llava.image_token_id) == 0
 
 
 def test_typed_control_tokens_stay_text(tiny_ov):
@@ -149,10 +148,9 @@ def test_generation_never_emits_the_image_token(method, tiny_ov, tiny_ov_large, 
         for q in ("What is it?", "And now?", "Once more?"):  # SGL re-scores the whole conversation each turn
             s.ask(q)
             assert s.last_turn.new_tokens == 6
-            lane = s.lane("large" if method == "visionzip" else "small")
-            fed = [key[1] for key in lane.signature if key[0] == "t"]
-            s._return_lanes()
-            assert tiny_ov.image_token_id not in fed
+            signature = s.kv.signature(s.state.session_id, "large" if method == "visionzip" else "small")
+            fed = [key[1] for key in signature if key[0] == "t"]
+            assert fed and tiny_ov.image_token_id not in fed
             if method == "sgl":
                 assert tiny_ov.image_token_id not in s.last_turn.guidance.small_tokens
     finally:

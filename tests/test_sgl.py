@@ -12,7 +12,8 @@ from pipeline.models import resolve
 Q1, Q2 = "What is in the image?", "What colour is it?"
 # every family: its tiny pair, or (LLaVA-1.5, NeXT: one tiny model) the model guiding itself
 PAIRS = {"llava_onevision": ("tiny_ov", "tiny_ov_large"), "internvl": ("tiny_internvl", "tiny_internvl_large"),
-         "llava": ("tiny_llava", "tiny_llava"), "llava_next": ("tiny_next", "tiny_next")}
+         "llava": ("tiny_llava", "tiny_llava"), "llava_next": ("tiny_next", "tiny_next"),
+         "qwen2_5_vl": ("tiny_qwen", "tiny_qwen_large")}
 
 
 
@@ -22,19 +23,24 @@ def sgl_session(small, large, **kw):
 
 
 def conversation_before_answer(session, question, model="large"):
-    """(ids, features) the model sees for `question`, built before asking it."""
+    """(ids, features, positions) the model sees for `question`, built before asking it."""
     plan = session.plan(Turn(question, list(session.state.pending)))
     ids, units = (plan.ids, plan.units) if model == "large" else (plan.small_ids, plan.small_units)
-    return ids, [u.features for u in units if u.features is not None]
+    vlm = session.vlm if model == "large" else session.small
+    return ids, [u.features for u in units if u.features is not None], vlm.family.positions(ids, units)
 
 
-def eager_importance(small, ids, features, answer_fed, after):
-    """Brute force: transformers' eager attention over the whole sequence in one forward."""
+def eager_importance(small, ids, features, positions, answer_fed, after):
+    """Brute force: transformers' eager attention over the whole sequence in one forward (the answer's
+    tokens at the positions after the prompt's largest)."""
     eager = type(small.model).from_pretrained(resolve(small.name)[0], attn_implementation="eager").eval()
     from pipeline.generate import embed
     embeds = embed(small, ids + answer_fed, features)
+    after_prompt = int(positions.max()) + 1 + torch.arange(len(answer_fed))
+    positions = torch.cat([positions, after_prompt.expand(positions.shape[0], -1)], dim=1)
     with torch.no_grad():
-        out = eager.model.language_model(inputs_embeds=embeds, output_attentions=True)
+        out = eager.model.language_model(inputs_embeds=embeds, output_attentions=True,
+                                         position_ids=small.family.position_ids(positions))
     visual = [i for i, t in enumerate(ids) if t == small.image_token_id]
     total = torch.zeros(len(visual))
     for att in out.attentions:  # (1, H, L, L) per layer
@@ -42,27 +48,27 @@ def eager_importance(small, ids, features, answer_fed, after):
     return total.numpy()
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl", "qwen2_5_vl"])
 def test_importance_equals_eager_attention(family, photo, request):
     tiny_ov, tiny_ov_large = (request.getfixturevalue(f) for f in PAIRS[family])
     s = sgl_session(tiny_ov, tiny_ov_large)
     s.add_image(photo)
-    ids, features = conversation_before_answer(s, Q1, "small")
+    ids, features, positions = conversation_before_answer(s, Q1, "small")
     s.ask(Q1)
     g = s.last_turn.guidance
     assert len(g.small_tokens) >= 3
     after = max(i for i, t in enumerate(ids) if t == tiny_ov.image_token_id)
-    reference = eager_importance(tiny_ov, ids, features, g.small_tokens[:-1], after)
+    reference = eager_importance(tiny_ov, ids, features, positions, g.small_tokens[:-1], after)
     np.testing.assert_allclose(g.importance, reference, rtol=1e-3, atol=1e-5)
     assert (np.argsort(-g.importance)[:50] == np.argsort(-reference)[:50]).all()
     assert g.rows == len(ids) - 1 - after + len(g.small_tokens) - 1
 
     # turn 2 (on top of the small model's reused cache): only this turn's tokens are counted
-    ids2, features2 = conversation_before_answer(s, Q2, "small")
+    ids2, features2, positions2 = conversation_before_answer(s, Q2, "small")
     turn_start = s.plan(Turn(Q2)).turn_start
     s.ask(Q2)
     g2 = s.last_turn.guidance
-    reference2 = eager_importance(tiny_ov, ids2, features2, g2.small_tokens[:-1], turn_start - 1)
+    reference2 = eager_importance(tiny_ov, ids2, features2, positions2, g2.small_tokens[:-1], turn_start - 1)
     np.testing.assert_allclose(g2.importance, reference2, rtol=1e-3, atol=1e-5)
     assert not np.allclose(g2.importance, g.importance)  # re-ranked for the new question
 
@@ -118,7 +124,7 @@ def test_pruned_decoding_matches_recompute_reference(tiny_ov, tiny_ov_large, pho
     s = sgl_session(tiny_ov, tiny_ov_large, keep_ratio=0.1, prune_layer=prune_layer, max_new_tokens=6)
     s.add_image(photo)
     for q in (Q1, Q2):  # turn 2: the large model recomputes with the new question's ranking
-        ids, features = conversation_before_answer(s, q)
+        ids, features, _ = conversation_before_answer(s, q)
         answer = s.ask(q)
         g = s.last_turn.guidance
         visual = torch.tensor([i for i, t in enumerate(ids) if t == tiny_ov_large.image_token_id])
@@ -157,7 +163,7 @@ def test_consistency_is_the_rescored_probability(tiny_ov, tiny_ov_large, photo):
     LLM (original positions) and read the probabilities of the small model's own answer."""
     s = sgl_session(tiny_ov, tiny_ov_large)
     s.add_image(photo)
-    ids, features = conversation_before_answer(s, Q1, "small")
+    ids, features, _ = conversation_before_answer(s, Q1, "small")
     s.ask(Q1)
     g = s.last_turn.guidance
     from pipeline.generate import embed

@@ -8,8 +8,9 @@ from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext
 from .onevision import OneVision
+from .qwen2_5_vl import Qwen25VL
 
-FAMILIES = [Llava, OneVision, LlavaNext, InternVL]
+FAMILIES = [Llava, OneVision, LlavaNext, InternVL, Qwen25VL]
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 

@@ -57,6 +57,8 @@ class Family:
     # the middle, and markers around them where the family has them (InternVL's <img> ... </img>).
     image_start: str | None = None
     image_end: str | None = None
+    position_rows = 1  # P of `positions`: 1, or 3 for M-RoPE (t, h, w)
+    keeps_index_order = False  # compressed tokens in unit order (M-RoPE), not dominant-then-contextual
 
     def __init__(self, config, image_processor, tokenizer):
         self.config = config
@@ -101,6 +103,21 @@ class Family:
         start = [self.tokenizer.convert_tokens_to_ids(self.image_start)] if self.image_start else []
         end = [self.tokenizer.convert_tokens_to_ids(self.image_end)] if self.image_end else []
         return start + ids + end
+
+    def positions(self, ids: list, units: list) -> torch.Tensor:
+        """(P, L) the language model's positions of a flat sequence (`units`: lane.Unit per text token
+        or image). One index per token here; families with positions tied to the image layout
+        (Qwen2.5-VL's M-RoPE) give P = 3."""
+        return torch.arange(len(ids))[None]
+
+    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """(P, n) positions -> what the language model and its rotary embedding take as position_ids."""
+        return positions
+
+    def budget(self, dominant: int, contextual: int, units: int) -> tuple:
+        """(dominant, contextual) for one crop of `units` units: the same for every crop here; a share
+        of the image's units for dynamic-resolution families."""
+        return dominant, contextual
 
     def rotary(self, attention_module):
         """The function that rotates queries (and keys) in this attention module, as it does itself:

@@ -1,0 +1,230 @@
+"""Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct): a ViT at the image's own resolution (patches of 14 px, the
+image resized to multiples of 28), window attention in most blocks and full attention in
+`fullatt_block_indexes` (the last block among them), a 2x2 patch merger before the LLM, and 3-D
+M-RoPE positions (t, h, w) for image tokens.
+
+VisionZip selects merged units. The tower runs with its own (SDPA) attention, unchanged; hooks on its
+last block (a full-attention block) capture its input, rotary angles and output. From them we compute
+only that block's attention statistic over the image's own patches, score(j) = mean over heads and
+queries of attention[i -> j] (queries in chunks, no full matrix), and its keys after the rotary
+embedding, averaged over heads. The window ordering is undone with transformers' own window index; a
+unit's score and key are the means over its 4 patches, its features the 4 patches' concatenation (what
+the merger reads). The budget is a share of the image's units (54+10 per 576 by default), at least one
+dominant. Kept units go to the LLM in index order and keep the M-RoPE positions they have without
+compression (a contextual token its target's); text after an image keeps its uncompressed positions.
+"""
+
+import importlib
+
+import numpy as np
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from ..errors import InputError
+from .base import Crop, Family, Prepared, VisionOutput
+
+# A copy of Qwen/Qwen2.5-VL-*-Instruct's chat template
+TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+REFERENCE_UNITS = 576  # a budget of 54 + 10 means 64 units per 576 of the image's (VisionZip's LLaVA setting)
+MAX_ASPECT = 200  # the processor's own limit
+VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+TEXT = dict(vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+TEXT_3B = dict(TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, tie_word_embeddings=True)
+TEXT_7B = dict(TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4)
+
+
+class Qwen25VL(Family):
+    name = "qwen2_5_vl"
+    model_type = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    has_cls = False
+    chat_template = TEMPLATE
+    stop_strings = ("<|im_end|>", "<|endoftext|>")
+    position_rows = 3
+    keeps_index_order = True
+    presets = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+    sgl_pairs = {"qwen2.5-vl-7b": "qwen2.5-vl-3b", "tiny-qwen-large": "tiny-qwen-small"}
+    tiny = {"tiny-qwen-small": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4),
+            "tiny-qwen-large": dict(vision_layers=4, text_hidden=128, text_layers=4, text_heads=8)}
+    arch = {"qwen2.5-vl-3b-arch": (VIT, TEXT_3B), "qwen2.5-vl-7b-arch": (VIT, TEXT_7B)}
+    tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tiny_extra_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+    def __init__(self, config, image_processor, tokenizer):
+        super().__init__(config, image_processor, tokenizer)
+        self.merge = config.vision_config.spatial_merge_size
+        self.num_layers_to_run = config.vision_config.depth  # its feature layer is the last block
+
+    @property
+    def units_per_crop(self) -> int:
+        return REFERENCE_UNITS  # budgets are shares of this many units
+
+    def budget(self, dominant, contextual, units):
+        keep = min(units, max(1, round(units * (dominant + contextual) / REFERENCE_UNITS)))
+        kept_dominant = min(keep, max(1, round(keep * dominant / (dominant + contextual))))
+        return kept_dominant, keep - kept_dominant
+
+    def tower(self, model):
+        return model.model.visual
+
+    def tower_layers(self, model):
+        return self.tower(model).blocks
+
+    def prepare(self, image) -> Prepared:
+        w, h = image.size
+        if max(w, h) / min(w, h) > MAX_ASPECT:
+            raise InputError(f"This image is {w}x{h}: Qwen2.5-VL reads images up to {MAX_ASPECT}:1. "
+                             "Please crop it to a less extreme shape.")
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid_thw = out["image_grid_thw"]  # (1, 3): frames, rows and columns of 14 px patches
+        _, rows, cols = grid_thw[0].tolist()
+        return Prepared(out["pixel_values"], [Crop((0, 0, w, h), (rows // self.merge, cols // self.merge))], (h, w),
+                        extra={"grid_thw": grid_thw})
+
+    def window_index(self, visual, grid_thw) -> torch.Tensor:
+        """(units,) the window ordering of the merged units, as transformers computes it."""
+        if hasattr(visual, "get_window_index"):  # transformers versions with it as a method
+            return visual.get_window_index(grid_thw)[0]
+        from transformers.vision_utils import get_vision_window_index
+        c = visual.config
+        return get_vision_window_index(grid_thw, c.spatial_merge_size, c.window_size, c.patch_size)[0]
+
+    def encode(self, model, prepared, with_stats):
+        visual = self.tower(model)
+        grid_thw = prepared.extra["grid_thw"].to(visual.device)
+        last = visual.blocks[-1]
+        captured = {}
+        hooks = [last.register_forward_hook(lambda m, args, out: captured.__setitem__("out", out))]
+        if with_stats:
+            hooks.append(last.register_forward_pre_hook(
+                lambda m, args, kwargs: captured.update(x=args[0] if args else kwargs["hidden_states"], kw=kwargs),
+                with_kwargs=True))
+        try:
+            visual(prepared.pixel_values.to(visual.device, visual.dtype), grid_thw=grid_thw)
+        finally:
+            for h in hooks:
+                h.remove()
+        unit = self.merge ** 2
+        natural = torch.argsort(self.window_index(visual, grid_thw).to(visual.device))  # window order -> index order
+        out = captured["out"]  # (patches, C) in window order, 4 consecutive patches per unit
+        units = out.view(-1, unit, out.shape[-1])[natural].flatten(1)  # (U, 4C)
+        if not with_stats:
+            return VisionOutput(units=units[None])
+        scores, keys = received_attention(last, captured["x"], captured["kw"])  # per patch, window order
+        scores = scores.view(-1, unit).mean(1)[natural]
+        keys = keys.view(-1, unit, keys.shape[-1]).mean(1)[natural]
+        return VisionOutput(units=units[None], scores=scores[None], keys=keys[None])
+
+    def project(self, model, units):
+        """The merger: each patch of a unit normalised, then the MLP on the concatenation."""
+        merger = self.tower(model).merger
+        c = units.shape[-1] // self.merge ** 2
+        return merger.mlp(merger.ln_q(units.reshape(*units.shape[:-1], self.merge ** 2, c)).flatten(-2))
+
+    def encode_full(self, model, prepared):
+        visual = self.tower(model)
+        out = model.model.get_image_features(prepared.pixel_values.to(visual.device, visual.dtype),
+                                             prepared.extra["grid_thw"].to(visual.device))
+        features = getattr(out, "pooler_output", out)
+        return features[0] if isinstance(features, (list, tuple)) else features
+
+    def full_token_map(self, model, prepared):
+        rows, cols = prepared.crops[0].grid
+        return np.array([(0, u, -1) for u in range(rows * cols)], dtype=np.int64).reshape(-1, 3)
+
+    def positions(self, ids, units):
+        """(3, L) M-RoPE positions (t, h, w): a text token at the running index on all three; an image's
+        tokens at (p, p + row, p + col) of the unit they carry (a contextual token: its target), after
+        which the text goes on at p + max(rows, cols), as without compression."""
+        pos = torch.empty(3, len(ids), dtype=torch.long)
+        p = 0
+        for u in units:
+            if u.compression is None:
+                pos[:, u.start] = p
+                p += 1
+                continue
+            rows, cols = u.compression.crops[0].grid
+            r, c = np.divmod(u.compression.token_map[:, 1], cols)
+            pos[0, u.start:u.end] = p
+            pos[1, u.start:u.end] = torch.from_numpy(p + r)
+            pos[2, u.start:u.end] = torch.from_numpy(p + c)
+            p += max(rows, cols)
+        return pos
+
+    def position_ids(self, positions):
+        return positions[:, None, :]  # (3, batch 1, n)
+
+    def rotary(self, attention_module):
+        module = importlib.import_module(type(attention_module).__module__)
+        multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
+        text = self.config.text_config
+        section = (getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}).get("mrope_section")
+
+        def rotate(q, k, cos, sin):
+            if cos.dim() == 4 and multimodal is not None:  # (3, B, L, d): sections are split in the attention
+                return multimodal(q, k, cos, sin, section)
+            return module.apply_rotary_pos_emb(q, k, cos, sin)  # sections already merged by the rotary embedding
+        return rotate
+
+    @classmethod
+    def tiny_model(cls, spec, tokenizer, text, vision):
+        half = text["hidden_size"] // text["num_attention_heads"] // 2
+        text = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                           "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+        vision = dict(depth=spec["vision_layers"], hidden_size=vision["hidden_size"],
+                      intermediate_size=vision["intermediate_size"], num_heads=vision["num_attention_heads"],
+                      out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=112, fullatt_block_indexes=[1, spec["vision_layers"] - 1], initializer_range=0.3)
+        return cls.model_class(cls.config_for(vision, text, tokenizer)), cls.processor()
+
+    @classmethod
+    def arch_config(cls, vision, text, tokenizer):
+        return cls.config_for(dict(vision, out_hidden_size=text["hidden_size"]), text, tokenizer), cls.processor()
+
+    @staticmethod
+    def config_for(vision, text, tokenizer):
+        tid = tokenizer.convert_tokens_to_ids
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tid("<|image_pad|>"),
+                                video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+                                vision_end_token_id=tid("<|vision_end|>"),
+                                tie_word_embeddings=text.get("tie_word_embeddings", False))
+
+    @staticmethod
+    def processor():  # Qwen2.5-VL-Instruct's preprocessor_config.json
+        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+
+
+def received_attention(block, x, kwargs, chunk: int = 1024):
+    """A vision block's input x (N, C) -> (score (N,): mean over heads and queries of the attention each
+    patch receives, within its own image; keys after the rotary embedding, averaged over heads (N, d))."""
+    attn = block.attn
+    n = x.shape[0]
+    q, k, _ = attn.qkv(block.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, d)
+    cos, sin = kwargs["position_embeddings"]
+    rotate = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision
+    q, k = rotate(q, k, cos, sin)
+    q, kt = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, N, d)
+    bounds = kwargs["cu_seqlens"].tolist()  # one span per image: attention stays inside it
+    received = torch.zeros(n, device=x.device)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for s in range(a, b, chunk):
+            probs = torch.softmax((q[:, s:min(b, s + chunk)] @ kt[:, a:b].transpose(-1, -2)) * attn.scaling, dim=-1)
+            received[a:b] += probs.sum(dim=(0, 1))  # (span,)
+        received[a:b] /= attn.num_heads * (b - a)
+    return received, k.mean(dim=1)
