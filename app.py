@@ -132,13 +132,14 @@ def format_compare(results: list) -> str:
     return head + "\n".join(f"| {name} | " + " | ".join(str(f(t)) for _, _, t in results) + " |" for name, f in rows)
 
 
-def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip) -> dict:
+def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip,
+                  max_tiles=0) -> dict:
     """The UI's (or an API call's) settings as ChatSession.set_method arguments; the numbers are
     checked there. Anything that is not one of the offered choices is refused with a message."""
     if method not in METHOD_NAMES:
         raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHOD_NAMES)}.")
     numbers = {"dominant tokens": dominant, "contextual tokens": contextual, "keep ratio": keep_ratio,
-               "prune layer": prune_layer, "early-exit threshold": threshold}
+               "prune layer": prune_layer, "early-exit threshold": threshold, "max tiles": max_tiles}
     for name, value in numbers.items():
         if value is None:  # (set_method reads None as "unchanged"; from the UI or the API it is a mistake)
             raise InputError(f"The {name} is missing: send a number.")
@@ -147,7 +148,7 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
             raise InputError(f"'{name}' must be true or false (got {flag!r}).")
     return dict(method=METHOD_NAMES[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
                 prune_layer=prune_layer, early_exit=threshold if exit_on else None,
-                sgl_tokens="visionzip" if sgl_zip else "full")
+                sgl_tokens="visionzip" if sgl_zip else "full", max_tiles=max_tiles)
 
 
 def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
@@ -165,7 +166,11 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
 
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
-               small=None, session_options: dict | None = None) -> gr.Blocks:
+               small=None, session_options: dict | None = None, max_tiles: int | None = None) -> gr.Blocks:
+    """`max_tiles`: the tiles per image VisionZip encodes by default (tiling families): 4 (base + up to
+    2x2) on a CPU, where the vision encoder dominates the first answer; 0 (the checkpoint's own) on a GPU."""
+    if max_tiles is None:
+        max_tiles = 4 if vlm.device.type == "cpu" else 0
     models = {m.name: m for m in (vlm, small) if m is not None}
     kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded
     big = max(sum(p.numel() for p in m.model.parameters()) for m in models.values()) > 3e9
@@ -334,6 +339,9 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                         dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
                                           label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
                         contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
+                    tiles = Slider(0, 36, value=max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
+                                   label="tiles per image VisionZip encodes (0: all the checkpoint uses; fewer is "
+                                         "faster on a CPU; Full always uses all)")
                 sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
                             "part-way through its layers, or is skipped when the small model is confident."
                             if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
@@ -368,7 +376,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         gr.Examples([[{"text": e["question"], "files": [str(ASSETS / e["image"])]}] for e in examples],
                     inputs=[textbox], label="Examples")
 
-        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip]
+        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles]
         maps = [selection_map, score_map, importance_map, caption]
         submitted = textbox.submit(add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state],
                                    queue=False, api_name="add_message")
@@ -409,16 +417,23 @@ def main(argv=None):
                         help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("ZIPCHAT_MAX_NEW_TOKENS") or 256))
+    parser.add_argument("--dtype", default=env("ZIPCHAT_DTYPE"), choices=["float32", "bfloat16", "float16"],
+                        help="default: bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16/AMX); "
+                             "else float32")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="tiles per image VisionZip encodes (anyres families); default 4 on a CPU, 0 (the "
+                             "checkpoint's own limit) on a GPU")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[zipchat] %(message)s")
-    vlm, small, banner = load_models(args.model or default_preset(), args.small_model, device_map=args.device_map)
+    vlm, small, banner = load_models(args.model or default_preset(), args.small_model, dtype=args.dtype,
+                                     device_map=args.device_map)
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
     demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
-                      session_options={"stop_at_eos": False} if args.ignore_eos else None)
+                      session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=args.max_tiles)
     demo.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 

@@ -31,7 +31,7 @@ from .compress import encode_image
 from .generate import embed, forward, new_cache
 from .heatmap import render_scores, render_selection
 from .kvstore import cache_nbytes
-from .models import default_device_dtype, load_vlm
+from .models import cpu_native_bf16, default_device_dtype, load_vlm
 from .session import ChatSession
 from .state import Turn
 from .families.llava_common import attention_statistics, run_tower
@@ -404,6 +404,87 @@ def row_qwen_encode(args, clock) -> Row:
                "with VisionZip's score capture", "plain tower", ta, tb, target="<= 1.05")
 
 
+def answer_ids(vlm, image, n: int) -> list:
+    s = ChatSession(vlm, method="visionzip", max_new_tokens=n, stop_at_eos=False)
+    s.add_image(image)
+    s.ask(QUESTION)
+    return [k[1] for k in s.kv.signature(s.state.session_id, "large")[-(n - 1):]]  # the answer fed back
+
+
+def row_bf16_quality(args) -> Row:
+    """14: bf16 vs float32, on the tiny models (every CPU; the architecture presets where bf16 is native or
+    on a GPU): share of dominant tokens both select on the four example images, and how many greedy
+    answer tokens agree (random weights have no margin between tokens: a lower bound)."""
+    names = ["tiny-llava", "tiny-ov-small"]
+    if args.device.type == "cuda" or cpu_native_bf16():
+        names.append("llava-ov-0.5b-arch")
+    overlaps, agree = [], {}
+    for name in names:
+        a, b = (load_vlm(name, device=args.device, dtype=d, quick=args.quick) for d in (torch.float32, torch.bfloat16))
+        agree[name] = []
+        for f in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")[: 1 if args.smoke else 4]:
+            image = Image.open(ASSETS / f).convert("RGB")
+            for x, y in zip(encode_image(a, image).crops, encode_image(b, image).crops):
+                overlaps.append(len(set(x.dominant) & set(y.dominant)) / len(x.dominant))
+            ids = [answer_ids(v, image, 16) for v in (a, b)]
+            agree[name].append(next((i for i, (p, q) in enumerate(zip(*ids)) if p != q), len(ids[0])))
+    return Row("14", "bf16 vs float32: dominant tokens selected by both (share)", "overlap", "all", [min(overlaps)],
+               [1.0], unit="share", target=">= 0.9",
+               notes=f"dominant overlap mean {statistics.mean(overlaps):.3f}, min {min(overlaps):.3f} over "
+                     f"{len(overlaps)} crops; greedy tokens equal before the first difference (of 15): "
+                     + "; ".join(f"{k} {v}" for k, v in agree.items()))
+
+
+def row_cpu_first_turn(args, clock, hw) -> list:
+    """15-17: what a free CPU Space sees with llava-ov-0.5b: first-turn time to first token (image encode
+    + compress + prefill) at 384 px in the default dtype vs float32 (15); decode tokens per second
+    against the bytes each token reads (16); the first turn on a 1152x768 photo with the CPU's tile cap
+    (base + up to 2x2 tiles) vs all the tiles the checkpoint uses (17)."""
+    dtype = args.dtype
+    vlm = arch("llava-ov-0.5b-arch", args)
+    rows = []
+
+    def first_turn(v, image, max_tiles=0, n=1):
+        def run():
+            s = ChatSession(v, method="visionzip", max_new_tokens=n, stop_at_eos=False, max_tiles=max_tiles)
+            s.add_image(image, compress=False)
+            s.ask(QUESTION)
+            return s
+        return run
+
+    image = ov_image(1)
+    if dtype != torch.float32:
+        f32 = arch("llava-ov-0.5b-arch", argparse.Namespace(**{**vars(args), "dtype": torch.float32}))
+        ta, tb = side_by_side(clock, first_turn(vlm, image), first_turn(f32, image), args.repeats)
+        rows.append(Row("15", f"first-turn TTFT, {vlm.name}, 384 px, VisionZip-64", str(dtype).replace("torch.", ""),
+                        "float32", ta, tb, target="<= 0.45"))
+    else:
+        reason = "no native bf16 on this CPU (AVX512-BF16/AMX): bf16 would be emulated, the default stays float32"
+        t = [clock(first_turn(vlm, image)) for _ in range(args.repeats)]
+        rows.append(Row("15", f"first-turn TTFT, {vlm.name}, 384 px, VisionZip-64", "float32", "float32", t, t,
+                        notes=reason))
+    s = first_turn(vlm, image, n=48)()
+    cfg = vlm.language_model.config
+    weights = sum(p.numel() for n_, p in vlm.language_model.named_parameters() if "embed_tokens" not in n_)
+    per_token = (weights + vlm.model.lm_head.weight.numel()) * torch.finfo(vlm.dtype).bits // 8
+    w = torch.randn(8 * 4864, 896, dtype=vlm.dtype, device=args.device)
+    x = torch.randn(1, 896, dtype=vlm.dtype, device=args.device)
+    gemv = min(clock(lambda: x @ w.T) for _ in range(10))
+    bound = w.numel() * w.element_size() / gemv / per_token  # tokens/s if only reading weights
+    rows.append(Row("16", f"decode, {vlm.name} ({str(vlm.dtype).replace('torch.', '')}), 48 tokens",
+                    "seconds per token", "weight-read bound", [1 / s.last_turn.decode_tok_per_s], [1 / bound],
+                    target="<= 1.3", notes=f"{s.last_turn.decode_tok_per_s:.1f} tok/s vs {bound:.1f} tok/s at "
+                                           f"{per_token / 1e9:.2f} GB per token ({cfg.num_hidden_layers} layers + "
+                                           f"lm_head) and {w.numel() * w.element_size() / gemv / 1e9:.1f} GB/s "
+                                           "measured matrix-vector bandwidth"))
+    wide = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 768))
+    crops = {cap: len(vlm.family.prepare(wide, cap or None).crops) for cap in (4, 0)}
+    ta, tb = side_by_side(clock, first_turn(vlm, wide, 4), first_turn(vlm, wide, 0), args.repeats)
+    rows.append(Row("17", f"first-turn TTFT, {vlm.name}, 1152x768, VisionZip-64", f"tile cap 4 ({crops[4]} crops)",
+                    f"all tiles ({crops[0]} crops)", ta, tb, target="<= 0.5"))
+    return rows
+
+
 def row_sgl(args, clock, hw) -> list:
     """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
     question (stop tokens ignored: random weights would stop at random). The image is compressed
@@ -436,6 +517,8 @@ def row_sgl(args, clock, hw) -> list:
 def fmt(v, unit):
     if unit == "bytes":
         return f"{v / 2 ** 20:.1f} MiB"
+    if unit == "share":
+        return f"{v:.3f}"
     return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
 
 
@@ -478,7 +561,7 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13" if cuda else "1,2,3,4,5,6,10,11,12,13")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -513,6 +596,10 @@ def main(argv=None):
         rows.append(row_qwen_prefill(args, clock, hw))
     if "13" in wanted:
         rows.append(row_qwen_encode(args, clock))
+    if "14" in wanted:
+        rows.append(row_bf16_quality(args))
+    if wanted & {"15", "16", "17"}:
+        rows += [r for r in row_cpu_first_turn(args, clock, hw) if r.id in wanted]
     rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers

@@ -65,20 +65,23 @@ class Compression:
         return out
 
 
-def method_key(method: str, dominant: int, contextual: int) -> tuple:
-    return ("full",) if method == "full" else ("visionzip", dominant, contextual)
+def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0) -> tuple:
+    return ("full",) if method == "full" else ("visionzip", dominant, contextual, max_tiles)
 
 
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
-                 selection_from: Compression | None = None) -> Compression:
+                 selection_from: Compression | None = None, max_tiles: int = 0) -> Compression:
     """PIL image -> Compression. `method` "full" keeps every token exactly as transformers does.
     `selection_from`: reuse another model's VisionZip selection (same units and groups) on this
-    model's features, so that two models of an SGL pair see the same tokens."""
+    model's features, so that two models of an SGL pair see the same tokens. `max_tiles` (> 0) caps
+    the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     prepared = family.prepare(image)
-    full_map = family.full_token_map(model, prepared)
+    full_map = family.full_token_map(model, prepared)  # what the LLM would see without compression
+    if method != "full" and max_tiles:
+        prepared = family.prepare(image, max_tiles)
     if method == "full":
         features = family.encode_full(model, prepared)
         crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),

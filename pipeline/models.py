@@ -90,8 +90,22 @@ def offline_twin(name: str) -> str:
     return next((large for large in family.sgl_pairs if large in family.tiny), next(iter(family.tiny)))
 
 
+def cpu_native_bf16(flags: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 runs about twice as fast
+    as float32 and halves the bytes read per token; without it, bf16 is emulated and hundreds of times
+    slower (measured: 0.4 vs 159 GFLOP/s on an AVX2-only CPU). `flags`: /proc/cpuinfo's, for tests."""
+    if flags is None:
+        try:
+            flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        except OSError:  # not Linux: no way to tell cheaply, stay on float32
+            return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def default_device_dtype(device=None, dtype=None):
+    """CUDA with bf16 (fp16 where bf16 is unsupported); a CPU with bf16 where it is native, else float32."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or os.environ.get("ZIPCHAT_DTYPE") or None
     if dtype is None:
         if device.type == "cuda":
             try:
@@ -99,7 +113,7 @@ def default_device_dtype(device=None, dtype=None):
             except RuntimeError:  # ZeroGPU's main process has no GPU to ask; its GPUs (A100/H200) have bf16
                 dtype = torch.bfloat16
         else:
-            dtype = torch.float32
+            dtype = torch.bfloat16 if cpu_native_bf16() else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return device, dtype

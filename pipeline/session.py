@@ -86,7 +86,8 @@ class ChatSession:
                  max_new_tokens: int = 256, sampling: Sampling | None = None, reuse_cache: bool = True,
                  cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
-                 state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None):
+                 state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
+                 max_tiles: int = 0):
         self.vlm = vlm
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
@@ -103,7 +104,8 @@ class ChatSession:
                               settings=Settings(sampling=sampling or Sampling()))
             self.state = state
             self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
-                            early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens)
+                            early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,
+                            max_tiles=max_tiles)
         elif state.model != vlm.name or state.small != (small.name if small else None):
             raise ValueError(f"this state belongs to {state.model} (+ {state.small}), not {vlm.name}")
         self.state = state
@@ -127,7 +129,7 @@ class ChatSession:
     def set_method(self, method: str, dominant: int | None = None, contextual: int | None = None,
                    keep_ratio: float | None = None, prune_layer: float | None = None, early_exit=UNSET,
                    sgl_tokens: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                   top_p: float | None = None):
+                   top_p: float | None = None, max_tiles: int | None = None):
         """Applies from the next turn; images are re-compressed once for a new method or budget.
         Values left out (None) keep their current value; `early_exit=None` disables early exit.
         Every value is checked here (the app's events are public API): nothing changes on a bad one."""
@@ -154,11 +156,12 @@ class ChatSession:
             "max new tokens", max_new_tokens, 1, 1_000_000, integer=True)
         temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
         top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
+        max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
         if (sgl_tokens if method == "sgl" else method) != "full":
             check_budget(dominant, contextual, self.vlm.family.units_per_crop, self.vlm.family.has_cls)
         self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
                                       keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
-                                      sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,
+                                      sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
                                       sampling=replace(s.sampling, temperature=temperature, top_p=top_p))
 
     @property
@@ -168,7 +171,8 @@ class ChatSession:
         return s.sgl_tokens if s.method == "sgl" else s.method
 
     def _method_key(self):
-        return method_key(self.visual_method, self.settings.dominant, self.settings.contextual)
+        s = self.settings
+        return method_key(self.visual_method, s.dominant, s.contextual, s.max_tiles)
 
     def reset(self):
         """Forget the conversation, images and caches (the settings stay)."""
@@ -216,11 +220,12 @@ class ChatSession:
             return st.compressions[ck]
         s = self.settings
         if lane == "large":
-            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual)
+            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
+                                max_tiles=s.max_tiles)
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
             selection = self.compression(key) if self.visual_method == "visionzip" else None
             comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
-                                selection_from=selection)
+                                selection_from=selection, max_tiles=s.max_tiles)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self._encoded[0] += 1
         self._encoded[1] += comp.encode_s

@@ -22,6 +22,7 @@ class Settings:
     prune_layer: float = 0.4  # SGL: K as a fraction of the large model's depth
     early_exit: float | None = 0.8  # SGL: exit threshold; None disables early exit
     sgl_tokens: str = "full"  # SGL: "visionzip" makes both models see VisionZip tokens
+    max_tiles: int = 0  # tiles per image VisionZip encodes (tiling families); 0: the checkpoint's limit
     max_new_tokens: int = 256
     sampling: Sampling = field(default_factory=Sampling)
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test never reaches the hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("ZIPCHAT_CACHE", str(ROOT / ".pytest_cache" / "zipchat"))
+os.environ["ZIPCHAT_DTYPE"] = "float32"  # the references are float32, whatever this CPU computes fastest
 
 _real_connect = socket.socket.connect
 

@@ -1,6 +1,7 @@
 """What every family provides, and models placed by accelerate (device_map) across devices."""
 
 import pytest
+import torch
 
 from pipeline import ChatSession, load_vlm
 from pipeline.families import FAMILIES
@@ -42,3 +43,43 @@ def test_device_map_gives_the_same_answers(method, tiny_ov, tiny_ov_large, photo
         s.add_image(photo)
         answers.append([s.ask("What is it?"), s.ask("And now?")])
     assert answers[0] == answers[1] and all(answers[0])
+
+
+def test_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from pipeline.models import cpu_native_bf16, default_device_dtype
+    assert cpu_native_bf16("flags : fpu sse avx2 avx512f avx512_bf16 avx512_vnni")
+    assert cpu_native_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not cpu_native_bf16("flags : fpu sse avx2 fma f16c")
+    monkeypatch.delenv("ZIPCHAT_DTYPE", raising=False)
+    monkeypatch.setattr("pipeline.models.cpu_native_bf16", lambda flags=None: True)
+    assert default_device_dtype("cpu")[1] == torch.bfloat16
+    monkeypatch.setattr("pipeline.models.cpu_native_bf16", lambda flags=None: False)
+    assert default_device_dtype("cpu")[1] == torch.float32
+    monkeypatch.setenv("ZIPCHAT_DTYPE", "bfloat16")  # --dtype / ZIPCHAT_DTYPE override the choice
+    assert default_device_dtype("cpu")[1] == torch.bfloat16
+    assert default_device_dtype("cpu", "float32")[1] == torch.float32
+
+
+@pytest.mark.parametrize("name", ["tiny-ov-small", "tiny-next", "tiny-internvl-small"])
+def test_tile_cap_limits_what_visionzip_encodes(name):
+    """A 1152x768 (3:2) photo: the checkpoint's own tiling, and a cap of 2 tiles, which leaves one row of
+    two (the base image or thumbnail besides); Full always keeps the checkpoint's tiling, and the counts
+    say what full would send."""
+    capped = (1, 2)
+    from PIL import Image
+    from pipeline import encode_image
+    from tests.conftest import ROOT
+    vlm = load_vlm(name)
+    image = Image.open(ROOT / "assets" / "astronaut.png").convert("RGB").resize((1152, 768))
+    free, cap = vlm.family.prepare(image), vlm.family.prepare(image, max_tiles=2)
+    assert cap.tile_grid == capped and len(cap.crops) == 1 + capped[0] * capped[1] < len(free.crops)
+    zipped = encode_image(vlm, image, "visionzip", max_tiles=2)
+    full = encode_image(vlm, image, "full", max_tiles=2)
+    assert len(zipped.crops) == len(cap.crops) and zipped.num_tokens == 64 * len(cap.crops)
+    assert len(full.crops) == len(free.crops) and zipped.full_tokens == full.full_tokens == full.num_tokens
+    s = ChatSession(vlm, method="visionzip", max_tiles=2, max_new_tokens=2)
+    s.add_image(image)
+    assert s.ask("What is it?") and s.last_turn.visual_tokens == zipped.num_tokens
+    s.set_method("visionzip", max_tiles=0)  # lifting the cap re-encodes once, at the next turn
+    s.ask("And now?")
+    assert s.last_turn.images_encoded == 1 and s.last_turn.visual_tokens == 64 * len(free.crops)

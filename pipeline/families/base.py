@@ -58,6 +58,7 @@ class Family:
     image_start: str | None = None
     image_end: str | None = None
     position_rows = 1  # P of `positions`: 1, or 3 for M-RoPE (t, h, w)
+    tiles = False  # the image is cut into tiles, whose number `prepare(max_tiles=)` can cap
     keeps_index_order = False  # compressed tokens in unit order (M-RoPE), not dominant-then-contextual
 
     def __init__(self, config, image_processor, tokenizer):
@@ -71,7 +72,9 @@ class Family:
         """Selectable units of one crop (CLS included when it is one): the largest VisionZip budget."""
         raise NotImplementedError
 
-    def prepare(self, image) -> Prepared:
+    def prepare(self, image, max_tiles: int | None = None) -> Prepared:
+        """The image as the processor feeds the tower; `max_tiles` caps the number of tiles of tiling
+        families (a CPU saving; None: as many as the checkpoint allows)."""
         raise NotImplementedError
 
     def tower_layers(self, model) -> list:

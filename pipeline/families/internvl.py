@@ -42,6 +42,7 @@ class InternVL(Family):
     model_class = InternVLForConditionalGeneration
     has_cls = False  # InternViT has a CLS token, but it is never sent to the LLM: it only scores the units
     chat_template = TEMPLATE
+    tiles = True
     stop_strings = ("<|im_end|>", "<|endoftext|>")
     image_start, image_end = "<img>", "</img>"
     presets = {f"internvl3-{size}": f"OpenGVLab/InternVL3-{size.upper()}-hf" for size in ("1b", "2b", "8b", "14b")}
@@ -74,11 +75,12 @@ class InternVL(Family):
     def tower_layers(self, model):
         return self.tower(model).encoder.layer
 
-    def prepare(self, image) -> Prepared:
+    def prepare(self, image, max_tiles=None) -> Prepared:
         ip = self.image_processor
-        out = ip(images=[image], return_tensors="pt")
+        most = ip.max_patches if max_tiles is None else max(ip.min_patches, min(ip.max_patches, max_tiles))
+        out = ip(images=[image], return_tensors="pt", max_patches=most)
         w, h = image.size
-        cols, rows = get_optimal_tiled_canvas((h, w), (self.side, self.side), ip.min_patches, ip.max_patches)
+        cols, rows = get_optimal_tiled_canvas((h, w), (self.side, self.side), ip.min_patches, most)
         crops = [Crop((c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows), self.grid)
                  for r in range(rows) for c in range(cols)]
         if rows * cols > 1:  # the thumbnail comes after the tiles

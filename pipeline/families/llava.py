@@ -42,7 +42,7 @@ class Llava(LlavaStyle):
     arch = {"llava-1.5-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-1.5-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
-    def prepare(self, image) -> Prepared:
+    def prepare(self, image, max_tiles=None) -> Prepared:  # one crop: nothing to cap
         out = self.image_processor(images=[image], return_tensors="pt")
         w, h = image.size
         ip = self.image_processor

@@ -108,6 +108,14 @@ class LlavaStyle(Family):
         return model.model.multi_modal_projector(units)
 
 
+def capped_pinpoints(pinpoints, side: int, max_tiles: int | None) -> list:
+    """The anyres resolutions with at most `max_tiles` tiles (a single tile is always allowed)."""
+    if not max_tiles:
+        return pinpoints
+    kept = [p for p in pinpoints if (p[0] // side) * (p[1] // side) <= max_tiles]
+    return kept if [side, side] in kept else [[side, side]] + kept
+
+
 def anyres_crops(image_size: tuple, pinpoints, side: int, grid: tuple):
     """LLaVA's anyres tiling (NeXT, OneVision): the base image squashed to one crop, then the image
     resized to fit the best pinpoint resolution, centred with padding, and cut into side x side

@@ -7,7 +7,7 @@ from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGene
                           Qwen2Config, SiglipVisionConfig)
 
 from .base import Prepared
-from .llava_common import LlavaStyle, anyres_crops, anyres_token_map, run_tower
+from .llava_common import LlavaStyle, anyres_crops, anyres_token_map, capped_pinpoints, run_tower
 
 # A copy of llava-hf/llava-onevision-qwen2-*-ov-hf's chat_template.json
 TEMPLATE = (
@@ -38,6 +38,7 @@ class OneVision(LlavaStyle):
     model_class = LlavaOnevisionForConditionalGeneration
     has_cls = False
     chat_template = TEMPLATE
+    tiles = True
     stop_strings = ("<|im_end|>", "<|endoftext|>")
     presets = {"llava-ov-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
                "llava-ov-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
@@ -47,10 +48,11 @@ class OneVision(LlavaStyle):
     arch = {"llava-ov-0.5b-arch": (SIGLIP_SO400M, QWEN2_05B), "llava-ov-7b-arch": (SIGLIP_SO400M, QWEN2_7B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
 
-    def prepare(self, image) -> Prepared:
-        out = self.image_processor(images=[image], return_tensors="pt")
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
+        out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
         h, w = out["image_sizes"][0].tolist()
-        crops, tile_grid = anyres_crops((h, w), self.config.image_grid_pinpoints, self.side, self.grid)
+        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
         return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, 384, 384)
 
     def pack(self, model, crop_features, image_size, newline):

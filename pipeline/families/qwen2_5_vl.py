@@ -86,7 +86,7 @@ class Qwen25VL(Family):
     def tower_layers(self, model):
         return self.tower(model).blocks
 
-    def prepare(self, image) -> Prepared:
+    def prepare(self, image, max_tiles=None) -> Prepared:  # no tiles: the cap does not apply
         w, h = image.size
         if max(w, h) / min(w, h) > MAX_ASPECT:
             raise InputError(f"This image is {w}x{h}: Qwen2.5-VL reads images up to {MAX_ASPECT}:1. "
