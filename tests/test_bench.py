@@ -15,7 +15,7 @@ def test_every_bench_row_runs_and_is_reported(tmp_path, capsys):
     assert sorted(rows) == sorted(ALL_ROWS)
     assert data["meta"]["smoke"] and data["meta"]["command"].startswith("python -m pipeline.bench --smoke")
     for r in rows.values():
-        assert r["a_s"] and r["b_s"] and r["ratio"] > 0 and r["target"]
+        assert r["a_s"] and r["b_s"] and r["ratio"] > 0 and (r["target"] or r["notes"])  # no target: says why
     # row 5 reads the KV bytes off a real (meta-device) cache of the 7B shapes:
     # K and V x 32 layers x 4096 x 2 bytes (fp16) per token
     per_token = 2 * 32 * 4096 * 2
