@@ -26,7 +26,7 @@ except ImportError:
 import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
-from pipeline.heatmap import render_importance, render_scores, render_selection  # noqa: E402
+from pipeline.heatmap import describe, hit, render_map  # noqa: E402
 from pipeline.kvstore import default_budget  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
 from pipeline.stopflag import StopFlag  # noqa: E402
@@ -34,7 +34,8 @@ from pipeline.visionzip import BUDGETS  # noqa: E402
 
 log = logging.getLogger("zipchat")
 ASSETS = Path(__file__).resolve().parent / "assets"
-METHOD_NAMES = {"Full": "full", "VisionZip": "visionzip", "SGL": "sgl"}
+METHOD_NAMES = {"Full": "full", "VisionZip": "visionzip", "SGL": "sgl", "Manual": "manual"}
+VIEW_NAMES = {"kept": "Kept tokens", "groups": "Contextual groups", "scores": "Scores", "importance": "SGL importance"}
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
 CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else None
 NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
@@ -133,13 +134,14 @@ def format_compare(results: list) -> str:
 
 
 def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip,
-                  max_tiles=0) -> dict:
+                  max_tiles=0, max_new_tokens=256, temperature=0.0, top_p=0.9) -> dict:
     """The UI's (or an API call's) settings as ChatSession.set_method arguments; the numbers are
     checked there. Anything that is not one of the offered choices is refused with a message."""
     if method not in METHOD_NAMES:
         raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHOD_NAMES)}.")
     numbers = {"dominant tokens": dominant, "contextual tokens": contextual, "keep ratio": keep_ratio,
-               "prune layer": prune_layer, "early-exit threshold": threshold, "max tiles": max_tiles}
+               "prune layer": prune_layer, "early-exit threshold": threshold, "max tiles": max_tiles,
+               "max new tokens": max_new_tokens, "temperature": temperature, "top-p": top_p}
     for name, value in numbers.items():
         if value is None:  # (set_method reads None as "unchanged"; from the UI or the API it is a mistake)
             raise InputError(f"The {name} is missing: send a number.")
@@ -148,7 +150,8 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
             raise InputError(f"'{name}' must be true or false (got {flag!r}).")
     return dict(method=METHOD_NAMES[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
                 prune_layer=prune_layer, early_exit=threshold if exit_on else None,
-                sgl_tokens="visionzip" if sgl_zip else "full", max_tiles=max_tiles)
+                sgl_tokens="visionzip" if sgl_zip else "full", max_tiles=max_tiles, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p)
 
 
 def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
@@ -180,19 +183,23 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         return ChatSession.resume(state.chat, models, kv=kv, **options)
 
     def new_state(settings: dict) -> AppState:
-        session = ChatSession(vlm, small=small, max_new_tokens=max_new_tokens, kv=kv, **settings, **options)
+        session = ChatSession(vlm, small=small, max_new_tokens=max_new_tokens, kv=kv, **options)
+        session.set_method(**settings)
         return AppState(session.state)
 
-    def views(session: ChatSession | None):
-        """(selection map, score map, importance map, caption) of the latest image. No model runs here."""
-        view = session.current_view(compress=False) if session else None
-        if view is None:
-            return None, None, gr.update(value=None, visible=False), NO_IMAGE
-        image, comp = view
-        guidance = session.guidance_view()
-        importance = render_importance(*guidance) if guidance else None  # shown after an SGL turn only
-        return (render_selection(image, comp), render_scores(image, comp),
-                gr.update(value=importance, visible=importance is not None), comp.caption())
+    def views(session: ChatSession | None, view: str = "kept"):
+        """(map, caption, view choices) of the latest image. No model runs here."""
+        shown = session.current_view(compress=False) if session else None
+        guidance = session.guidance_view() if shown else None
+        names = [v for v in VIEW_NAMES if v != "importance" or guidance is not None]
+        if shown is None:
+            return None, NO_IMAGE, gr.update(choices=[(VIEW_NAMES[v], v) for v in names], value="kept")
+        image, comp = shown
+        if view not in names or (view == "scores" and comp.crops[0].scores is None):
+            view = "kept"
+        extra = guidance[2:] if view == "importance" else ()
+        return (render_map(image, comp, view, *extra), comp.caption(),
+                gr.update(choices=[(VIEW_NAMES[v], v) for v in names], value=view))
 
     def add_message(history, message, state, *settings):
         """Checks the upload and the question and queues them; no model runs here."""
@@ -209,7 +216,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                 raise InputError("A message is {'text': str, 'files': [paths]}.")
         except InputError as e:  # the message stays in the textbox, to send again
             history.append({"role": "assistant", "content": f"⚠️ {e}"})
-            return history, gr.update(interactive=False), state
+            return history, gr.update(interactive=False), state, gr.update(visible=False)
         session = session_for(state)
         for f in files:
             path = f.get("path") if isinstance(f, dict) else f
@@ -224,13 +231,13 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             history.append({"role": "user", "content": text})
         elif not files:
             history.append({"role": "assistant", "content": "⚠️ Please type a question."})
-        return history, gr.update(value=None, interactive=False), state
+        return history, gr.update(value=None, interactive=False), state, gr.update(visible=bool(text))
 
-    @gpu(duration=lambda history, state: gpu_seconds(state, big))
-    def respond(history, state):
+    @gpu(duration=lambda history, state, view: gpu_seconds(state, big))
+    def respond(history, state, view):
         """Encodes new images, streams the answer, and yields the updated state last."""
         history = list(history or [])
-        skip = (gr.skip(),) * 6
+        skip = (gr.skip(),) * 5
         if state is None or (state.question is None and not state.chat.pending):
             yield history, *skip
             return
@@ -239,9 +246,8 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         answer = {"role": "assistant", "content": ""}
         history.append(answer)
         try:
-            if question is None:  # images without a question: encode them so the maps show
-                comp = [session.compression(key) for key in state.chat.pending][-1]
-                answer["content"] = f"Got it: {comp.caption()}. Now ask a question about the image."
+            if question is None:  # images without a question: encode them so the map shows
+                answer["content"] = f"Got it: {session.current_view()[1].caption()}. Now ask a question about it."
             else:
                 for delta in session.ask_stream(question):
                     answer["content"] += delta
@@ -258,10 +264,12 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                 history.append({"role": "assistant", "content": message})
             else:
                 answer["content"] = message
-        yield history, state, format_stats(state.chat.last_turn), *views(session)
+        if state.chat.last_image_key is not None:
+            session.current_view()  # a manual view needs VisionZip's crops: encode them now, on the GPU
+        yield history, state, format_stats(state.chat.last_turn), *views(session, view)
 
     def unlock():
-        return gr.update(interactive=True)
+        return gr.update(interactive=True), gr.update(visible=False)
 
     def stop(state):
         if state is not None:
@@ -269,70 +277,107 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
 
     @gpu(duration=lambda state: 30 if big else 15)
     def compress_latest(state: AppState) -> AppState:
-        """Encodes the latest image for the current settings (for the maps)."""
+        """Encodes the latest image for the current settings (for the map)."""
         session_for(state).current_view()
         return state
 
-    def apply_settings(state, *settings):
+    def apply_settings(state, view, *settings):
         if state is None:
-            return state, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return state, gr.skip(), gr.skip(), gr.skip(), gr.update(visible=settings[0] == "Manual")
         session = session_for(state)
         try:
             session.set_method(**settings_from(*settings))
         except InputError as e:
             gr.Warning(str(e))
             s = state.chat.settings
-            return (state, gr.skip(), gr.skip(), gr.skip(),
-                    f"⚠️ Not applied: {e} Still using {s.method} ({s.dominant} + {s.contextual}).")
+            return (state, gr.skip(), f"⚠️ Not applied: {e} Still using {s.method} ({s.dominant} + {s.contextual}).",
+                    gr.skip(), gr.skip())
         if state.chat.last_image_key is not None and session.current_view(compress=False) is None:
             state = compress_latest(state)
             session = session_for(state)
-        return state, *views(session)
+        return state, *views(session, view), gr.update(visible=state.chat.settings.method == "manual")
+
+    def show_view(state, view):
+        return views(session_for(state) if state else None, view)[:2]
+
+    def click_map(state, view, radius, evt: gr.SelectData):
+        """On the map: say what the clicked patch is; in the manual method, pick or unpick it (and the
+        patches around it, `radius`)."""
+        if state is None or state.chat.last_image_key is None or not isinstance(evt.index, (list, tuple)):
+            return state, gr.skip(), gr.skip(), "_Upload an image, then click the map._"
+        session = session_for(state)
+        shown = session.current_view(compress=False)
+        if shown is None:
+            return state, gr.skip(), gr.skip(), "_The map is being prepared._"
+        image, comp = shown
+        spot = hit(comp, *evt.index[:2])
+        if spot is None:
+            return state, gr.skip(), gr.skip(), "_Click on a patch of the photo._"
+        crop, unit = spot
+        if state.chat.settings.method != "manual":
+            guidance = session.guidance_view()
+            importance = guidance[2] if guidance is not None else None
+            return state, gr.skip(), gr.skip(), describe(comp, crop, unit, importance)
+        try:
+            picked = session.toggle_pick(crop, unit, radius=int(checked_radius(radius)))
+        except InputError as e:
+            return state, gr.skip(), gr.skip(), f"⚠️ {e}"
+        mapped, caption, _ = views(session, "kept")
+        return state, mapped, caption, f"{picked} patches picked. Ask again to answer with exactly these."
+
+    def set_picks(state, start_from_visionzip: bool):
+        if state is None or state.chat.last_image_key is None:
+            return state, gr.skip(), gr.skip(), "_Upload an image first._"
+        session = session_for(state)
+        if not session._layout_cached(state.chat.last_image_key):
+            return state, gr.skip(), gr.skip(), "_The map is being prepared; try again in a moment._"
+        picked = session.picks_from_visionzip() if start_from_visionzip else (session.set_picks({}) or 0)
+        mapped, caption, _ = views(session, "kept")
+        return state, mapped, caption, f"{picked} patches picked."
 
     def pick_budget(total):
         if total not in BUDGETS:
             return gr.skip(), gr.skip()
         return BUDGETS[total]
 
-    @gpu(duration=lambda state: gpu_seconds(state, big, answers=2))
+    @gpu(duration=lambda state: gpu_seconds(state, big, answers=3))
     def compare_answers(state):
         if state is None or not state.chat.turns:
-            return "_Ask a question first, then compare it with the full model._", "", ""
+            return "_Ask a question first, then compare it with the full model._", ""
         try:
             results = compare(session_for(state))
         except InputError as e:
-            return f"⚠️ {e}", "", ""
-        (m1, a1, _), (m2, a2, _) = results
-        return format_compare(results), f"**{m1}:** {a1}", f"**{m2}:** {a2}"
+            return f"⚠️ {e}", ""
+        return format_compare(results), "\n\n".join(f"**{m}:** {a}" for m, a, _ in results)
 
     def clear(state):
         if state is not None:
             kv.drop(state.chat.session_id)
-        return ([], None, gr.update(value=None, interactive=True), None, None, gr.update(value=None, visible=False),
-                NO_IMAGE, format_stats(None), "", "", "")
+        return ([], None, gr.update(value=None, interactive=True), None, NO_IMAGE, gr.skip(), format_stats(None),
+                "", "", "", gr.update(visible=False))
 
     with gr.Blocks(title="zipchat", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# zipchat\nChat about an image. **VisionZip** keeps the few visual tokens that matter "
-                    "(dominant tokens by attention, the rest merged into contextual tokens); the maps on the right "
-                    f"show which. Model: `{vlm.describe()}`.")
+                    "(dominant tokens by attention, the rest merged into contextual tokens); the map on the right "
+                    f"shows which. Model: `{vlm.describe()}`.")
         if banner:
             gr.Markdown(banner, elem_id="offline-banner", elem_classes=["banner"])
         state = gr.State(None, time_to_live=SESSION_TTL_S,
                          delete_callback=lambda s: s is not None and kv.drop(s.chat.session_id))
         with gr.Row():
-            with gr.Column(scale=5):
-                chatbot = gr.Chatbot(elem_id="chatbot", height=520, buttons=["copy"])
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(elem_id="chatbot", height=480, buttons=["copy"])
                 textbox = gr.MultimodalTextbox(
                     file_types=["image"], file_count="multiple", sources=["upload"], elem_id="textbox",
                     placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
                 with gr.Row():
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False)
                     clear_btn = gr.Button("Clear", elem_id="clear")
-                    compare_btn = gr.Button("Compare with full", elem_id="compare")
+                    compare_btn = gr.Button("Compare", elem_id="compare")
                 with gr.Accordion("Method", open=True):
                     choices = [k for k, v in METHOD_NAMES.items() if v != "sgl" or small is not None]
                     method = gr.Radio(choices, value={v: k for k, v in METHOD_NAMES.items()}[method_default],
-                                      label="Visual tokens", elem_id="method")
+                                      label="Visual tokens (Manual: pick patches on the map)", elem_id="method")
                     budget = gr.Radio([64, 128, 192], value=64, label="Budget per crop (dominant + contextual)")
                     with gr.Row():
                         units = vlm.family.units_per_crop  # the largest budget of one crop
@@ -349,51 +394,72 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                     gr.Markdown(sgl_note)
                     with gr.Row():
                         keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
-                                               interactive=small is not None, elem_id="keep_ratio")
+                                            interactive=small is not None, elem_id="keep_ratio")
                         prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
-                                                interactive=small is not None, elem_id="prune_layer")
+                                             interactive=small is not None, elem_id="prune_layer")
                     with gr.Row():
                         exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None,
                                               elem_id="exit_on")
                         threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
-                                              interactive=small is not None, elem_id="threshold")
+                                           interactive=small is not None, elem_id="threshold")
                         sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
                                               interactive=small is not None, elem_id="sgl_zip")
+                with gr.Accordion("Generation", open=False):
+                    new_tokens = Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1, label="max new tokens",
+                                        elem_id="max_new_tokens")
+                    with gr.Row():
+                        temperature = Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
+                                             label="temperature (0: greedy, so Compare is deterministic)")
+                        top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top_p")
             with gr.Column(scale=4):
+                view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"], value="kept",
+                                label="Map", elem_id="view")
                 caption = gr.Markdown(NO_IMAGE, elem_id="caption")
-                selection_map = gr.Image(label="Selection: dominant (outlined) and contextual groups (tinted)",
-                                         type="pil", interactive=False, elem_id="selection-map")
-                score_map = gr.Image(label="Selection score (attention)", type="pil", interactive=False,
-                                     elem_id="score-map")
-                importance_map = gr.Image(label="SGL: small model's importance (kept tokens outlined)", type="pil",
-                                          interactive=False, elem_id="importance-map", visible=False)
+                map_image = gr.Image(label="Click a patch: what it is", type="pil", interactive=False,
+                                     elem_id="map", buttons=["fullscreen", "download"])
+                info = gr.Markdown("", elem_id="patch-info")
+                with gr.Row(visible=method_default == "manual", elem_id="pick-row") as pick_row:
+                    radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)", elem_id="radius")
+                    from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
+                    no_picks = gr.Button("Clear picks", elem_id="clear-picks")
                 stats = gr.Markdown(format_stats(None), elem_id="stats")
         with gr.Row():
             compare_table = gr.Markdown(elem_id="compare-table")
-            compare_method = gr.Markdown(elem_id="compare-method")
-            compare_full = gr.Markdown(elem_id="compare-full")
+            compare_answers_md = gr.Markdown(elem_id="compare-answers")
         examples = json.loads((ASSETS / "examples.json").read_text())
         gr.Examples([[{"text": e["question"], "files": [str(ASSETS / e["image"])]}] for e in examples],
                     inputs=[textbox], label="Examples")
 
-        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles]
-        maps = [selection_map, score_map, importance_map, caption]
-        submitted = textbox.submit(add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state],
-                                   queue=False, api_name="add_message")
-        answering = submitted.then(respond, [chatbot, state], [chatbot, state, stats, *maps], api_name="respond")
-        # the textbox comes back whatever happened: after the answer, or after a failure that Gradio (or
-        # ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
-        answering.then(unlock, None, [textbox], api_name=False)
+        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles,
+                    new_tokens, temperature, top_p]
+        maps = [map_image, caption, view]
+        submitted = textbox.submit(add_message, [chatbot, textbox, state, *settings],
+                                   [chatbot, textbox, state, stop_btn], queue=False, api_name="add_message")
+        answering = submitted.then(respond, [chatbot, state, view], [chatbot, state, stats, *maps], api_name="respond")
+        # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
+        # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
+        answering.then(unlock, None, [textbox, stop_btn], api_name=False)
         for event in (submitted, answering):
-            event.failure(unlock, None, [textbox], api_name=False)
+            event.failure(unlock, None, [textbox, stop_btn], api_name=False)
         stop_btn.click(stop, state, None, queue=False, api_name="stop")
         budget.change(pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
         for control in settings:
-            control.change(apply_settings, [state, *settings], [state, *maps], api_name=f"settings_{control.elem_id}")
-        compare_btn.click(compare_answers, state, [compare_table, compare_method, compare_full], api_name="compare")
-        clear_btn.click(clear, state, [chatbot, state, textbox, *maps, stats, compare_table, compare_method,
-                                       compare_full], queue=False, api_name="clear")
+            control.change(apply_settings, [state, view, *settings], [state, *maps, pick_row],
+                           api_name=f"settings_{control.elem_id}")
+        view.change(show_view, [state, view], [map_image, caption], queue=False, api_name="view")
+        map_image.select(click_map, [state, view, radius], [state, map_image, caption, info], api_name="click")
+        from_zip.click(lambda s: set_picks(s, True), state, [state, map_image, caption, info], api_name="picks_visionzip")
+        no_picks.click(lambda s: set_picks(s, False), state, [state, map_image, caption, info], api_name="picks_clear")
+        compare_btn.click(compare_answers, state, [compare_table, compare_answers_md], api_name="compare")
+        clear_btn.click(clear, state, [chatbot, state, textbox, map_image, caption, view, stats, info, compare_table,
+                                       compare_answers_md, stop_btn], queue=False, api_name="clear")
     return demo
+
+
+def checked_radius(radius):
+    if radius is None or not isinstance(radius, (int, float)) or not 0 <= radius <= 5:
+        raise InputError("The brush is 0 to 5 patches around the click.")
+    return radius
 
 
 def launch_options() -> dict:
@@ -410,7 +476,8 @@ def main(argv=None):
     parser.add_argument("--small-model", default=env("ZIPCHAT_SMALL_MODEL", "auto"),
                         help="small model for SGL; 'auto' picks the preset's partner (llava-ov-7b -> llava-ov-0.5b), "
                              "'' disables SGL (default: $ZIPCHAT_SMALL_MODEL, else auto)")
-    parser.add_argument("--method", default=env("ZIPCHAT_METHOD", "visionzip"), choices=["full", "visionzip", "sgl"])
+    parser.add_argument("--method", default=env("ZIPCHAT_METHOD", "visionzip"),
+                        choices=["full", "visionzip", "sgl", "manual"])
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; Spaces set 0.0.0.0)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
 from .visionzip import gather, select
 
 
@@ -42,6 +43,9 @@ class Compression:
         share = 100 * self.num_tokens / self.full_tokens
         if self.method == "full":
             return f"all {self.num_tokens} visual tokens (no compression)"
+        if self.method == "manual":
+            return f"{self.num_tokens} patches picked by hand = {self.num_tokens} of {self.full_tokens} visual tokens " \
+                   f"({share:.0f}%)"
         kept = {(len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops}
         if kept == {(self.dominant_budget, self.contextual_budget)}:
             per_crop = f"{self.dominant_budget} dominant + {self.contextual_budget} contextual"
@@ -65,17 +69,23 @@ class Compression:
         return out
 
 
-def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0) -> tuple:
-    return ("full",) if method == "full" else ("visionzip", dominant, contextual, max_tiles)
+def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None) -> tuple:
+    if method == "full":
+        return ("full",)
+    if method == "manual":  # picks: {crop: units} of one image
+        return ("manual", max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
+    return ("visionzip", dominant, contextual, max_tiles)
 
 
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
-                 selection_from: Compression | None = None, max_tiles: int = 0) -> Compression:
+                 selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None
+                 ) -> Compression:
     """PIL image -> Compression. `method` "full" keeps every token exactly as transformers does.
     `selection_from`: reuse another model's VisionZip selection (same units and groups) on this
     model's features, so that two models of an SGL pair see the same tokens. `max_tiles` (> 0) caps
-    the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would."""
+    the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would.
+    `method` "manual": exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     prepared = family.prepare(image)
@@ -89,10 +99,23 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                            features, time.perf_counter() - start, full_map)
     out = family.encode(model, prepared, with_stats=selection_from is None)
+    if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
+        raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
     offset = 1 if family.has_cls else 0
     crops, selected, token_map = [], [], []
     for i, crop in enumerate(prepared.crops):
         x = out.units[i]  # (U, C)
+        if method == "manual":
+            units = np.array(sorted(set(picks.get(i, ()))), dtype=np.int64)
+            groups = np.full(crop.grid[0] * crop.grid[1], -2)  # -2: not sent
+            groups[units] = -1
+            info = CropInfo(crop.grid, crop.box, units, False, groups, out.scores[i, offset:].float().cpu().numpy(),
+                            np.zeros(0, dtype=np.int64))
+            crops.append(info)
+            if len(units):
+                selected.append(x[torch.as_tensor(units + offset, device=x.device)])
+                token_map += [(i, int(u), -1) for u in units]
+            continue
         if selection_from is None:
             d, c = family.budget(dominant, contextual, x.shape[0] - offset)
             sel = select(x, out.scores[i], out.keys[i], d, c, family.has_cls)
@@ -118,7 +141,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])
             crop_map, selected[-1] = [crop_map[k] for k in order], selected[-1][torch.tensor(order)]
         token_map += crop_map
-    if len({len(s) for s in selected}) == 1:  # the same budget in every crop: one batched projection
+    if len({len(s) for s in selected}) == 1 and method != "manual":  # the same budget in every crop: one batched projection
         features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
     else:
         features = torch.cat([family.project(model, s[None])[0] for s in selected])

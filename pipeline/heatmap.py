@@ -1,20 +1,31 @@
-"""Drawing a Compression onto its image: the selection map and the score heatmap.
+"""Maps of a Compression drawn on its image, and what a click on a map points at.
 
-Both return PIL images (never file paths). Every crop is drawn at its place on the original image:
-LLaVA-1.5's centre square, or OneVision's base image (left panel) and anyres tiles (right panel).
-Work is done per patch in numpy and upsampled with NEAREST, so a 729-patch crop costs a few ms.
+Views (`VIEWS`), all on one canvas with every crop at its place on the photo (the whole image above;
+anyres tiles below it, with the processor's padding cut off):
+- kept: the photo; the patches the LLM receives as themselves (dominant, or picked by hand) clear,
+  every other patch faded towards white, each contextual token's target ringed;
+- groups: the contextual groups, one colour each over the photo, with a legend "token k merged n";
+- scores: the attention VisionZip selected by, over the photo, with a colour bar;
+- importance: after an SGL turn, the small model's importance, the tokens the large model keeps outlined.
+Work is per patch in numpy, upsampled with NEAREST; a panel is up to 900x600 pixels so a patch is
+several pixels, and very thin images are stretched to a readable height.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-DIM = 0.3  # brightness kept by a non-dominant patch
-TINT = 0.45  # weight of its contextual group's colour
-OUTLINE = (255, 230, 0)  # dominant patch outline
-TARGET = (255, 255, 255)  # dot on each contextual token's target patch
-PANEL_SIDE = 560  # longest side of a panel, in pixels
-GAP = 12
+VIEWS = ("kept", "groups", "scores", "importance")
+FADE = 0.7  # share of white over a patch the LLM does not receive as itself
+TINT = 0.5  # share of a group's colour over its patches
+PANEL_HEIGHT = 600  # at most, pixels: a 384 px tile of 27 patches gets 17 pixels a patch
+MAX_WIDTH = 900  # of a panel; the panels are stacked (whole image above the tiles) to fit a page's column
+MIN_SIDE = 48  # a panel is at least this many pixels on its short side (thin images are stretched)
+GAP, TITLE = 12, 18
+TARGET = (255, 140, 0)  # ring on a contextual token's target patch
+KEPT_OUTLINE = (255, 255, 255)
 
 
 def group_colours(n: int) -> np.ndarray:
@@ -23,204 +34,272 @@ def group_colours(n: int) -> np.ndarray:
     return (np.array([cmap(i % cmap.N)[:3] for i in range(max(n, 1))]) * 255).astype(np.uint8)
 
 
-def panels(comp):
-    """-> [(title, [crop indices])]: one panel for a single crop; else one for the crop(s) showing the
+@dataclass
+class Panel:
+    title: str
+    crops: list  # crop indices drawn here
+    region: tuple  # (x0, y0, x1, y1): the part of the original image shown
+    origin: tuple  # (x, y) of the panel on the canvas (top-left of the photo, below the title)
+    scale: tuple  # (sx, sy) canvas pixels per original pixel
+
+    @property
+    def size(self) -> tuple:
+        x0, y0, x1, y1 = self.region
+        return max(1, round((x1 - x0) * self.scale[0])), max(1, round((y1 - y0) * self.scale[1]))
+
+
+def layout(comp) -> list:
+    """The panels of a Compression's canvas: one for a single crop; else one for the crop(s) showing the
     whole image (LLaVA's base image, InternVL's thumbnail) and one for the tiles."""
-    if len(comp.crops) == 1:
-        return [("image", [0])]
     h, w = comp.image_size
-    whole = [i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)]
-    tiles = [i for i in range(len(comp.crops)) if i not in whole]
-    return [("whole image", whole), (f"{len(tiles)} tiles", tiles)]
+    if len(comp.crops) == 1:
+        groups = [("image", [0])]
+    else:
+        whole = [i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)]
+        tiles = [i for i in range(len(comp.crops)) if i not in whole]
+        groups = [("whole image", whole), (f"{len(tiles)} tiles", tiles)]
+    panels, y = [], TITLE
+    for title, idx in groups:
+        boxes = [comp.crops[i].box for i in idx]
+        region = (max(0.0, min(b[0] for b in boxes)), max(0.0, min(b[1] for b in boxes)),
+                  min(float(w), max(b[2] for b in boxes)), min(float(h), max(b[3] for b in boxes)))
+        rw, rh = region[2] - region[0], region[3] - region[1]
+        s = min(PANEL_HEIGHT / rh, MAX_WIDTH / rw)
+        sx, sy = max(s, MIN_SIDE / rw), max(s, MIN_SIDE / rh)  # stretch a very thin image to be seen
+        panel = Panel(title, idx, region, (0, y), (sx, sy))
+        panels.append(panel)
+        y += panel.size[1] + GAP + TITLE
+    return panels
 
 
-def _canvas(image: Image.Image, crops):
-    """Region of the image covered by these crops (clipped), scaled to PANEL_SIDE."""
-    x0 = max(0.0, min(c.box[0] for c in crops))
-    y0 = max(0.0, min(c.box[1] for c in crops))
-    x1 = min(float(image.width), max(c.box[2] for c in crops))
-    y1 = min(float(image.height), max(c.box[3] for c in crops))
-    scale = PANEL_SIDE / max(x1 - x0, y1 - y0)
-    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
-    region = image.crop((round(x0), round(y0), round(x1), round(y1))).resize(size, Image.BILINEAR)
-    return np.asarray(region, dtype=np.float32), (x0, y0, scale)
-
-
-def _patch_rects(crop, origin):
-    """(rows, cols, 4) pixel rectangles of every patch of a crop on the panel (unclipped)."""
-    x0, y0, scale = origin
+def unit_rects(panel: Panel, crop) -> np.ndarray:
+    """(rows, cols, 4) canvas rectangles (x0, y0, x1, y1) of a crop's units (may extend past the panel
+    where the crop covers the processor's padding)."""
     rows, cols = crop.grid
-    bx0, by0, bx1, by1 = [(v - o) * scale for v, o in zip(crop.box, (x0, y0, x0, y0))]
-    xs = bx0 + (bx1 - bx0) * np.arange(cols + 1) / cols
-    ys = by0 + (by1 - by0) * np.arange(rows + 1) / rows
+    (ox, oy), (sx, sy), (rx, ry) = panel.origin, panel.scale, panel.region[:2]
+    bx0, by0, bx1, by1 = crop.box
+    xs = ox + ((bx0 + (bx1 - bx0) * np.arange(cols + 1) / cols) - rx) * sx
+    ys = oy + ((by0 + (by1 - by0) * np.arange(rows + 1) / rows) - ry) * sy
     rect = np.zeros((rows, cols, 4))
     rect[..., 0], rect[..., 2] = xs[None, :-1], xs[None, 1:]
     rect[..., 1], rect[..., 3] = ys[:-1, None], ys[1:, None]
     return rect
 
 
-def _paint(canvas, crop, origin, per_patch):
-    """Blend a (rows, cols, 3) float image into the crop's box on the canvas (padding clipped)."""
-    rect = _patch_rects(crop, origin)
-    x0, y0 = rect[0, 0, 0], rect[0, 0, 1]
-    x1, y1 = rect[-1, -1, 2], rect[-1, -1, 3]
-    w, h = max(1, round(x1 - x0)), max(1, round(y1 - y0))
-    up = np.asarray(Image.fromarray(per_patch.astype(np.uint8)).resize((w, h), Image.NEAREST), dtype=np.float32)
-    cx0, cy0 = round(x0), round(y0)
-    H, W = canvas.shape[:2]
-    sx0, sy0 = max(0, -cx0), max(0, -cy0)
-    dx0, dy0 = max(0, cx0), max(0, cy0)
-    dx1, dy1 = min(W, cx0 + w), min(H, cy0 + h)
-    if dx1 > dx0 and dy1 > dy0:
-        canvas[dy0:dy1, dx0:dx1] = up[sy0:sy0 + dy1 - dy0, sx0:sx0 + dx1 - dx0]
+def render_map(image: Image.Image, comp, view: str = "kept", importance=None, kept=None) -> Image.Image:
+    """One view of a Compression (see VIEWS). `importance`, `kept`: per visual token of this image
+    (SGL's guidance), for the "importance" view."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}")
+    panels = layout(comp)
+    width = max(p.size[0] for p in panels)
+    height = max(p.origin[1] + p.size[1] for p in panels)
+    photo = np.full((height, width, 3), 255.0, dtype=np.float32)
+    for p in panels:
+        (ox, oy), (pw, ph) = p.origin, p.size
+        region = image.crop(tuple(round(v) for v in p.region)).resize((pw, ph), Image.BILINEAR)
+        photo[oy:oy + ph, ox:ox + pw] = np.asarray(region, dtype=np.float32)
+    legend, bar = None, None
+    if view == "kept":
+        canvas = _kept(photo, comp, panels)
+    elif view == "groups":
+        canvas, legend = _groups(photo, comp, panels)
+    else:
+        if view == "scores":
+            values = [c.scores if c.scores is not None else np.full(c.grid[0] * c.grid[1], np.nan) for c in comp.crops]
+            outline = None
+        elif importance is None:
+            raise ValueError("the importance view needs the SGL guidance of this image")
+        else:
+            values = comp.per_patch(np.asarray(importance, dtype=np.float64))
+            outline = [np.nan_to_num(k) > 0.5 for k in comp.per_patch(np.asarray(kept, dtype=np.float64))]
+        canvas, bar = _values(photo, comp, panels, values, "viridis" if view == "importance" else "inferno",
+                              outline)
+    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for p in panels:
+        draw.text((p.origin[0] + 2, p.origin[1] - TITLE + 3), p.title, fill=(60, 60, 60))
+    if view == "kept" or view == "groups":
+        _rings(draw, comp, panels)
+    if view == "importance" and outline is not None:
+        _outlines(draw, comp, panels, outline)
+    if bar is not None:
+        out = _beside(out, bar)
+    if legend is not None:
+        out = _below(out, legend)
+    return out
 
 
-def _patch_means(pixels, crop, origin):
-    """Original colour at each patch centre (rows, cols, 3), for compositing per patch."""
-    rect = _patch_rects(crop, origin)
-    cx = np.clip(((rect[..., 0] + rect[..., 2]) / 2).astype(int), 0, pixels.shape[1] - 1)
-    cy = np.clip(((rect[..., 1] + rect[..., 3]) / 2).astype(int), 0, pixels.shape[0] - 1)
-    return cx, cy
+def _paint(target: np.ndarray, comp, panels, per_unit) -> np.ndarray:
+    """Paint a per-unit array (rows, cols, k) of every crop into the canvas (NEAREST), clipped to each
+    panel's photo. -> (H, W, k) array, NaN where no unit was painted."""
+    k = per_unit(0).shape[-1]
+    out = np.full(target.shape[:2] + (k,), np.nan, dtype=np.float32)
+    for p in panels:
+        (ox, oy), (pw, ph) = p.origin, p.size
+        for i in p.crops:
+            rect = unit_rects(p, comp.crops[i])
+            x0, y0, x1, y1 = rect[0, 0, 0], rect[0, 0, 1], rect[-1, -1, 2], rect[-1, -1, 3]
+            w, h = max(1, round(x1 - x0)), max(1, round(y1 - y0))
+            values = per_unit(i).astype(np.float32)  # (rows, cols, k)
+            up = np.stack([np.asarray(Image.fromarray(values[..., j], mode="F").resize((w, h), Image.NEAREST))
+                           for j in range(k)], -1)
+            cx0, cy0 = round(x0), round(y0)
+            dx0, dy0 = max(ox, cx0), max(oy, cy0)
+            dx1, dy1 = min(ox + pw, cx0 + w), min(oy + ph, cy0 + h)
+            if dx1 > dx0 and dy1 > dy0:
+                out[dy0:dy1, dx0:dx1] = up[dy0 - cy0:dy1 - cy0, dx0 - cx0:dx1 - cx0]
+    return out
 
 
-def render_selection(image: Image.Image, comp) -> Image.Image:
-    """Dominant patches bright with an outline; every other patch dimmed and tinted by the
-    contextual token it merged into (one colour per contextual token); targets dotted."""
-    out = []
-    colours = group_colours(max(comp.contextual_budget, 1)).astype(np.float32)
-    for title, idx in panels(comp):
-        crops = [comp.crops[i] for i in idx]
-        original, origin = _canvas(image, crops)
-        if comp.method == "full":  # every token is kept: the crops as the model sees them, unmarked
-            panel = Image.fromarray(original.astype(np.uint8))
-            out.append(_label(panel, title) if len(comp.crops) > 1 else panel)
-            continue
-        canvas = original.copy()
-        for crop in crops:
-            rows, cols = crop.grid
-            groups = crop.groups.reshape(rows, cols)
-            # per patch: 1 keeps the pixel; otherwise DIM * pixel + TINT * colour (applied per pixel below)
-            keep = (groups < 0).astype(np.float32)[..., None]
-            tint = np.where(groups[..., None] >= 0, colours[np.clip(groups, 0, None) % len(colours)], 0)
-            mask = np.dstack([keep[..., 0] * 255] * 3)
-            tint_img = np.zeros_like(canvas)
-            mask_img = np.zeros_like(canvas)
-            _paint(tint_img, crop, origin, tint)
-            _paint(mask_img, crop, origin, mask)
-            _blend_inside(canvas, original, tint_img, mask_img, crop, origin)
-        panel = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(panel)
-        for crop in crops:
-            rect = _patch_rects(crop, origin)
-            rows, cols = crop.grid
-            for p in crop.dominant:
-                r, c = divmod(int(p), cols)
-                _outline(draw, rect[r, c], OUTLINE)
-            for t in crop.targets:
-                if t >= 0:
-                    r, c = divmod(int(t), cols)
-                    x0, y0, x1, y1 = rect[r, c]
-                    cx, cy, rad = (x0 + x1) / 2, (y0 + y1) / 2, max(1.5, (x1 - x0) / 5)
-                    draw.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=TARGET)
-        out.append(_label(panel, title) if len(comp.crops) > 1 else panel)
-    return _side_by_side(out)
+def _kept(photo, comp, panels):
+    def faded(i):
+        c = comp.crops[i]
+        return (c.groups.reshape(c.grid) != -1).astype(np.float32)[..., None]  # 1: not sent as itself
+    if comp.method == "full":
+        return photo
+    fade = np.nan_to_num(_paint(photo, comp, panels, faded))
+    return photo * (1 - FADE * fade) + 255 * FADE * fade
 
 
-def _outline(draw, rect, colour):
-    """A 1-pixel outline on the patch's own pixels (edges rounded, so neighbours never overlap). A patch
-    less than a pixel wide or high (a very thin image) becomes a line or a dot."""
-    x0, y0, x1, y1 = (round(v) for v in rect)
-    draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=1)
+def _groups(photo, comp, panels):
+    """Each contextual token's patches in its colour over the photo; a legend of the merged counts."""
+    colours = group_colours(max(1, max((len(c.targets) for c in comp.crops), default=1))).astype(np.float32)
+
+    def tint(i):
+        c = comp.crops[i]
+        g = c.groups.reshape(c.grid)
+        return np.where(g[..., None] >= 0, colours[np.clip(g, 0, None) % len(colours)], np.nan)
+    painted = _paint(photo, comp, panels, tint)
+    has = np.isfinite(painted[..., :1])
+    canvas = np.where(has, (1 - TINT) * photo + TINT * np.nan_to_num(painted), photo)
+    entries = []
+    for i, c in enumerate(comp.crops):
+        for g in range(len(c.targets)):
+            token = int(np.flatnonzero((comp.token_map[:, 0] == i) & (comp.token_map[:, 2] == g))[0])
+            entries.append((colours[g % len(colours)], f"token {token} merged {int((c.groups == g).sum())}"
+                            + (f" (crop {i})" if len(comp.crops) > 1 else "")))
+    return canvas, _legend(entries, canvas.shape[1])
 
 
-def _blend_inside(canvas, original, tint_img, mask_img, crop, origin):
-    """Inside the crop's box: keep original where mask, else DIM*original + TINT*tint."""
-    rect = _patch_rects(crop, origin)
-    H, W = canvas.shape[:2]
-    x0, y0 = max(0, round(rect[0, 0, 0])), max(0, round(rect[0, 0, 1]))
-    x1, y1 = min(W, round(rect[-1, -1, 2])), min(H, round(rect[-1, -1, 3]))
-    if x1 <= x0 or y1 <= y0:
-        return
-    o = original[y0:y1, x0:x1]
-    keep = mask_img[y0:y1, x0:x1, :1] / 255.0
-    dimmed = np.clip(DIM * o + TINT * tint_img[y0:y1, x0:x1], 0, 255)
-    canvas[y0:y1, x0:x1] = keep * o + (1 - keep) * dimmed
-
-
-def render_scores(image: Image.Image, comp, cmap: str = "inferno") -> Image.Image | None:
-    """The selection score of every patch (CLS attention, or mean attention received) over the
-    image, with a colour bar. None when the compression has no scores (method "full")."""
-    if comp.crops[0].scores is None:
-        return None
-    return _render_values(image, comp, [c.scores for c in comp.crops], cmap, "score")
-
-
-def render_importance(image: Image.Image, comp, importance: np.ndarray, kept: np.ndarray,
-                      cmap: str = "viridis") -> Image.Image:
-    """SGL: the small model's importance of each visual token spread over the patches it covers
-    (a contextual token covers its whole group), with the tokens the large model keeps outlined."""
-    values = comp.per_patch(np.asarray(importance, dtype=np.float64))
-    kept_patches = [np.nan_to_num(k) > 0.5 for k in comp.per_patch(np.asarray(kept, dtype=np.float64))]
-    return _render_values(image, comp, values, cmap, "importance", outline=kept_patches)
-
-
-def _render_values(image, comp, per_crop: list, cmap: str, label: str, outline: list | None = None):
-    """Colour each patch by its value (NaN: left dark), optionally outline patches, plus a colour bar."""
-    finite = np.concatenate([v[np.isfinite(v)] for v in per_crop])
+def _values(photo, comp, panels, values, cmap, outline):
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
     vmin, vmax = (float(finite.min()), float(np.percentile(finite, 99.5))) if finite.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1e-9
     lut = (colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
-    out = []
-    for title, idx in panels(comp):
-        original, origin = _canvas(image, [comp.crops[i] for i in idx])
-        canvas = original * 0.25
-        for i in idx:
-            crop = comp.crops[i]
-            values = per_crop[i]
-            level = np.clip((np.nan_to_num(values, nan=vmin) - vmin) / (vmax - vmin), 0, 1).reshape(crop.grid)
-            heat = np.where(np.isfinite(values).reshape(*crop.grid, 1), lut[(level * 255).astype(int)], 0)
-            _paint(canvas, crop, origin, heat)
-        panel = Image.fromarray((0.2 * original + 0.8 * canvas).clip(0, 255).astype(np.uint8))
-        if outline is not None:
-            draw = ImageDraw.Draw(panel)
-            for i in idx:
-                rect = _patch_rects(comp.crops[i], origin)
-                cols = comp.crops[i].grid[1]
-                for p in np.flatnonzero(outline[i]):
-                    _outline(draw, rect[divmod(int(p), cols)], (255, 255, 255))
-        out.append(_label(panel, title))
-    return _side_by_side(out + [_colour_bar(lut, vmin, vmax, out[0].height, label)])
+
+    def heat(i):
+        c = comp.crops[i]
+        v = np.asarray(values[i], dtype=np.float64).reshape(c.grid)
+        level = np.clip((np.nan_to_num(v, nan=vmin) - vmin) / (vmax - vmin), 0, 1)
+        return np.where(np.isfinite(v)[..., None], lut[(level * 255).astype(int)], np.nan)
+    painted = _paint(photo, comp, panels, heat)
+    has = np.isfinite(painted[..., :1])
+    canvas = np.where(has, 0.35 * photo + 0.65 * np.nan_to_num(painted), photo * 0.5 + 127)
+    return canvas, _colour_bar(lut, vmin, vmax, canvas.shape[0], "importance" if cmap == "viridis" else "score")
 
 
-def _colour_bar(lut, vmin, vmax, height, label="score"):
-    bar_w, pad = 18, 6
+def _rings(draw, comp, panels):
+    """A ring on each contextual token's target patch."""
+    for p in panels:
+        for i in p.crops:
+            c = comp.crops[i]
+            rect = unit_rects(p, c)
+            for t in c.targets:
+                if t < 0:
+                    continue
+                x0, y0, x1, y1 = rect[divmod(int(t), c.grid[1])]
+                cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.0, min(x1 - x0, y1 - y0) / 2.5)
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=TARGET, width=2)
+
+
+def _outlines(draw, comp, panels, masks):
+    for p in panels:
+        for i in p.crops:
+            rect = unit_rects(p, comp.crops[i])
+            for u in np.flatnonzero(masks[i]):
+                x0, y0, x1, y1 = (round(v) for v in rect[divmod(int(u), comp.crops[i].grid[1])])
+                draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=KEPT_OUTLINE, width=1)
+
+
+def _colour_bar(lut, vmin, vmax, height, label):
+    bar_w, pad = 16, 6
     height = max(height, 96)  # readable beside a very flat panel
-    bar = Image.new("RGB", (bar_w + 70, height), (255, 255, 255))
-    grad = lut[::-1][np.linspace(0, 255, height - 2 * pad).astype(int)]
-    strip = np.repeat(grad[:, None, :], bar_w, axis=1).astype(np.uint8)
-    bar.paste(Image.fromarray(strip), (pad, pad))
+    bar = Image.new("RGB", (bar_w + 80, height), (255, 255, 255))
+    grad = lut[::-1][np.linspace(0, 255, height - 2 * pad - TITLE).astype(int)]
+    bar.paste(Image.fromarray(np.repeat(grad[:, None, :], bar_w, axis=1).astype(np.uint8)), (pad, pad + TITLE))
     draw = ImageDraw.Draw(bar)
-    draw.text((bar_w + 2 * pad, pad), f"{vmax:.3g}", fill=(0, 0, 0))
+    draw.text((bar_w + 2 * pad, pad + TITLE), f"{vmax:.3g}", fill=(0, 0, 0))
     draw.text((bar_w + 2 * pad, height - pad - 12), f"{vmin:.3g}", fill=(0, 0, 0))
-    draw.text((bar_w + 2 * pad, height // 2 - 6), label, fill=(0, 0, 0))
+    draw.text((pad, 3), label, fill=(0, 0, 0))
     return bar
 
 
-def _label(panel, text):
-    """A small caption in the bottom-left corner (away from patch centres we check in tests)."""
-    draw = ImageDraw.Draw(panel)
-    w = 7 * len(text) + 8
-    draw.rectangle([0, panel.height - 18, w, panel.height], fill=(0, 0, 0))
-    draw.text((4, panel.height - 15), text, fill=(255, 255, 255))
-    return panel
+def _legend(entries, width, row_h=16, col_w=190):
+    cols = max(1, width // col_w)
+    rows = (len(entries) + cols - 1) // cols
+    legend = Image.new("RGB", (max(width, col_w), 6 + rows * row_h), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for n, (colour, text) in enumerate(entries):
+        x, y = (n % cols) * col_w + 4, 4 + (n // cols) * row_h
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(v) for v in colour))
+        draw.text((x + 14, y), text, fill=(0, 0, 0))
+    return legend
 
 
-def _side_by_side(images):
-    width = sum(im.width for im in images) + GAP * (len(images) - 1)
-    height = max(im.height for im in images)
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    x = 0
-    for im in images:
-        sheet.paste(im, (x, 0))
-        x += im.width + GAP
+def _beside(a, b):
+    sheet = Image.new("RGB", (a.width + GAP + b.width, max(a.height, b.height)), (255, 255, 255))
+    sheet.paste(a, (0, 0))
+    sheet.paste(b, (a.width + GAP, 0))
     return sheet
+
+
+def _below(a, b):
+    sheet = Image.new("RGB", (max(a.width, b.width), a.height + b.height), (255, 255, 255))
+    sheet.paste(a, (0, 0))
+    sheet.paste(b, (0, a.height))
+    return sheet
+
+
+def hit(comp, x: float, y: float):
+    """The unit under canvas point (x, y) of a map of `comp` -> (crop index, unit index), or None."""
+    for p in layout(comp):
+        (ox, oy), (pw, ph) = p.origin, p.size
+        if not (ox <= x < ox + pw and oy <= y < oy + ph):
+            continue
+        for i in p.crops:
+            rect = unit_rects(p, comp.crops[i])
+            rows, cols = comp.crops[i].grid
+            c = np.searchsorted(rect[0, :, 2], x, side="right")
+            r = np.searchsorted(rect[:, 0, 3], y, side="right")
+            if rect[0, 0, 0] <= x < rect[0, -1, 2] and rect[0, 0, 1] <= y < rect[-1, 0, 3] and r < rows and c < cols:
+                return i, int(r * cols + c)
+    return None
+
+
+def describe(comp, crop: int, unit: int, importance=None) -> str:
+    """What one unit of a map is: the token it is (or joined), its score and rank."""
+    c = comp.crops[crop]
+    rows, cols = c.grid
+    where = (f"crop {crop}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
+    group = int(c.groups[unit])
+    if comp.method == "full":
+        what = "sent as itself (all tokens)"
+    elif group == -1:
+        kind = "picked" if comp.method == "manual" else "dominant"
+        what = f"{kind}: sent as itself"
+    elif group == -2:
+        what = "not sent (not picked)"
+    else:
+        merged = int((c.groups == group).sum())
+        role = "its target" if group < len(c.targets) and c.targets[group] == unit else "merged into it"
+        what = f"contextual token {group} of this crop ({merged} units; {role})"
+    text = f"**{where}**: {what}"
+    if c.scores is not None:
+        rank = int((c.scores > c.scores[unit]).sum()) + 1
+        text += f"; score {c.scores[unit]:.4g}, rank {rank} of {rows * cols}"
+    if importance is not None:
+        value = comp.per_patch(np.asarray(importance, dtype=np.float64))[crop][unit]
+        if np.isfinite(value):
+            text += f"; SGL importance {value:.4g}"
+    return text

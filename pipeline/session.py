@@ -38,7 +38,7 @@ from .state import ChatState, Settings, Turn
 from .stopflag import StopFlag
 from .visionzip import check_budget
 
-METHODS = ("full", "visionzip", "sgl")
+METHODS = ("full", "visionzip", "sgl", "manual")
 UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
 
@@ -157,7 +157,7 @@ class ChatSession:
         temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
         top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
         max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
-        if (sgl_tokens if method == "sgl" else method) != "full":
+        if (sgl_tokens if method == "sgl" else method) == "visionzip":
             check_budget(dominant, contextual, self.vlm.family.units_per_crop, self.vlm.family.has_cls)
         self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
                                       keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
@@ -170,9 +170,9 @@ class ChatSession:
         s = self.settings
         return s.sgl_tokens if s.method == "sgl" else s.method
 
-    def _method_key(self):
+    def _method_key(self, key: str):
         s = self.settings
-        return method_key(self.visual_method, s.dominant, s.contextual, s.max_tiles)
+        return method_key(self.visual_method, s.dominant, s.contextual, s.max_tiles, self.state.picks.get(key))
 
     def reset(self):
         """Forget the conversation, images and caches (the settings stay)."""
@@ -202,26 +202,101 @@ class ChatSession:
         """(PIL image, Compression for the current method) of the latest image, or None. Without
         `compress`, None also when that compression is not cached yet."""
         key = self.state.last_image_key
-        if key is None or not (compress or self._cached(key)):
+        if key is None:
+            return None
+        if self.settings.method == "manual":  # the picks drawn on VisionZip's crops: no model runs for a click
+            if not (compress or self._layout_cached(key)):
+                return None
+            return self.state.images[key], self.pick_view(key)
+        if not (compress or self._cached(key)):
             return None
         return self.state.images[key], self.compression(key)
 
+    def pick_view(self, key: str) -> Compression:
+        """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
+        others not sent); its features are not the model's (use `compression` for those)."""
+        layout = self._layout(key)
+        picks = self.state.picks.get(key, {})
+        crops = []
+        for i, c in enumerate(layout.crops):
+            units = np.array(sorted(picks.get(i, ())), dtype=np.int64)
+            groups = np.full(c.grid[0] * c.grid[1], -2)
+            groups[units] = -1
+            crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+        token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
+        return replace(layout, method="manual", crops=crops, num_tokens=len(token_map), token_map=token_map,
+                       features=layout.features[:0])
+
+    def set_picks(self, picks: dict, key: str | None = None):
+        """The units the "manual" method sends for an image ({crop: [unit, ...]}; default: the latest
+        image), checked against the image's crops as the maps show them."""
+        key = key or self.state.last_image_key
+        if key is None:
+            raise InputError("Upload an image first, then pick its patches.")
+        grids = [c.grid for c in self._layout(key).crops]
+        clean = {}
+        for crop, units in (picks or {}).items():
+            crop = checked("crop", crop, 0, len(grids) - 1, integer=True)
+            n = grids[crop][0] * grids[crop][1]
+            clean[crop] = sorted({checked("unit", u, 0, n - 1, integer=True) for u in units})
+        self.state.picks = dict(self.state.picks, **{key: {c: u for c, u in clean.items() if u}})
+
+    def toggle_pick(self, crop: int, unit: int, radius: int = 0, key: str | None = None) -> int:
+        """Pick (or unpick, if it is picked) a unit and the (2 radius + 1)^2 block around it.
+        -> the number of units picked for the image."""
+        key = key or self.state.last_image_key
+        rows, cols = self._layout(key).crops[crop].grid
+        r0, c0 = divmod(unit, cols)
+        block = {r * cols + c for r in range(max(0, r0 - radius), min(rows, r0 + radius + 1))
+                 for c in range(max(0, c0 - radius), min(cols, c0 + radius + 1))}
+        picks = {c: set(u) for c, u in self.state.picks.get(key, {}).items()}
+        current = picks.setdefault(crop, set())
+        picks[crop] = current - block if unit in current else current | block
+        self.set_picks({c: sorted(u) for c, u in picks.items()}, key)
+        return sum(len(u) for u in self.state.picks.get(key, {}).values())
+
+    def picks_from_visionzip(self, key: str | None = None) -> int:
+        """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
+        key = key or self.state.last_image_key
+        comp = self._layout(key)
+        self.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
+                        for i, c in enumerate(comp.crops)}, key)
+        return sum(len(u) for u in self.state.picks[key].values())
+
+    def _layout_key(self, key: str) -> tuple:
+        s = self.settings
+        return key, method_key("visionzip", s.dominant, s.contextual, s.max_tiles), self.vlm.name
+
+    def _layout_cached(self, key: str) -> bool:
+        return self._layout_key(key) in self.state.compressions
+
+    def _layout(self, key: str) -> Compression:
+        """The image's compression under VisionZip's settings (same crops as the manual method's)."""
+        s = self.settings
+        ck = self._layout_key(key)
+        if ck not in self.state.compressions:
+            comp = encode_image(self.vlm, self.state.images[key], "visionzip", s.dominant, s.contextual,
+                                max_tiles=s.max_tiles)
+            comp.features = comp.features.cpu()
+            self.state.compressions[ck] = comp
+        return self.state.compressions[ck]
+
     def _cached(self, key, lane: str = "large") -> bool:
         vlm = self.vlm if lane == "large" else self.small
-        return (key, self._method_key(), vlm.name) in self.state.compressions
+        return (key, self._method_key(key), vlm.name) in self.state.compressions
 
     def compression(self, key, lane: str = "large") -> Compression:
         """The Compression of image `key` for the current method and `lane`'s model, encoded once."""
         st = self.state
         vlm = self.vlm if lane == "large" else self.small
-        ck = (key, self._method_key(), vlm.name)
+        ck = (key, self._method_key(key), vlm.name)
         if ck in st.compressions:
             st.compressions.move_to_end(ck)
             return st.compressions[ck]
         s = self.settings
         if lane == "large":
             comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
-                                max_tiles=s.max_tiles)
+                                max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
             selection = self.compression(key) if self.visual_method == "visionzip" else None
             comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
@@ -365,7 +440,7 @@ class ChatSession:
                 comp = self.compression(value, lane)
                 comps.append(comp)
                 image_ids = vlm.family.image_ids(comp.num_tokens, vlm.image_token_id)  # markers around, if any
-                units.append(Unit(("i", value) + self._method_key(), len(ids), len(ids) + len(image_ids),
+                units.append(Unit(("i", value) + self._method_key(value), len(ids), len(ids) + len(image_ids),
                                   comp.features, comp))
                 ids.extend(image_ids)
         return ids, units, comps
@@ -421,9 +496,11 @@ class ChatSession:
     # ---- SGL (the turn itself is in sgl.py) ----------------------------------------------------
     def guidance_view(self):
         """(PIL image, its Compression, per-token importance, per-token kept mask) of the latest
-        image for the last SGL turn, or None."""
+        image for the last SGL turn, while the method is still SGL with the same tokens, or None.
+        No model runs here."""
         t, key = self.state.last_turn, self.state.last_image_key
-        if t is None or t.guidance is None or key not in t.guidance.image_spans:
+        if (t is None or t.guidance is None or key not in t.guidance.image_spans or self.settings.method != "sgl"
+                or not self._cached(key)):
             return None
         start, end = t.guidance.image_spans[key]
         kept = np.zeros(len(t.guidance.importance), dtype=bool)
@@ -447,12 +524,13 @@ def checked(name: str, value, low: float, high: float, integer: bool = False):
 def compare(session: ChatSession, methods: list | None = None, max_new_tokens: int | None = None) -> list:
     """Re-answer the last question once per method from the same history (no KV cache, nothing of
     the session changed). Default: the session's method and "full" ("visionzip" when the session
-    is already "full"). -> [(method, answer, TurnStats)]."""
+    is already "full"; "manual" is compared with VisionZip and full). -> [(method, answer, TurnStats)]."""
     st = session.state
     if not st.turns:
         raise InputError("Ask a question first; then it can be compared with the full model.")
     if methods is None:
-        methods = [st.settings.method, "visionzip" if st.settings.method == "full" else "full"]
+        methods = {"full": ["full", "visionzip"], "manual": ["manual", "visionzip", "full"]}.get(
+            st.settings.method, [st.settings.method, "full"])
     results = []
     for method in methods:
         other_state = copy.copy(st)

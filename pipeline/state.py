@@ -50,5 +50,6 @@ class ChatState:
     images: dict = field(default_factory=dict)  # image key -> PIL image (kept to re-compress)
     compressions: OrderedDict = field(default_factory=OrderedDict)  # (key, method, model) -> Compression
     cache_bytes: int = 1 << 30  # bound of `compressions` (LRU by bytes)
+    picks: dict = field(default_factory=dict)  # image key -> {crop: [units]} the "manual" method sends
     last_image_key: str | None = None
     last_turn: object = None  # TurnStats of the latest turn

@@ -29,12 +29,12 @@ def texts(history):
     return [(m["role"], part["text"]) for m in history for part in m["content"] if part.get("type") == "text"]
 
 
-def send(client, history, text, files=(), settings=VISIONZIP):
-    """One user message through both events -> (history, stats, selection map, caption)."""
+def send(client, history, text, files=(), settings=VISIONZIP, view="kept"):
+    """One user message through both events -> (history, stats, map, caption)."""
     history = client.predict(resend(history), {"text": text, "files": [handle_file(f) for f in files]}, *settings,
                              api_name="/add_message")[0]
-    history, stats, selection, _, _, caption = client.predict(resend(history), api_name="/respond")
-    return history, stats, selection, caption
+    history, stats, shown, caption, _ = client.predict(resend(history), view, api_name="/respond")
+    return history, stats, shown, caption
 
 
 def stat(stats: str, row: str) -> str:

@@ -44,11 +44,12 @@ def test_image_first_then_question(url):
 def test_method_switch_applies_next_turn(url):
     c = Client(url, verbose=False)
     history, stats, _, _ = send(c, [], "What is it?", [CAT])
-    sel, score, _, caption = c.predict("Full", 54, 10, 0.35, 0.4, True, 0.8, False, api_name="/settings_method")
-    assert "all 576 visual tokens" in caption and score is None
+    shown, caption, _ = c.predict("scores", "Full", 54, 10, 0.35, 0.4, True, 0.8, False, api_name="/settings_method")
+    assert "all 576 visual tokens" in caption and shown  # (full has no scores: the kept view is drawn)
     history, stats, _, _ = send(c, history, "Again?", settings=("Full",) + VISIONZIP[1:])
     assert stat(stats, "visual tokens to the LLM") == "576 of 576" and stat(stats, "image") == "re-used (compressed once)"
-    sel, score, _, caption = c.predict("VisionZip", 108, 20, 0.35, 0.4, True, 0.8, False, api_name="/settings_dominant")
+    shown, caption, _ = c.predict("kept", "VisionZip", 108, 20, 0.35, 0.4, True, 0.8, False,
+                                  api_name="/settings_dominant")
     assert "108 dominant + 20 contextual = 128 of 576" in caption
 
 
@@ -56,13 +57,13 @@ def test_method_switch_applies_next_turn(url):
 def test_compare(url, method):
     c = Client(url, verbose=False)
     send(c, [], "What is it?", [CAT], settings=(method,) + VISIONZIP[1:])
-    table, first, second = c.predict(api_name="/compare")
+    table, answers = c.predict(api_name="/compare")
     if method == "VisionZip":
         assert "| visual tokens | 64 | 576 |" in table and "| | visionzip | full |" in table
-        assert first.startswith("**visionzip:**") and second.startswith("**full:**")
+        assert answers.startswith("**visionzip:**") and "\n\n**full:**" in answers
     else:  # Full against Full would compare nothing: it compares with VisionZip instead
         assert "| visual tokens | 576 | 64 |" in table and "| | full | visionzip |" in table
-        assert first.startswith("**full:**") and second.startswith("**visionzip:**")
+        assert answers.startswith("**full:**") and "\n\n**visionzip:**" in answers
 
 
 def test_bad_uploads_are_messages(url, tmp_path):
@@ -110,13 +111,13 @@ def test_sgl_turns_show_guidance(sgl_url):
     history, stats, _, _ = send(c, [], "What is it?", [CAT], settings=sgl)
     assert stat(stats, "SGL: answered by") == "tiny-ov-large (large model, pruned)"
     assert "from layer 2" in stat(stats, "SGL: large model keeps")
-    _, _, importance, _ = c.predict(*sgl, api_name="/settings_method")
+    importance, _ = c.predict("importance", api_name="/view")
     assert importance is not None  # the small model's importance map
     # early exit at threshold 0: the small model answers, the large one is not run
     history, stats, _, _ = send(c, history, "And now?", settings=sgl[:5] + (True, 0.0, False))
     assert stat(stats, "SGL: answered by") == "tiny-ov-small (early exit)" and stat(stats, "SGL: large model") == "not run"
-    table, first, second = c.predict(api_name="/compare")
-    assert "| | sgl | full |" in table and first.startswith("**sgl:**")
+    table, answers = c.predict(api_name="/compare")
+    assert "| | sgl | full |" in table and answers.startswith("**sgl:**")
 
 
 def stream_then_stop(c, history, text):

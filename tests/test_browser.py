@@ -32,42 +32,104 @@ def url(tiny_ov, tiny_ov_large):
     demo.close()
 
 
-def test_upload_ask_and_see_the_selection(url, tmp_path):
+def map_image(page):
+    """The map as the page shows it, fetched from its URL."""
+    import io
+    from PIL import Image
+    src = page.locator("#map img").get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+
+
+def wait_for_new_map(page, old_src):
+    page.wait_for_function("(old) => { const i = document.querySelector('#map img'); return i && i.src !== old; }",
+                           arg=old_src, timeout=60_000)
+
+
+def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from pipeline import encode_image
+    from tests.test_heatmap import centres
+    photo = Image.open(ROOT / "assets" / "chelsea.png").convert("RGB")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})  # a laptop screen
             page.goto(url)
             page.wait_for_selector("#textbox textarea", timeout=30_000)
             assert "Offline demo" in page.locator("#offline-banner").inner_text()
+            assert not page.locator("#stop").is_visible()  # Stop shows only while an answer streams
             page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
             page.wait_for_selector("#textbox img", timeout=15_000)  # the upload preview
-            page.locator("#textbox textarea").fill("What animal is this?")
-            page.locator("#textbox textarea").press("Enter")
-            page.wait_for_selector("#selection-map img", timeout=60_000)
+            ask(page, "What animal is this?")
+            page.wait_for_selector("#map img", timeout=60_000)
             page.wait_for_function(
                 "() => document.querySelector('#stats') && document.querySelector('#stats').innerText.includes('time to first token') "
                 "&& /\\d+ ms/.test(document.querySelector('#stats').innerText)", timeout=60_000)
+            wait_until_textbox_is_back(page)
+            assert not page.locator("#stop").is_visible()
             caption = page.locator("#caption").inner_text()
             assert "54 dominant + 10 contextual" in caption and "visual tokens" in caption
-            bot = page.locator("#chatbot .message.bot").last.inner_text().strip()
-            assert len(bot) > 0
+            assert page.locator("#chatbot .message.bot").last.inner_text().strip()
             assert page.locator("#chatbot img").count() >= 1  # the uploaded photo in the conversation
-            sel = page.locator("#selection-map img").bounding_box()
-            assert sel["width"] > 200 and sel["height"] > 100
-            assert not page.locator("#importance-map img").count()  # no SGL turn yet
-            # switch to SGL and ask a follow-up: the small model's importance map appears
+            box = page.locator("#map img").bounding_box()
+            assert box["width"] > 600  # one canvas, the whole image and the tiles side by side
+            # the kept view shows the photo where tokens are kept, faded elsewhere (same model, same picture)
+            shown = np.asarray(map_image(page), dtype=np.float32)
+            comp = encode_image(tiny_ov_large, photo, "visionzip")
+            original = np.asarray(photo, dtype=np.float32)
+            kept = [(shown[y, x], original[oy, ox]) for i, u, x, y, ox, oy in centres(comp, photo)
+                    if comp.crops[i].groups[u] == -1]
+            got, want = np.array(kept).transpose(1, 0, 2)
+            assert len(kept) > 30 and abs(got.mean() - want.mean()) / want.mean() < 0.05
+            # each view, and a click on a patch says what it is
+            for view in ("Contextual groups", "Scores", "Kept tokens"):
+                old = page.locator("#map img").get_attribute("src")
+                page.locator("#view label", has_text=view).click()
+                wait_for_new_map(page, old)
+                if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
+                    name = {"Contextual groups": "groups", "Scores": "scores", "Kept tokens": "kept"}[view]
+                    page.locator("#map").screenshot(path=str(ROOT / "docs" / f"map-{name}.png"))
+            page.locator("#map img").click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.25})
+            page.wait_for_function("() => /row \\d+, column \\d+/.test(document.querySelector('#patch-info').innerText)",
+                                   timeout=30_000)
+            assert "score" in page.locator("#patch-info").inner_text()
+            # SGL with both models on VisionZip tokens: the importance view appears
             page.locator("#method label", has_text="SGL").click()
-            page.locator("#sgl_zip input").check()  # both models see the VisionZip tokens
+            page.locator("#sgl_zip input").check()
             page.wait_for_timeout(800)
-            page.locator("#textbox textarea").fill("And what colour is it?")
-            page.locator("#textbox textarea").press("Enter")
-            page.wait_for_selector("#importance-map img", timeout=60_000)
+            ask(page, "And what colour is it?")
             page.wait_for_function("() => document.querySelector('#stats').innerText.includes('SGL: answered by')",
                                    timeout=60_000)
-            assert page.locator("#chatbot .message.bot").count() >= 2
-            assert "192 of 1836" in page.locator("#stats").inner_text()  # both models on VisionZip tokens
+            wait_until_textbox_is_back(page)
+            assert "192 of 1836" in page.locator("#stats").inner_text()
+            old = page.locator("#map img").get_attribute("src")
+            page.locator("#view label", has_text="SGL importance").click()
+            wait_for_new_map(page, old)
+            # manual: start from VisionZip's picks, add a patch by clicking, ask: exactly those tokens are sent
+            page.locator("#method label", has_text="Manual").click()
+            page.wait_for_selector("#picks-from-visionzip", state="visible", timeout=30_000)
+            page.locator("#picks-from-visionzip").click()
+            page.wait_for_function("() => /^\\d+ patches picked/.test(document.querySelector('#patch-info').innerText)",
+                                   timeout=30_000)
+            before = int(page.locator("#patch-info").inner_text().split()[0])
+            page.locator("#map img").click(position={"x": box["width"] * 0.25, "y": box["height"] * 0.6})
+            page.wait_for_function("(old) => { const m = /^(\\d+) patches picked/.exec("
+                                   "document.querySelector('#patch-info').innerText); return m && +m[1] !== old; }",
+                                   arg=before, timeout=30_000)
+            picked = int(page.locator("#patch-info").inner_text().split()[0])
+            assert picked in (before - 1, before + 1)
+            ask(page, "Look again?")
+            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('(manual)')",
+                                   timeout=60_000)
+            wait_until_textbox_is_back(page)
+            assert f"{picked} of 1836" in page.locator("#stats").inner_text()
+            page.locator("#compare").click()
+            page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('manual')",
+                                   timeout=60_000)
+            table = page.locator("#compare-table").inner_text()
+            assert "visionzip" in table and "full" in table
             shot = tmp_path / "screenshot.png"
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
@@ -138,7 +200,7 @@ def test_each_family_answers_in_the_browser(large, small, tmp_path):
                 page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
                 page.wait_for_selector("#textbox img", timeout=15_000)
                 ask(page, "What animal is this?")
-                page.wait_for_selector("#selection-map img", timeout=60_000)
+                page.wait_for_selector("#map img", timeout=60_000)
                 page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
                                        timeout=60_000)
                 wait_until_textbox_is_back(page)
@@ -150,7 +212,6 @@ def test_each_family_answers_in_the_browser(large, small, tmp_path):
                     page.locator("#method label", has_text="SGL").click()
                     page.wait_for_timeout(800)
                     ask(page, "And its colour?")
-                    page.wait_for_selector("#importance-map img", timeout=60_000)
                     page.wait_for_function("() => document.querySelector('#stats').innerText.includes('SGL: answered by')",
                                            timeout=60_000)
                 page.screenshot(path=str(tmp_path / f"{large}.png"), full_page=True)

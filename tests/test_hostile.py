@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import ChatSession, InputError
-from pipeline.heatmap import render_scores, render_selection
+from pipeline.heatmap import VIEWS, render_map
 from tests.conftest import ROOT
 
 
@@ -126,8 +126,8 @@ def test_thin_images_answer_and_draw(model, size, request, tiny_llava, tiny_ov):
     s = ChatSession(vlm, method="visionzip", max_new_tokens=3)
     comp = s.add_image(image)
     assert s.ask("What is it?") is not None and s.last_turn.visual_tokens == comp.num_tokens
-    selection, scores = render_selection(image, comp), render_scores(image, comp)
-    assert min(selection.size) >= 1 and scores.height >= 96
+    for view in VIEWS[:3]:  # kept, groups, scores: every patch at least a pixel, a readable height
+        assert min(render_map(image, comp, view).size) >= 48
 
 
 def boost(vlm, token_id: int):
@@ -255,9 +255,9 @@ def test_hostile_event_then_a_normal_follow_up(case, url):
 
 def test_nan_through_the_raw_api(url):
     data = post(url, "add_message", '{"data": [[], {"text": "hi", "files": []}, "VisionZip", NaN, 10, 0.35, 0.4, '
-                                    'true, 0.8, false, 0]}')
+                                    'true, 0.8, false, 0, 16, 0.0, 0.9]}')
     assert "dominant tokens must be a finite number" in data[0][-1]["content"][0]["text"]
-    data = post(url, "settings_dominant", '{"data": ["VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0]}')
+    data = post(url, "settings_dominant", '{"data": ["kept", "VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0, 16, 0.0, 0.9]}')
     assert data  # no state yet: nothing to change, and no crash
 
 
@@ -266,7 +266,7 @@ def test_settings_endpoint_refuses_and_keeps_the_old_budget(url):
     from tests.appclient import CAT, send, stat
     c = Client(url, verbose=False)
     history, _, _, _ = send(c, [], "What is this?", [CAT])
-    *_, caption = c.predict("VisionZip", 560, 29, 0.35, 0.4, True, 0.8, False, api_name="/settings_dominant")
+    _, caption, _ = c.predict("kept", "VisionZip", 560, 29, 0.35, 0.4, True, 0.8, False, api_name="/settings_dominant")
     assert caption.startswith("⚠️ Not applied") and "Still using visionzip (54 + 10)" in caption
     history, stats, _, _ = send(c, history, "And now?", settings=("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False))
     assert stat(stats, "visual tokens to the LLM") == "64 of 576"
