@@ -487,7 +487,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default=env("ZIPCHAT_DTYPE"), choices=["float32", "bfloat16", "float16"],
                         help="default: bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16/AMX); "
                              "else float32")
-    parser.add_argument("--max-tiles", type=int, default=None,
+    parser.add_argument("--max-tiles", type=int, default=int(env("ZIPCHAT_MAX_TILES")) if env("ZIPCHAT_MAX_TILES") else None,
                         help="tiles per image VisionZip encodes (anyres families); default 4 on a CPU, 0 (the "
                              "checkpoint's own limit) on a GPU")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),

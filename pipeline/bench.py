@@ -6,9 +6,9 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6, 10-13 (about 25 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10-17 (about 45 minutes on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
-    python -m pipeline.bench --rows 7,8,9,10,11,12,13 --device cuda   # the GPU rows (bf16)
+    python -m pipeline.bench --device cuda   # rows 1-14 on a GPU (bf16)
 """
 
 import argparse
@@ -551,7 +551,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny models instead of the presets (tests the code only)")
-    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 on CPU, 1-9 on CUDA)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-17 on CPU, 1-14 on CUDA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--repeats", type=int, default=None)

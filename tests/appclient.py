@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 
 from tests.conftest import ROOT
 

@@ -25,52 +25,23 @@ def _loopback_only(self, address):
 socket.socket.connect = _loopback_only
 
 
-@pytest.fixture(scope="session")
-def tiny_llava():
-    from pipeline import load_vlm
-    return load_vlm("tiny-llava")
+def tiny_model(name: str):
+    """A session-wide fixture loading one tiny model."""
+    @pytest.fixture(scope="session")
+    def fixture():
+        from pipeline import load_vlm
+        return load_vlm(name)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_ov():
-    from pipeline import load_vlm
-    return load_vlm("tiny-ov-small")
-
-
-@pytest.fixture(scope="session")
-def tiny_ov_large():
-    from pipeline import load_vlm
-    return load_vlm("tiny-ov-large")
-
-
-@pytest.fixture(scope="session")
-def tiny_next():
-    from pipeline import load_vlm
-    return load_vlm("tiny-next")
-
-
-@pytest.fixture(scope="session")
-def tiny_internvl():
-    from pipeline import load_vlm
-    return load_vlm("tiny-internvl-small")
-
-
-@pytest.fixture(scope="session")
-def tiny_internvl_large():
-    from pipeline import load_vlm
-    return load_vlm("tiny-internvl-large")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen():
-    from pipeline import load_vlm
-    return load_vlm("tiny-qwen-small")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_large():
-    from pipeline import load_vlm
-    return load_vlm("tiny-qwen-large")
+tiny_llava = tiny_model("tiny-llava")
+tiny_ov = tiny_model("tiny-ov-small")
+tiny_ov_large = tiny_model("tiny-ov-large")
+tiny_next = tiny_model("tiny-next")
+tiny_internvl = tiny_model("tiny-internvl-small")
+tiny_internvl_large = tiny_model("tiny-internvl-large")
+tiny_qwen = tiny_model("tiny-qwen-small")
+tiny_qwen_large = tiny_model("tiny-qwen-large")
 
 
 FAMILY_FIXTURES = {"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov", "tiny-next": "tiny_next",

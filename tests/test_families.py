@@ -1,5 +1,6 @@
 """What every family provides, and models placed by accelerate (device_map) across devices."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,42 @@ def test_tile_cap_limits_what_visionzip_encodes(name):
     s.set_method("visionzip", max_tiles=0)  # lifting the cap re-encodes once, at the next turn
     s.ask("And now?")
     assert s.last_turn.images_encoded == 1 and s.last_turn.visual_tokens == 64 * len(free.crops)
+
+
+BF16_PAIRS = {"tiny-llava": None, "tiny-next": None, "tiny-ov-small": "tiny-ov-large",
+              "tiny-internvl-small": "tiny-internvl-large", "tiny-qwen-small": "tiny-qwen-large"}
+
+
+@pytest.mark.parametrize("name", list(BF16_PAIRS))
+def test_bf16_runs_every_method_and_selects_like_float32(name, photo):
+    """bf16 is the default on a CPU with native bf16 (and on GPUs): every method, map and compare must
+    work there, and VisionZip must pick (almost) the same dominant patches as in float32."""
+    from pipeline.heatmap import VIEWS, render_map
+    from pipeline.session import compare
+    vlm, reference = load_vlm(name, dtype=torch.bfloat16), load_vlm(name, dtype=torch.float32)
+    assert vlm.model.dtype == torch.bfloat16
+    picked = []
+    for model in (vlm, reference):
+        s = ChatSession(model, method="visionzip", max_new_tokens=4)
+        s.add_image(photo)
+        picked.append([set(c.dominant.tolist()) for c in s.current_view()[1].crops])
+    overlap = sum(len(a & b) for a, b in zip(*picked)) / sum(len(a) for a in picked[1])
+    assert overlap >= 0.85, f"bf16 keeps {overlap:.0%} of float32's dominant patches"
+    for method in ("full", "visionzip", "manual"):
+        s = ChatSession(vlm, method=method, max_new_tokens=4)
+        s.add_image(photo, compress=False)
+        if method == "manual":
+            assert s.picks_from_visionzip() > 0
+        assert s.ask("What is it?") and s.ask("And now?") and s.last_turn.new_tokens > 0
+        image, comp = s.current_view()
+        for view in VIEWS[:3]:
+            assert render_map(image, comp, view).getbbox() is not None
+        assert len(compare(s, max_new_tokens=3)) == (3 if method == "manual" else 2)
+    if BF16_PAIRS[name]:
+        large = load_vlm(BF16_PAIRS[name], dtype=torch.bfloat16)
+        s = ChatSession(large, method="sgl", small=vlm, early_exit=None, keep_ratio=0.3, max_new_tokens=4)
+        s.add_image(photo)
+        assert s.ask("What is it?") and s.ask("And now?")
+        image, comp, importance, kept = s.guidance_view()
+        assert np.isfinite(importance).all() and 0 < kept.sum() < len(kept)
+        assert render_map(image, comp, "importance", importance=importance, kept=kept).getbbox() is not None

@@ -8,12 +8,10 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import ChatSession, InputError
 from pipeline.heatmap import VIEWS, render_map
-from tests.conftest import ROOT
 
 
 def png(image) -> bytes:

@@ -5,7 +5,6 @@ forks a child per call, pickles arguments and results, and refuses models)."""
 import importlib.util
 import json
 import pickle
-import time
 
 import pytest
 import torch

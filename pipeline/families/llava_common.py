@@ -108,6 +108,33 @@ class LlavaStyle(Family):
         return model.model.multi_modal_projector(units)
 
 
+class AnyresStyle(LlavaStyle):
+    """LLaVA-NeXT and LLaVA-OneVision: a base image plus anyres tiles; `pack` is each one's packing."""
+    tiles = True
+
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
+        out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
+        h, w = out["image_sizes"][0].tolist()
+        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
+        return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, S, S)
+
+    def pack(self, model, crop_features, image_size, newline):
+        """(crops, N, D) projected features -> transformers' packing of one image (N, D)."""
+        raise NotImplementedError
+
+    def encode_full(self, model, prepared):
+        tower = self.tower(model)
+        features = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
+                             self.has_cls, with_stats=False).units
+        if self.config.vision_feature_select_strategy == "default":  # NeXT drops CLS, as transformers does
+            features = features[:, 1:]
+        return self.pack(model, self.project(model, features), prepared.image_size, model.model.image_newline)
+
+    def full_token_map(self, model, prepared):
+        return anyres_token_map(lambda feats, newline: self.pack(model, feats, prepared.image_size, newline), prepared)
+
+
 def capped_pinpoints(pinpoints, side: int, max_tiles: int | None) -> list:
     """The anyres resolutions with at most `max_tiles` tiles (a single tile is always allowed)."""
     if not max_tiles:

@@ -7,20 +7,18 @@ import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextImageProcessorPil)
 
-from .base import Prepared
 from .llava import CLIP_L_336, CLIP_MEAN, CLIP_STD, TEMPLATE, VICUNA_7B, VICUNA_13B
-from .llava_common import LlavaStyle, anyres_crops, anyres_token_map, capped_pinpoints, run_tower
+from .llava_common import AnyresStyle
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's image_grid_pinpoints
 
 
-class LlavaNext(LlavaStyle):
+class LlavaNext(AnyresStyle):
     name = "llava_next"
     model_type = "llava_next"
     model_class = LlavaNextForConditionalGeneration
     has_cls = True
     chat_template = TEMPLATE  # llava-v1.6-vicuna ships the same template as llava-1.5
-    tiles = True
     stop_strings = ("</s>",)
     presets = {"llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-next-13b": "llava-hf/llava-v1.6-vicuna-13b-hf"}
     sgl_pairs = {"llava-next-13b": "llava-next-7b"}
@@ -28,30 +26,12 @@ class LlavaNext(LlavaStyle):
     arch = {"llava-next-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-next-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
-    def prepare(self, image, max_tiles=None) -> Prepared:
-        pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
-        out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
-        h, w = out["image_sizes"][0].tolist()
-        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
-        return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, 336, 336)
-
     def pack(self, model, crop_features, image_size, newline):
         """(crops, N, D), CLS already dropped -> transformers' packing: base tokens, then unpadded tiles
         with a newline per row."""
         packed, _ = model.model.pack_image_features([crop_features], torch.tensor([image_size]),
                                                     self.config.vision_feature_select_strategy, image_newline=newline)
         return packed[0]
-
-    def encode_full(self, model, prepared):
-        tower = self.tower(model)
-        features = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
-                             self.has_cls, with_stats=False).units
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        return self.pack(model, self.project(model, features), prepared.image_size, model.model.image_newline)
-
-    def full_token_map(self, model, prepared):
-        return anyres_token_map(lambda feats, newline: self.pack(model, feats, prepared.image_size, newline), prepared)
 
     @classmethod
     def tiny_model(cls, spec, tokenizer, text, vision):

@@ -6,8 +6,7 @@ import torch
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
                           Qwen2Config, SiglipVisionConfig)
 
-from .base import Prepared
-from .llava_common import LlavaStyle, anyres_crops, anyres_token_map, capped_pinpoints, run_tower
+from .llava_common import AnyresStyle
 
 # A copy of llava-hf/llava-onevision-qwen2-*-ov-hf's chat_template.json
 TEMPLATE = (
@@ -32,13 +31,12 @@ QWEN2_7B = dict(max_position_embeddings=32768,
                 num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6)
 
 
-class OneVision(LlavaStyle):
+class OneVision(AnyresStyle):
     name = "llava_onevision"
     model_type = "llava_onevision"
     model_class = LlavaOnevisionForConditionalGeneration
     has_cls = False
     chat_template = TEMPLATE
-    tiles = True
     stop_strings = ("<|im_end|>", "<|endoftext|>")
     presets = {"llava-ov-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
                "llava-ov-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
@@ -48,28 +46,12 @@ class OneVision(LlavaStyle):
     arch = {"llava-ov-0.5b-arch": (SIGLIP_SO400M, QWEN2_05B), "llava-ov-7b-arch": (SIGLIP_SO400M, QWEN2_7B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
 
-    def prepare(self, image, max_tiles=None) -> Prepared:
-        pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
-        out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
-        h, w = out["image_sizes"][0].tolist()
-        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
-        return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, 384, 384)
-
     def pack(self, model, crop_features, image_size, newline):
         """(crops, N, D) -> transformers' packing: base tokens, then unpadded tiles with a newline per row."""
         packed, _ = model.model.pack_image_features([crop_features], torch.tensor([image_size]),
                                                     image_newline=newline,
                                                     vision_aspect_ratio=self.config.vision_aspect_ratio)
         return packed[0]
-
-    def encode_full(self, model, prepared):
-        tower = self.tower(model)
-        features = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
-                             self.has_cls, with_stats=False).units
-        return self.pack(model, self.project(model, features), prepared.image_size, model.model.image_newline)
-
-    def full_token_map(self, model, prepared):
-        return anyres_token_map(lambda feats, newline: self.pack(model, feats, prepared.image_size, newline), prepared)
 
     @classmethod
     def tiny_model(cls, spec, tokenizer, text, vision):
