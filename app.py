@@ -385,7 +385,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                                           label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
                         contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
                     tiles = Slider(0, 36, value=max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
-                                   label="tiles per image VisionZip encodes (0: all the checkpoint uses; fewer is "
+                                   label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is "
                                          "faster on a CPU; Full always uses all)")
                 sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
                             "part-way through its layers, or is skipped when the small model is confident."
@@ -488,8 +488,8 @@ def main(argv=None):
                         help="default: bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16/AMX); "
                              "else float32")
     parser.add_argument("--max-tiles", type=int, default=int(env("ZIPCHAT_MAX_TILES")) if env("ZIPCHAT_MAX_TILES") else None,
-                        help="tiles per image VisionZip encodes (anyres families); default 4 on a CPU, 0 (the "
-                             "checkpoint's own limit) on a GPU")
+                        help="tiles per image VisionZip encodes (Qwen2.5-VL: the area of 1 + this many 448 px tiles); "
+                             "default 4 on a CPU, 0 (the checkpoint's own limit) on a GPU")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers

@@ -123,3 +123,24 @@ def test_bf16_runs_every_method_and_selects_like_float32(name, photo):
         image, comp, importance, kept = s.guidance_view()
         assert np.isfinite(importance).all() and 0 < kept.sum() < len(kept)
         assert render_map(image, comp, "importance", importance=importance, kept=kept).getbbox() is not None
+
+
+def test_tile_cap_limits_the_area_qwen_encodes():
+    """Qwen2.5-VL has no tiles: a cap of 2 limits a 1152x768 photo to the area of 1 + 2 tiles of 448 px
+    (at most 3 x 256 units of 28 px), close to that area and with the photo's shape; Full keeps the
+    checkpoint's resolution."""
+    from PIL import Image
+    from pipeline import encode_image
+    from tests.conftest import ROOT
+    vlm = load_vlm("tiny-qwen-small")
+    image = Image.open(ROOT / "assets" / "astronaut.png").convert("RGB").resize((1152, 768))
+    free, cap = vlm.family.prepare(image), vlm.family.prepare(image, max_tiles=2)
+    (rows, cols), (free_rows, free_cols) = cap.crops[0].grid, free.crops[0].grid
+    assert free_rows * free_cols == round(768 / 28) * round(1152 / 28)  # under the checkpoint's limit: as is
+    assert 0.8 * 3 * 256 <= rows * cols <= 3 * 256 and abs(cols / rows - 1.5) < 0.1
+    zipped, full = (encode_image(vlm, image, m, max_tiles=2) for m in ("visionzip", "full"))
+    assert zipped.full_tokens == full.num_tokens == free_rows * free_cols  # the counts say what full sends
+    assert zipped.num_tokens == round(rows * cols * 64 / 576)
+    s = ChatSession(vlm, method="visionzip", max_tiles=2, max_new_tokens=2)
+    s.add_image(image)
+    assert s.ask("What is it?") and s.last_turn.visual_tokens == zipped.num_tokens

@@ -58,7 +58,8 @@ class Family:
     image_start: str | None = None
     image_end: str | None = None
     position_rows = 1  # P of `positions`: 1, or 3 for M-RoPE (t, h, w)
-    tiles = False  # the image is cut into tiles, whose number `prepare(max_tiles=)` can cap
+    tiles = False  # `prepare(max_tiles=)` caps what is encoded (tiles; Qwen2.5-VL: the area of as many)
+    tile_cap_label = "tiles per image VisionZip encodes"  # what the cap means, in the UI
     keeps_index_order = False  # compressed tokens in unit order (M-RoPE), not dominant-then-contextual
 
     def __init__(self, config, image_processor, tokenizer):

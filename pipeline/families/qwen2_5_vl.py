@@ -49,6 +49,9 @@ TEXT_7B = dict(TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=1894
                num_attention_heads=28, num_key_value_heads=4)
 
 
+TILE_AREA = 448 * 448  # what the tile cap counts per tile (see prepare)
+
+
 class Qwen25VL(Family):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
@@ -58,6 +61,8 @@ class Qwen25VL(Family):
     stop_strings = ("<|im_end|>", "<|endoftext|>")
     position_rows = 3
     keeps_index_order = True
+    tiles = True  # no tiles, but the tile cap limits the area (see prepare)
+    tile_cap_label = "image area VisionZip encodes, in 448 px tiles beyond the first"
     presets = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
     sgl_pairs = {"qwen2.5-vl-7b": "qwen2.5-vl-3b", "tiny-qwen-large": "tiny-qwen-small"}
     tiny = {"tiny-qwen-small": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4),
@@ -86,12 +91,17 @@ class Qwen25VL(Family):
     def tower_layers(self, model):
         return self.tower(model).blocks
 
-    def prepare(self, image, max_tiles=None) -> Prepared:  # no tiles: the cap does not apply
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        """No tiles here: `max_tiles` caps the image's area at that of 1 + max_tiles tiles of 448 px (256
+        units each; the CPU default 4 gives 1,280 units, transformers' own default `max_pixels`)."""
         w, h = image.size
         if max(w, h) / min(w, h) > MAX_ASPECT:
             raise InputError(f"This image is {w}x{h}: Qwen2.5-VL reads images up to {MAX_ASPECT}:1. "
                              "Please crop it to a less extreme shape.")
-        out = self.image_processor(images=[image], return_tensors="pt")
+        size = self.image_processor.size  # min and max pixels of the resized image
+        most = size.longest_edge if not max_tiles else min(size.longest_edge, (1 + max_tiles) * TILE_AREA)
+        out = self.image_processor(images=[image], return_tensors="pt",
+                                   size={"shortest_edge": size.shortest_edge, "longest_edge": most})
         grid_thw = out["image_grid_thw"]  # (1, 3): frames, rows and columns of 14 px patches
         _, rows, cols = grid_thw[0].tolist()
         return Prepared(out["pixel_values"], [Crop((0, 0, w, h), (rows // self.merge, cols // self.merge))], (h, w),
