@@ -15,14 +15,20 @@ ARCH_PRESETS = {name: (family, *shapes) for family in FAMILIES for name, shapes 
 
 
 def shrink(shape: dict) -> dict:
-    """Half width and depth, same heads' width and same token counts (for --quick)."""
+    """Half width and depth, same heads' width and same token counts (for --quick). Vision configs name
+    heads and depth either way (`num_attention_heads`/`num_hidden_layers`, or Qwen's `num_heads`/`depth`,
+    whose full-attention blocks keep their place in the halved stack)."""
     out = dict(shape)
-    heads = max(1, shape["num_attention_heads"] // 2)
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    out.update(num_attention_heads=heads, hidden_size=heads * head_dim,
-               intermediate_size=shape["intermediate_size"] // 2, num_hidden_layers=shape["num_hidden_layers"] // 2)
+    heads_key = "num_attention_heads" if "num_attention_heads" in shape else "num_heads"
+    depth_key = "num_hidden_layers" if "num_hidden_layers" in shape else "depth"
+    heads = max(1, shape[heads_key] // 2)
+    head_dim = shape["hidden_size"] // shape[heads_key]
+    out.update({heads_key: heads, "hidden_size": heads * head_dim, "intermediate_size": shape["intermediate_size"] // 2,
+                depth_key: shape[depth_key] // 2})
     if "num_key_value_heads" in shape:
         out["num_key_value_heads"] = max(1, min(heads, shape["num_key_value_heads"] // 2))
+    if "fullatt_block_indexes" in shape:
+        out["fullatt_block_indexes"] = sorted({i // 2 for i in shape["fullatt_block_indexes"]})
     return out
 
 

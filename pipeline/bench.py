@@ -569,37 +569,43 @@ def main(argv=None):
     clock = Clock(device)
     started = time.perf_counter()
     rows = []
+
+    def add(new):  # each row is printed as soon as it is measured, so a long run shows its progress
+        for r in new if isinstance(new, list) else [new]:
+            rows.append(r)
+            print(f"row {r.id}: {r.what}: {r.ratio:.3f}", file=sys.stderr, flush=True)
+
     if wanted & {"1", "2"}:
-        rows += [r for r in row_encode(args, clock, hw) if r.id in wanted]
+        add([r for r in row_encode(args, clock, hw) if r.id in wanted])
     if wanted & {"3", "3b", "4", "6"}:
         ov = arch("llava-ov-0.5b-arch", args)
         if wanted & {"3", "3b"}:
-            rows += row_prefill(args, clock, hw, ov)
+            add(row_prefill(args, clock, hw, ov))
         if "4" in wanted:
-            rows.append(row_turn2(args, clock, hw, ov))
+            add(row_turn2(args, clock, hw, ov))
         if "6" in wanted:
-            rows.append(row_heatmap(args, clock, ov))
+            add(row_heatmap(args, clock, ov))
         del ov
     if "5" in wanted:
-        rows.append(row_kv_bytes(args))
+        add(row_kv_bytes(args))
     if "7" in wanted:
-        rows.append(row_llava_7b_prefill(args, clock, hw))
+        add(row_llava_7b_prefill(args, clock, hw))
     if "8" in wanted:
-        rows.append(row_ov_7b_anyres(args, clock, hw))
+        add(row_ov_7b_anyres(args, clock, hw))
     if wanted & {"9", "9b"}:
-        rows += row_sgl(args, clock, hw)
+        add(row_sgl(args, clock, hw))
     if "10" in wanted:
-        rows.append(row_next_anyres(args, clock, hw))
+        add(row_next_anyres(args, clock, hw))
     if "11" in wanted:
-        rows.append(row_internvl(args, clock, hw))
+        add(row_internvl(args, clock, hw))
     if "12" in wanted:
-        rows.append(row_qwen_prefill(args, clock, hw))
+        add(row_qwen_prefill(args, clock, hw))
     if "13" in wanted:
-        rows.append(row_qwen_encode(args, clock))
+        add(row_qwen_encode(args, clock))
     if "14" in wanted:
-        rows.append(row_bf16_quality(args))
+        add(row_bf16_quality(args))
     if wanted & {"15", "16", "17"}:
-        rows += [r for r in row_cpu_first_turn(args, clock, hw) if r.id in wanted]
+        add([r for r in row_cpu_first_turn(args, clock, hw) if r.id in wanted])
     rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers

@@ -3,7 +3,11 @@ asserted here (--smoke swaps the architecture presets for the tiny models: secon
 
 import json
 
+import pytest
+import torch
+
 from pipeline import bench
+from pipeline.arch import ARCH_PRESETS, build_arch_model
 
 ALL_ROWS = ["1", "2", "3", "3b", "4", "5", "6", "7", "8", "9", "9b", "10", "11", "12", "13", "14", "15", "16", "17"]
 
@@ -28,3 +32,21 @@ def test_every_bench_row_runs_and_is_reported(tmp_path, capsys):
     assert n_full - n_zip == (729 + 6561 + 81) - 10 * 64
     printed = capsys.readouterr().out
     assert "| 5 | KV-cache bytes" in printed and (tmp_path / "cpu-smoke.md").read_text().strip() in printed
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_PRESETS))
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_every_architecture_preset_builds(name, quick):
+    """Every preset the bench may load builds (on the meta device: no memory), at full and --quick shapes;
+    --quick halves depth and width but keeps the heads' width and a family's layout rules."""
+    family, vision, text = ARCH_PRESETS[name]
+    model, tokenizer, _ = build_arch_model(name, "meta", torch.float32, quick)
+    full, _, _ = build_arch_model(name, "meta", torch.float32) if quick else (model, None, None)
+    layers = len(family(model.config, None, tokenizer).tower_layers(model))
+    assert layers == len(family(full.config, None, tokenizer).tower_layers(full)) // (2 if quick else 1)
+    text_config = model.config.text_config
+    assert text_config.num_hidden_layers == text["num_hidden_layers"] // (2 if quick else 1)
+    assert text_config.hidden_size // text_config.num_attention_heads == text["hidden_size"] // text["num_attention_heads"]
+    full_blocks = getattr(model.config.vision_config, "fullatt_block_indexes", None)
+    if full_blocks is not None:  # Qwen: the last block is a full-attention block (VisionZip reads it)
+        assert full_blocks[-1] == layers - 1 and all(0 <= i < layers for i in full_blocks)
