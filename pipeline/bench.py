@@ -438,8 +438,8 @@ def row_bf16_quality(args) -> Row:
 def row_cpu_first_turn(args, clock, hw) -> list:
     """15-17: what a free CPU Space sees with llava-ov-0.5b: first-turn time to first token (image encode
     + compress + prefill) at 384 px in the default dtype vs float32 (15); decode tokens per second
-    against the bytes each token reads (16); the first turn on a 1152x768 photo with the CPU's tile cap
-    (base + up to 2x2 tiles) vs all the tiles the checkpoint uses (17)."""
+    against the bytes each token reads (16); the first turn on a 1152x1152 photo with the CPU's tile cap
+    (base + up to 2x2 tiles) vs all the tiles the checkpoint uses (3x3) (17)."""
     dtype = args.dtype
     vlm = arch("llava-ov-0.5b-arch", args)
     rows = []
@@ -477,11 +477,12 @@ def row_cpu_first_turn(args, clock, hw) -> list:
                                            f"{per_token / 1e9:.2f} GB per token ({cfg.num_hidden_layers} layers + "
                                            f"lm_head) and {w.numel() * w.element_size() / gemv / 1e9:.1f} GB/s "
                                            "measured matrix-vector bandwidth"))
-    wide = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 768))
-    crops = {cap: len(vlm.family.prepare(wide, cap or None).crops) for cap in (4, 0)}
-    ta, tb = side_by_side(clock, first_turn(vlm, wide, 4), first_turn(vlm, wide, 0), args.repeats)
-    rows.append(Row("17", f"first-turn TTFT, {vlm.name}, 1152x768, VisionZip-64", f"tile cap 4 ({crops[4]} crops)",
-                    f"all tiles ({crops[0]} crops)", ta, tb, target="<= 0.5"))
+    big = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))  # 3x3 tiles uncapped
+    crops = {cap: len(vlm.family.prepare(big, cap or None).crops) for cap in (4, 0)}
+    ta, tb = side_by_side(clock, first_turn(vlm, big, 4), first_turn(vlm, big, 0), args.repeats)
+    rows.append(Row("17", f"first-turn TTFT, {vlm.name}, 1152x1152, VisionZip-64", f"tile cap 4 ({crops[4]} crops)",
+                    f"all tiles ({crops[0]} crops)", ta, tb, target="<= 0.55",
+                    notes=f"the encode scales with the crops: {crops[4]}/{crops[0]} = {crops[4] / crops[0]:.2f}"))
     return rows
 
 

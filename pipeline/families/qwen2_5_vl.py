@@ -3,11 +3,12 @@ image resized to multiples of 28), window attention in most blocks and full atte
 `fullatt_block_indexes` (the last block among them), a 2x2 patch merger before the LLM, and 3-D
 M-RoPE positions (t, h, w) for image tokens.
 
-VisionZip selects merged units. The tower runs with its own (SDPA) attention, unchanged; hooks on its
-last block (a full-attention block) capture its input, rotary angles and output. From them we compute
-only that block's attention statistic over the image's own patches, score(j) = mean over heads and
-queries of attention[i -> j] (queries in chunks, no full matrix), and its keys after the rotary
-embedding, averaged over heads. The window ordering is undone with transformers' own window index; a
+VisionZip selects merged units. The tower runs with its own (SDPA/flash) attention in every block but
+the last (a full-attention block), whose attention module gets, for the duration of the encode and on
+this instance only, a forward that computes the same output in query chunks and, from the same
+probabilities, that block's statistic over the image's own patches: score(j) = mean over heads and
+queries of attention[i -> j] (no full matrix), and its keys after the rotary embedding, averaged over
+heads. One attention computation, not two: the encode costs what the plain tower costs (bench row 13). The window ordering is undone with transformers' own window index; a
 unit's score and key are the means over its 4 patches, its features the 4 patches' concatenation (what
 the merger reads). The budget is a share of the image's units (54+10 per 576 by default), at least one
 dominant. Kept units go to the LLM in index order and keep the M-RoPE positions they have without
@@ -120,23 +121,21 @@ class Qwen25VL(Family):
         grid_thw = prepared.extra["grid_thw"].to(visual.device)
         last = visual.blocks[-1]
         captured = {}
-        hooks = [last.register_forward_hook(lambda m, args, out: captured.__setitem__("out", out))]
-        if with_stats:
-            hooks.append(last.register_forward_pre_hook(
-                lambda m, args, kwargs: captured.update(x=args[0] if args else kwargs["hidden_states"], kw=kwargs),
-                with_kwargs=True))
+        hook = last.register_forward_hook(lambda m, args, out: captured.__setitem__("out", out))
+        if with_stats:  # this instance's last attention computes the statistic with its output
+            last.attn.forward = attention_with_statistics(last.attn, captured)
         try:
             visual(prepared.pixel_values.to(visual.device, visual.dtype), grid_thw=grid_thw)
         finally:
-            for h in hooks:
-                h.remove()
+            hook.remove()
+            last.attn.__dict__.pop("forward", None)
         unit = self.merge ** 2
         natural = torch.argsort(self.window_index(visual, grid_thw).to(visual.device))  # window order -> index order
         out = captured["out"]  # (patches, C) in window order, 4 consecutive patches per unit
         units = out.view(-1, unit, out.shape[-1])[natural].flatten(1)  # (U, 4C)
         if not with_stats:
             return VisionOutput(units=units[None])
-        scores, keys = received_attention(last, captured["x"], captured["kw"])  # per patch, window order
+        scores, keys = captured["received"], captured["keys"]  # per patch, window order
         scores = scores.view(-1, unit).mean(1)[natural]
         keys = keys.view(-1, unit, keys.shape[-1]).mean(1)[natural]
         return VisionOutput(units=units[None], scores=scores[None], keys=keys[None])
@@ -220,21 +219,42 @@ class Qwen25VL(Family):
         return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
 
 
-def received_attention(block, x, kwargs, chunk: int = 1024):
-    """A vision block's input x (N, C) -> (score (N,): mean over heads and queries of the attention each
-    patch receives, within its own image; keys after the rotary embedding, averaged over heads (N, d))."""
-    attn = block.attn
-    n = x.shape[0]
-    q, k, _ = attn.qkv(block.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, d)
-    cos, sin = kwargs["position_embeddings"]
+def attention_with_statistics(attn, captured: dict):
+    """A forward for one vision attention module (set on that instance during an encode, then removed):
+    the output transformers' forward gives (softmax attention within each image's span, then `proj`),
+    computed in query chunks so that the same probabilities also give VisionZip's statistic. Stores
+    `received` (N,): mean over heads and queries of the attention each patch receives, and `keys` (N, d):
+    the keys after the rotary embedding, averaged over heads. One attention computation, not two."""
     rotate = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision
-    q, k = rotate(q, k, cos, sin)
-    q, kt = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, N, d)
-    bounds = kwargs["cu_seqlens"].tolist()  # one span per image: attention stays inside it
-    received = torch.zeros(n, device=x.device)
+
+    def forward(hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        n = hidden_states.shape[0]
+        q, k, v = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, d)
+        q, k = rotate(q, k, *position_embeddings)
+        out, received = span_attention(q, k, v, cu_seqlens.tolist(), attn.scaling)
+        captured.update(received=received, keys=k.mean(dim=1))
+        return attn.proj(out.reshape(n, -1).to(hidden_states.dtype))
+    return forward
+
+
+def span_attention(q, k, v, bounds: list, scale: float, chunk: int = 128):
+    """q, k, v (N, H, d); attention within each span [bounds[i], bounds[i+1]) (one per image), in float32
+    and in chunks of queries (at most 256 MB of logits at a time) -> (output (N, H, d), received (N,))."""
+    n, heads, _ = q.shape
+    qh = q.float().transpose(0, 1) * scale  # (H, N, d)
+    kt = k.float().permute(1, 2, 0).contiguous()  # (H, d, N)
+    vh = v.float().transpose(0, 1)  # (H, N, d)
+    out = torch.empty_like(qh)
+    received = torch.zeros(n, device=q.device)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        for s in range(a, b, chunk):
-            probs = torch.softmax((q[:, s:min(b, s + chunk)] @ kt[:, a:b].transpose(-1, -2)) * attn.scaling, dim=-1)
-            received[a:b] += probs.sum(dim=(0, 1))  # (span,)
-        received[a:b] /= attn.num_heads * (b - a)
-    return received, k.mean(dim=1)
+        rows = max(1, min(chunk, (1 << 26) // (heads * (b - a))))
+        for s in range(a, b, rows):
+            t = min(b, s + rows)
+            e = qh[:, s:t] @ kt[:, :, a:b]  # (H, c, span) logits
+            e -= e.amax(-1, keepdim=True)
+            e.exp_()  # in place: one (H, c, span) buffer per chunk
+            inverse_sum = e.sum(-1, keepdim=True).reciprocal_()  # (H, c, 1): the softmax's normaliser
+            out[:, s:t] = (e @ vh[:, a:b]) * inverse_sum
+            received[a:b] += (inverse_sum.transpose(-1, -2) @ e).sum(0)[0]  # softmax summed over queries and heads
+        received[a:b] /= heads * (b - a)
+    return out.transpose(0, 1), received
