@@ -5,14 +5,13 @@ template, tiny and architecture configs) lives in `families/`; this module only 
 of a checkpoint and loads it through transformers' native classes.
 """
 
-import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .arch import ARCH_PRESETS, build_arch_model
 from .chat import ChatFormat, control_ids
@@ -185,8 +184,8 @@ def load_vlm(name_or_path: str, device=None, dtype=None, quick: bool = False, de
         model = family.model_class.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **placement)
         tokenizer = AutoTokenizer.from_pretrained(source)
         tokenizer.chat_template = tokenizer.chat_template or checkpoint_chat_template(source)
-        with _quiet_transformers():  # "falling back to the PIL backend" without torchvision is expected
-            image_processor = AutoImageProcessor.from_pretrained(source)
+        image_processor = family.image_processor_class.from_pretrained(source)  # AutoImageProcessor needs
+        # torchvision in some transformers versions; the PIL class reads the same preprocessor_config.json
     except ModelUnavailable:
         raise
     except (OSError, ValueError) as e:
@@ -216,13 +215,3 @@ def checkpoint_chat_template(source: str) -> str | None:
             text = Path(path).read_text()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     return None
-
-
-class _quiet_transformers:
-    def __enter__(self):
-        self.logger = logging.getLogger("transformers")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)

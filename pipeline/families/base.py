@@ -45,6 +45,7 @@ class Family:
     name: str  # short name, e.g. "llava"
     model_type: str  # config.model_type of its checkpoints
     model_class: type  # the transformers class
+    image_processor_class: type  # its image processor with the PIL backend (the same preprocessing with or without torchvision)
     has_cls: bool  # the CLS token is a selectable unit (counted as a dominant token)
     chat_template: str  # a copy of the checkpoints' template, for checkpoints that ship none
     stop_strings: tuple  # end-of-turn tokens besides EOS

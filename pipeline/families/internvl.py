@@ -40,6 +40,7 @@ class InternVL(Family):
     name = "internvl"
     model_type = "internvl"
     model_class = InternVLForConditionalGeneration
+    image_processor_class = GotOcr2ImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = False  # InternViT has a CLS token, but it is never sent to the LLM: it only scores the units
     chat_template = TEMPLATE
     tiles = True

@@ -33,6 +33,7 @@ class Llava(LlavaStyle):
     name = "llava"
     model_type = "llava"
     model_class = LlavaForConditionalGeneration
+    image_processor_class = CLIPImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = True
     chat_template = TEMPLATE
     stop_strings = ("</s>",)

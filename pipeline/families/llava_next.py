@@ -17,6 +17,7 @@ class LlavaNext(AnyresStyle):
     name = "llava_next"
     model_type = "llava_next"
     model_class = LlavaNextForConditionalGeneration
+    image_processor_class = LlavaNextImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = True
     chat_template = TEMPLATE  # llava-v1.6-vicuna ships the same template as llava-1.5
     stop_strings = ("</s>",)

@@ -35,6 +35,7 @@ class OneVision(AnyresStyle):
     name = "llava_onevision"
     model_type = "llava_onevision"
     model_class = LlavaOnevisionForConditionalGeneration
+    image_processor_class = LlavaOnevisionImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = False
     chat_template = TEMPLATE
     stop_strings = ("<|im_end|>", "<|endoftext|>")

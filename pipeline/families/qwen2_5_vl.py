@@ -57,6 +57,7 @@ class Qwen25VL(Family):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    image_processor_class = Qwen2VLImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = False
     chat_template = TEMPLATE
     stop_strings = ("<|im_end|>", "<|endoftext|>")
