@@ -478,7 +478,7 @@ def row_cpu_first_turn(args, clock, hw) -> list:
                                            f"lm_head) and {w.numel() * w.element_size() / gemv / 1e9:.1f} GB/s "
                                            "measured matrix-vector bandwidth"))
     big = Image.open(ASSETS / "astronaut.png").convert("RGB").resize((1152, 1152))  # 3x3 tiles uncapped
-    crops = {cap: len(vlm.family.prepare(big, cap or None).crops) for cap in (4, 0)}
+    crops = {cap: len(vlm.family.layout(big, cap or None).crops) for cap in (4, 0)}
     ta, tb = side_by_side(clock, first_turn(vlm, big, 4), first_turn(vlm, big, 0), args.repeats)
     rows.append(Row("17", f"first-turn TTFT, {vlm.name}, 1152x1152, VisionZip-64", f"tile cap 4 ({crops[4]} crops)",
                     f"all tiles ({crops[0]} crops)", ta, tb, target="<= 0.55",

@@ -88,10 +88,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     `method` "manual": exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
-    prepared = family.prepare(image)
-    full_map = family.full_token_map(model, prepared)  # what the LLM would see without compression
-    if method != "full" and max_tiles:
-        prepared = family.prepare(image, max_tiles)
+    full_map = family.full_token_map(model, family.layout(image))  # what the LLM would see without compression
+    prepared = family.prepare(image, max_tiles if method != "full" and max_tiles else None)
     if method == "full":
         features = family.encode_full(model, prepared)
         crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
@@ -153,5 +151,5 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
 def full_layout(vlm, image) -> tuple:
     """(visual tokens, grid of each crop) of an image without compression: what must match between
     the two models of an SGL pair. Computed from the preprocessing alone; no model runs."""
-    prepared = vlm.family.prepare(image)
-    return len(vlm.family.full_token_map(vlm.model, prepared)), tuple(c.grid for c in prepared.crops)
+    layout = vlm.family.layout(image)
+    return len(vlm.family.full_token_map(vlm.model, layout)), tuple(c.grid for c in layout.crops)

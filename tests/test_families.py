@@ -7,6 +7,7 @@ import torch
 from pipeline import ChatSession, load_vlm
 from pipeline.families import FAMILIES
 from pipeline.models import PRESETS, SGL_PAIRS
+from tests.conftest import FAMILY_FIXTURES
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -144,3 +145,27 @@ def test_tile_cap_limits_the_area_qwen_encodes():
     s = ChatSession(vlm, method="visionzip", max_tiles=2, max_new_tokens=2)
     s.add_image(image)
     assert s.ask("What is it?") and s.last_turn.visual_tokens == zipped.num_tokens
+
+
+@pytest.mark.parametrize("name", list(FAMILY_FIXTURES))
+def test_layout_is_what_the_processor_gives(name, request):
+    """`layout` (arithmetic, no pixels: what counting an image's uncompressed tokens uses) agrees with the
+    processor's own output for photos of many shapes, with and without a tile cap: as many crops as
+    the processor makes pixel tiles (Qwen: as many units as its patch grid), in the same image size."""
+    from PIL import Image
+    vlm = request.getfixturevalue(FAMILY_FIXTURES[name])
+    for w, h in [(451, 300), (300, 451), (1152, 768), (2000, 500), (64, 900), (1300, 1300)]:
+        image = Image.new("RGB", (w, h), "gray")
+        for cap in (None, 2, 4):
+            layout, prepared = vlm.family.layout(image, cap), vlm.family.prepare(image, cap)
+            assert layout.pixel_values is None and layout.image_size == (h, w)
+            assert (layout.crops, layout.tile_grid) == (prepared.crops, prepared.tile_grid)
+            if "grid_thw" in prepared.extra:
+                _, rows, cols = prepared.extra["grid_thw"][0].tolist()
+                merge = vlm.family.merge
+                assert layout.crops[0].grid == (rows // merge, cols // merge)
+            else:
+                assert prepared.pixel_values.shape[0] == len(layout.crops)
+            if vlm.family.tiles and hasattr(vlm.family.image_processor, "image_grid_pinpoints"):
+                sizes = vlm.family.image_processor(images=[image], return_tensors="pt")["image_sizes"][0].tolist()
+                assert tuple(sizes) == (h, w)

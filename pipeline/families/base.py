@@ -27,7 +27,7 @@ class Crop:
 
 @dataclass
 class Prepared:
-    pixel_values: torch.Tensor  # (num_crops, 3, S, S)
+    pixel_values: torch.Tensor | None  # (num_crops, 3, S, S); None from `layout`
     crops: list  # list[Crop], same order as pixel_values
     image_size: tuple  # (height, width) of the original image
     tile_grid: tuple = (1, 1)  # (rows, cols) of tiles, the base image or thumbnail excluded
@@ -74,9 +74,15 @@ class Family:
         """Selectable units of one crop (CLS included when it is one): the largest VisionZip budget."""
         raise NotImplementedError
 
+    def layout(self, image, max_tiles: int | None = None) -> Prepared:
+        """What `prepare` gives, without the pixels (`pixel_values` None): the crops with their boxes,
+        the image size and the tile grid, by arithmetic alone (counting an image's uncompressed tokens
+        needs no preprocessing)."""
+        raise NotImplementedError
+
     def prepare(self, image, max_tiles: int | None = None) -> Prepared:
-        """The image as the processor feeds the tower; `max_tiles` caps the number of tiles of tiling
-        families (a CPU saving; None: as many as the checkpoint allows)."""
+        """The image as the processor feeds the tower, on `layout`'s crops; `max_tiles` caps the number
+        of tiles of tiling families (a CPU saving; None: as many as the checkpoint allows)."""
         raise NotImplementedError
 
     def tower_layers(self, model) -> list:

@@ -8,6 +8,8 @@ layer's CLS attention row (summed over heads), and its key the mean of their key
 heads). CLS is never a unit. The budget counts units per tile (54 + 10 of 256 by default).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
@@ -76,17 +78,23 @@ class InternVL(Family):
     def tower_layers(self, model):
         return self.tower(model).encoder.layer
 
-    def prepare(self, image, max_tiles=None) -> Prepared:
+    def most_tiles(self, max_tiles=None) -> int:
         ip = self.image_processor
-        most = ip.max_patches if max_tiles is None else max(ip.min_patches, min(ip.max_patches, max_tiles))
-        out = ip(images=[image], return_tensors="pt", max_patches=most)
+        return ip.max_patches if max_tiles is None else max(ip.min_patches, min(ip.max_patches, max_tiles))
+
+    def layout(self, image, max_tiles=None) -> Prepared:
+        ip, most = self.image_processor, self.most_tiles(max_tiles)
         w, h = image.size
         cols, rows = get_optimal_tiled_canvas((h, w), (self.side, self.side), ip.min_patches, most)
         crops = [Crop((c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows), self.grid)
                  for r in range(rows) for c in range(cols)]
         if rows * cols > 1:  # the thumbnail comes after the tiles
             crops.append(Crop((0, 0, w, h), self.grid))
-        return Prepared(out["pixel_values"], crops, (h, w), (rows, cols))
+        return Prepared(None, crops, (h, w), (rows, cols))
+
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        pixels = self.image_processor(images=[image], return_tensors="pt", max_patches=self.most_tiles(max_tiles))
+        return replace(self.layout(image, max_tiles), pixel_values=pixels["pixel_values"])  # (tiles + thumbnail, 3, 448, 448)
 
     def unit_patches(self, model) -> torch.Tensor:
         """(units, 4) the patch indices each unit merges, read off transformers' own pixel_shuffle."""

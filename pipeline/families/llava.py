@@ -1,6 +1,8 @@
 """LLaVA-1.5 (llava-hf/llava-1.5-*-hf): CLIP ViT-L/14-336 with CLS, read at layer -2; one 336 px crop
 (the centre square); Vicuna, whose chat template is "USER: <image>\\n... ASSISTANT:"."""
 
+from dataclasses import replace
+
 import numpy as np
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -43,8 +45,7 @@ class Llava(LlavaStyle):
     arch = {"llava-1.5-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-1.5-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
-    def prepare(self, image, max_tiles=None) -> Prepared:  # one crop: nothing to cap
-        out = self.image_processor(images=[image], return_tensors="pt")
+    def layout(self, image, max_tiles=None) -> Prepared:  # one crop: nothing to cap
         w, h = image.size
         ip = self.image_processor
         if getattr(ip, "do_center_crop", False):  # shortest edge -> side, then a centred square
@@ -55,7 +56,11 @@ class Llava(LlavaStyle):
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
         else:  # squashed to a square
             box = (0, 0, w, h)
-        return Prepared(out["pixel_values"], [Crop(box, self.grid)], (h, w))  # pixel_values (1, 3, 336, 336)
+        return Prepared(None, [Crop(box, self.grid)], (h, w))
+
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, 3, 336, 336)
+        return replace(self.layout(image), pixel_values=pixels)
 
     def encode_full(self, model, prepared):
         """Every patch through the projector; the "default" strategy drops CLS, as transformers does."""

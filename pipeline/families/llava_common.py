@@ -7,6 +7,8 @@ attention row, or the mean attention each token receives) and the keys. No layer
 attention matrix.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
@@ -112,12 +114,17 @@ class AnyresStyle(LlavaStyle):
     """LLaVA-NeXT and LLaVA-OneVision: a base image plus anyres tiles; `pack` is each one's packing."""
     tiles = True
 
+    def layout(self, image, max_tiles=None) -> Prepared:
+        w, h = image.size
+        pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
+        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
+        return Prepared(None, crops, (h, w), tile_grid)
+
     def prepare(self, image, max_tiles=None) -> Prepared:
+        layout = self.layout(image, max_tiles)
         pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
         out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
-        h, w = out["image_sizes"][0].tolist()
-        crops, tile_grid = anyres_crops((h, w), pinpoints, self.side, self.grid)
-        return Prepared(out["pixel_values"][0][: len(crops)], crops, (h, w), tile_grid)  # (1 + tiles, 3, S, S)
+        return replace(layout, pixel_values=out["pixel_values"][0][: len(layout.crops)])  # (1 + tiles, 3, S, S)
 
     def pack(self, model, crop_features, image_size, newline):
         """(crops, N, D) projected features -> transformers' packing of one image (N, D)."""

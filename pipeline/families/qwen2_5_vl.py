@@ -16,6 +16,7 @@ compression (a contextual token its target's); text after an image keeps its unc
 """
 
 import importlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -93,21 +94,31 @@ class Qwen25VL(Family):
     def tower_layers(self, model):
         return self.tower(model).blocks
 
-    def prepare(self, image, max_tiles=None) -> Prepared:
-        """No tiles here: `max_tiles` caps the image's area at that of 1 + max_tiles tiles of 448 px (256
-        units each; the CPU default 4 gives 1,280 units, transformers' own default `max_pixels`)."""
+    def pixel_range(self, max_tiles=None) -> dict:
+        """The processor's `size` (min and max pixels of the resized image). No tiles here: `max_tiles`
+        caps the image's area at that of 1 + max_tiles tiles of 448 px (256 units each; the CPU default
+        4 gives 1,280 units, transformers' own default `max_pixels`)."""
+        size = self.image_processor.size
+        most = size.longest_edge if not max_tiles else min(size.longest_edge, (1 + max_tiles) * TILE_AREA)
+        return {"shortest_edge": size.shortest_edge, "longest_edge": most}
+
+    def layout(self, image, max_tiles=None) -> Prepared:
+        """The unit grid by the processor's own resize rule (sides multiples of 28 px, area in range)."""
         w, h = image.size
         if max(w, h) / min(w, h) > MAX_ASPECT:
             raise InputError(f"This image is {w}x{h}: Qwen2.5-VL reads images up to {MAX_ASPECT}:1. "
                              "Please crop it to a less extreme shape.")
-        size = self.image_processor.size  # min and max pixels of the resized image
-        most = size.longest_edge if not max_tiles else min(size.longest_edge, (1 + max_tiles) * TILE_AREA)
-        out = self.image_processor(images=[image], return_tensors="pt",
-                                   size={"shortest_edge": size.shortest_edge, "longest_edge": most})
+        ip, size = self.image_processor, self.pixel_range(max_tiles)
+        smart_resize = importlib.import_module(type(ip).__module__).smart_resize
+        unit = ip.patch_size * ip.merge_size
+        rows, cols = smart_resize(h, w, factor=unit, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return Prepared(None, [Crop((0, 0, w, h), (rows // unit, cols // unit))], (h, w))
+
+    def prepare(self, image, max_tiles=None) -> Prepared:
+        layout = self.layout(image, max_tiles)
+        out = self.image_processor(images=[image], return_tensors="pt", size=self.pixel_range(max_tiles))
         grid_thw = out["image_grid_thw"]  # (1, 3): frames, rows and columns of 14 px patches
-        _, rows, cols = grid_thw[0].tolist()
-        return Prepared(out["pixel_values"], [Crop((0, 0, w, h), (rows // self.merge, cols // self.merge))], (h, w),
-                        extra={"grid_thw": grid_thw})
+        return replace(layout, pixel_values=out["pixel_values"], extra={"grid_thw": grid_thw})
 
     def window_index(self, visual, grid_thw) -> torch.Tensor:
         """(units,) the window ordering of the merged units, as transformers computes it."""
