@@ -329,7 +329,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         if state is None or state.chat.last_image_key is None:
             return state, gr.skip(), gr.skip(), "_Upload an image first._"
         session = session_for(state)
-        if not session._layout_cached(state.chat.last_image_key):
+        if not session.cached(state.chat.last_image_key, method="visionzip"):
             return state, gr.skip(), gr.skip(), "_The map is being prepared; try again in a moment._"
         picked = session.picks_from_visionzip() if start_from_visionzip else (session.set_picks({}) or 0)
         mapped, caption, _ = views(session, "kept")

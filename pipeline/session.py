@@ -170,9 +170,9 @@ class ChatSession:
         s = self.settings
         return s.sgl_tokens if s.method == "sgl" else s.method
 
-    def _method_key(self, key: str):
+    def _method_key(self, key: str, method: str | None = None):
         s = self.settings
-        return method_key(self.visual_method, s.dominant, s.contextual, s.max_tiles, self.state.picks.get(key))
+        return method_key(method or self.visual_method, s.dominant, s.contextual, s.max_tiles, self.state.picks.get(key))
 
     def reset(self):
         """Forget the conversation, images and caches (the settings stay)."""
@@ -205,17 +205,17 @@ class ChatSession:
         if key is None:
             return None
         if self.settings.method == "manual":  # the picks drawn on VisionZip's crops: no model runs for a click
-            if not (compress or self._layout_cached(key)):
+            if not (compress or self.cached(key, method="visionzip")):
                 return None
             return self.state.images[key], self.pick_view(key)
-        if not (compress or self._cached(key)):
+        if not (compress or self.cached(key)):
             return None
         return self.state.images[key], self.compression(key)
 
     def pick_view(self, key: str) -> Compression:
         """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
         others not sent); its features are not the model's (use `compression` for those)."""
-        layout = self._layout(key)
+        layout = self.compression(key, method="visionzip")
         picks = self.state.picks.get(key, {})
         crops = []
         for i, c in enumerate(layout.crops):
@@ -233,7 +233,7 @@ class ChatSession:
         key = key or self.state.last_image_key
         if key is None:
             raise InputError("Upload an image first, then pick its patches.")
-        grids = [c.grid for c in self._layout(key).crops]
+        grids = [c.grid for c in self.compression(key, method="visionzip").crops]
         clean = {}
         for crop, units in (picks or {}).items():
             crop = checked("crop", crop, 0, len(grids) - 1, integer=True)
@@ -245,7 +245,7 @@ class ChatSession:
         """Pick (or unpick, if it is picked) a unit and the (2 radius + 1)^2 block around it.
         -> the number of units picked for the image."""
         key = key or self.state.last_image_key
-        rows, cols = self._layout(key).crops[crop].grid
+        rows, cols = self.compression(key, method="visionzip").crops[crop].grid
         r0, c0 = divmod(unit, cols)
         block = {r * cols + c for r in range(max(0, r0 - radius), min(rows, r0 + radius + 1))
                  for c in range(max(0, c0 - radius), min(cols, c0 + radius + 1))}
@@ -258,48 +258,33 @@ class ChatSession:
     def picks_from_visionzip(self, key: str | None = None) -> int:
         """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
         key = key or self.state.last_image_key
-        comp = self._layout(key)
+        comp = self.compression(key, method="visionzip")
         self.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
                         for i, c in enumerate(comp.crops)}, key)
         return sum(len(u) for u in self.state.picks[key].values())
 
-    def _layout_key(self, key: str) -> tuple:
-        s = self.settings
-        return key, method_key("visionzip", s.dominant, s.contextual, s.max_tiles), self.vlm.name
-
-    def _layout_cached(self, key: str) -> bool:
-        return self._layout_key(key) in self.state.compressions
-
-    def _layout(self, key: str) -> Compression:
-        """The image's compression under VisionZip's settings (same crops as the manual method's)."""
-        s = self.settings
-        ck = self._layout_key(key)
-        if ck not in self.state.compressions:
-            comp = encode_image(self.vlm, self.state.images[key], "visionzip", s.dominant, s.contextual,
-                                max_tiles=s.max_tiles)
-            comp.features = comp.features.cpu()
-            self.state.compressions[ck] = comp
-        return self.state.compressions[ck]
-
-    def _cached(self, key, lane: str = "large") -> bool:
+    def cached(self, key, lane: str = "large", method: str | None = None) -> bool:
+        """Whether `compression(key, lane, method)` is at hand (no model would run)."""
         vlm = self.vlm if lane == "large" else self.small
-        return (key, self._method_key(key), vlm.name) in self.state.compressions
+        return (key, self._method_key(key, method), vlm.name) in self.state.compressions
 
-    def compression(self, key, lane: str = "large") -> Compression:
-        """The Compression of image `key` for the current method and `lane`'s model, encoded once."""
+    def compression(self, key, lane: str = "large", method: str | None = None) -> Compression:
+        """The Compression of image `key` for `method` (default: the current one) and `lane`'s model,
+        encoded once. The manual method's maps are drawn on VisionZip's (`method="visionzip"`)."""
         st = self.state
         vlm = self.vlm if lane == "large" else self.small
-        ck = (key, self._method_key(key), vlm.name)
+        method = method or self.visual_method
+        ck = (key, self._method_key(key, method), vlm.name)
         if ck in st.compressions:
             st.compressions.move_to_end(ck)
             return st.compressions[ck]
         s = self.settings
         if lane == "large":
-            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
+            comp = encode_image(vlm, st.images[key], method, s.dominant, s.contextual,
                                 max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
-            selection = self.compression(key) if self.visual_method == "visionzip" else None
-            comp = encode_image(vlm, st.images[key], self.visual_method, s.dominant, s.contextual,
+            selection = self.compression(key, method=method) if method == "visionzip" else None
+            comp = encode_image(vlm, st.images[key], method, s.dominant, s.contextual,
                                 selection_from=selection, max_tiles=s.max_tiles)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self._encoded[0] += 1
@@ -500,7 +485,7 @@ class ChatSession:
         No model runs here."""
         t, key = self.state.last_turn, self.state.last_image_key
         if (t is None or t.guidance is None or key not in t.guidance.image_spans or self.settings.method != "sgl"
-                or not self._cached(key)):
+                or not self.cached(key)):
             return None
         start, end = t.guidance.image_spans[key]
         kept = np.zeros(len(t.guidance.importance), dtype=bool)

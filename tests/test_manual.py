@@ -41,7 +41,7 @@ def test_picks_brush_start_from_visionzip_and_compare(tiny_llava, photo):
     with pytest.raises(InputError, match="unit"):
         s.set_picks({0: [576]})
     n = s.picks_from_visionzip()
-    zip_view = s._layout(s.state.last_image_key).crops[0]
+    zip_view = s.compression(s.state.last_image_key, method="visionzip").crops[0]
     assert n == len(zip_view.dominant) + len(zip_view.targets) == 53 + 10  # CLS is not a patch to pick
     s.ask("What is it?")
     assert s.last_turn.visual_tokens == 63
