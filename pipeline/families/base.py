@@ -136,10 +136,14 @@ class Family:
         return importlib.import_module(type(attention_module).__module__).apply_rotary_pos_emb
 
     # ---- tiny and architecture models --------------------------------------------------------------
+    tiny_vision: dict = {}  # the tiny model's vision config values besides tiny.py's common ones
+
     @classmethod
-    def tiny_model(cls, spec: dict, tokenizer, text: dict):
-        """-> (model, image processor) with random weights; `text` has the LLM's config values."""
-        raise NotImplementedError
+    def tiny_model(cls, spec: dict, tokenizer, text: dict, vision: dict):
+        """-> (model, image processor) with random weights: the architecture config with the tiny
+        `text` and `vision` values (plus `tiny_vision`)."""
+        config, processor = cls.arch_config(dict(vision, **cls.tiny_vision), text, tokenizer)
+        return cls.model_class(config), processor
 
     @classmethod
     def arch_config(cls, vision: dict, text: dict, tokenizer):

@@ -57,6 +57,7 @@ class InternVL(Family):
             "internvl3-14b-arch": (INTERNVIT_300M, QWEN25_14B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
     tiny_extra_tokens = ["<img>", "</img>", "<IMG_CONTEXT>"]
+    tiny_vision = dict(image_size=448, attention_bias=True, layer_scale_init_value=1.0, initializer_range=0.3)
 
     def __init__(self, config, image_processor, tokenizer):
         super().__init__(config, image_processor, tokenizer)
@@ -145,13 +146,6 @@ class InternVL(Family):
         units = self.units_per_crop
         return np.array([(i, u, -1) for i in range(len(prepared.crops)) for u in range(units)],
                         dtype=np.int64).reshape(-1, 3)
-
-    @classmethod
-    def tiny_model(cls, spec, tokenizer, text, vision):
-        vision = dict(vision, image_size=448, attention_bias=True, layer_scale_init_value=1.0, initializer_range=0.3)
-        config = InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=Qwen2Config(**text),
-                                image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-        return InternVLForConditionalGeneration(config), cls.processor()
 
     @classmethod
     def arch_config(cls, vision, text, tokenizer):

@@ -42,6 +42,7 @@ class Llava(LlavaStyle):
     presets = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf"}
     sgl_pairs = {"llava-1.5-13b": "llava-1.5-7b"}
     tiny = {"tiny-llava": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4)}
+    tiny_vision = dict(image_size=336, projection_dim=64, initializer_factor=4.0)
     arch = {"llava-1.5-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-1.5-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
@@ -73,14 +74,6 @@ class Llava(LlavaStyle):
     def full_token_map(self, model, prepared):
         rows, cols = prepared.crops[0].grid
         return np.array([(0, p, -1) for p in range(rows * cols)], dtype=np.int64).reshape(-1, 3)
-
-    @classmethod
-    def tiny_model(cls, spec, tokenizer, text, vision):
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(image_size=336, projection_dim=64, initializer_factor=4.0, **vision),
-            text_config=LlamaConfig(**text), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2, vision_feature_select_strategy="default")
-        return LlavaForConditionalGeneration(config), cls.processor()
 
     @classmethod
     def arch_config(cls, vision, text, tokenizer):

@@ -7,7 +7,7 @@ import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextImageProcessorPil)
 
-from .llava import CLIP_L_336, CLIP_MEAN, CLIP_STD, TEMPLATE, VICUNA_7B, VICUNA_13B
+from .llava import CLIP_L_336, CLIP_MEAN, CLIP_STD, TEMPLATE, VICUNA_7B, VICUNA_13B, Llava
 from .llava_common import AnyresStyle
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's image_grid_pinpoints
@@ -24,6 +24,7 @@ class LlavaNext(AnyresStyle):
     presets = {"llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-next-13b": "llava-hf/llava-v1.6-vicuna-13b-hf"}
     sgl_pairs = {"llava-next-13b": "llava-next-7b"}
     tiny = {"tiny-next": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4)}
+    tiny_vision = Llava.tiny_vision
     arch = {"llava-next-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-next-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
@@ -33,14 +34,6 @@ class LlavaNext(AnyresStyle):
         packed, _ = model.model.pack_image_features([crop_features], torch.tensor([image_size]),
                                                     self.config.vision_feature_select_strategy, image_newline=newline)
         return packed[0]
-
-    @classmethod
-    def tiny_model(cls, spec, tokenizer, text, vision):
-        config = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(image_size=336, projection_dim=64, initializer_factor=4.0, **vision),
-            text_config=LlamaConfig(**text), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
-        return LlavaNextForConditionalGeneration(config), cls.processor()
 
     @classmethod
     def arch_config(cls, vision, text, tokenizer):

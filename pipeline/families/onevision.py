@@ -44,6 +44,7 @@ class OneVision(AnyresStyle):
     sgl_pairs = {"llava-ov-7b": "llava-ov-0.5b", "tiny-ov-large": "tiny-ov-small"}
     tiny = {"tiny-ov-small": dict(vision_layers=3, text_hidden=64, text_layers=2, text_heads=4),
             "tiny-ov-large": dict(vision_layers=3, text_hidden=128, text_layers=4, text_heads=8)}
+    tiny_vision = dict(image_size=384, vision_use_head=False)
     arch = {"llava-ov-0.5b-arch": (SIGLIP_SO400M, QWEN2_05B), "llava-ov-7b-arch": (SIGLIP_SO400M, QWEN2_7B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
 
@@ -55,18 +56,10 @@ class OneVision(AnyresStyle):
         return packed[0]
 
     @classmethod
-    def tiny_model(cls, spec, tokenizer, text, vision):
-        config = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(image_size=384, vision_use_head=False, **vision),
-            text_config=Qwen2Config(**text), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-            video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
-            vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS)
-        return LlavaOnevisionForConditionalGeneration(config), cls.processor()
-
-    @classmethod
     def arch_config(cls, vision, text, tokenizer):
         config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
                                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                      video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
                                       vision_feature_layer=-1, vision_feature_select_strategy="full",
                                       image_grid_pinpoints=PINPOINTS)
         return config, cls.processor()
