@@ -22,6 +22,7 @@ from .tiny import TINY_SPECS, ensure_tiny_model
 HUB_PRESETS = {name: repo for f in FAMILIES for name, repo in f.presets.items()}  # -> hub repository
 SGL_PAIRS = {large: small for f in FAMILIES for large, small in f.sgl_pairs.items()}  # large -> its small guide
 PRESETS = list(HUB_PRESETS) + list(TINY_SPECS) + list(ARCH_PRESETS)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -114,7 +115,9 @@ def default_device_dtype(device=None, dtype=None):
         else:
             dtype = torch.bfloat16 if cpu_native_bf16() else torch.float32
     elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r} (--dtype / ZIPCHAT_DTYPE): use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
     return device, dtype
 
 

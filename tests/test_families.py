@@ -60,6 +60,8 @@ def test_bf16_only_where_the_cpu_computes_it(monkeypatch):
     monkeypatch.setenv("ZIPCHAT_DTYPE", "bfloat16")  # --dtype / ZIPCHAT_DTYPE override the choice
     assert default_device_dtype("cpu")[1] == torch.bfloat16
     assert default_device_dtype("cpu", "float32")[1] == torch.float32
+    with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):  # a Space variable with a typo says so
+        default_device_dtype("cpu", "fp8")
 
 
 @pytest.mark.parametrize("name", ["tiny-ov-small", "tiny-next", "tiny-internvl-small"])
