@@ -13,9 +13,12 @@ A *unit* is one token the LLM receives for an image: a patch (CLIP, SigLIP) or a
 
 import importlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
+import transformers
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 
 @dataclass
@@ -69,6 +72,25 @@ class Family:
         self.tokenizer = tokenizer
 
     # ---- vision ------------------------------------------------------------------------------------
+    @cached_property
+    def processor_defaults(self) -> dict:
+        """The image options the family's transformers Processor passes over preprocessor_config.json
+        (InternVLProcessor: crop_to_patches=True; LlavaNextProcessor: do_pad=True): the class transformers'
+        AutoProcessor picks for the model type."""
+        return processor_image_defaults(getattr(transformers, PROCESSOR_MAPPING_NAMES[self.model_type]))
+
+    def image_option(self, name: str, **call):
+        """One image option as the image processor will see it: zipchat's own call argument, else the
+        Processor's default, else preprocessor_config.json's value."""
+        if name in call:
+            return call[name]
+        return self.processor_defaults.get(name, getattr(self.image_processor, name, None))
+
+    def preprocess(self, image, **call):
+        """The image processor called as the family's Processor calls it, with zipchat's own arguments
+        (the tile cap) over the Processor's defaults over preprocessor_config.json."""
+        return self.image_processor(images=[image], return_tensors="pt", **{**self.processor_defaults, **call})
+
     @property
     def units_per_crop(self) -> int:
         """Selectable units of one crop (CLS included when it is one): the largest VisionZip budget."""
@@ -149,6 +171,18 @@ class Family:
     def arch_config(cls, vision: dict, text: dict, tokenizer):
         """-> (config, image processor) of an architecture preset (real shapes)."""
         raise NotImplementedError
+
+
+def processor_image_defaults(processor_class) -> dict:
+    """`images_kwargs` defaults of a transformers Processor class, read from the class (never built:
+    some need torchvision): a class attribute `images_kwargs` in transformers >= 5.24, the module's
+    `<Processor>Kwargs._defaults["images_kwargs"]` before."""
+    defaults = getattr(processor_class, "images_kwargs", None)
+    if not isinstance(defaults, dict):
+        module = importlib.import_module(processor_class.__module__)
+        kwargs = vars(module).get(processor_class.__name__ + "Kwargs")  # not getattr: 5.24 warns on the old name
+        defaults = (getattr(kwargs, "_defaults", None) or {}).get("images_kwargs")
+    return dict(defaults or {})
 
 
 def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:

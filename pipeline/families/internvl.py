@@ -43,6 +43,7 @@ class InternVL(Family):
     model_type = "internvl"
     model_class = InternVLForConditionalGeneration
     image_processor_class = GotOcr2ImageProcessorPil  # the PIL backend: no torchvision needed
+    # InternVLProcessor turns tiling on (crop_to_patches), which the checkpoints ship off
     has_cls = False  # InternViT has a CLS token, but it is never sent to the LLM: it only scores the units
     chat_template = TEMPLATE
     tiles = True
@@ -86,7 +87,9 @@ class InternVL(Family):
     def layout(self, image, max_tiles=None) -> Prepared:
         ip, most = self.image_processor, self.most_tiles(max_tiles)
         w, h = image.size
-        cols, rows = get_optimal_tiled_canvas((h, w), (self.side, self.side), ip.min_patches, most)
+        cols, rows = 1, 1  # without tiling: the whole image squashed to one tile
+        if self.image_option("crop_to_patches") and most > 1:  # as the image processor decides
+            cols, rows = get_optimal_tiled_canvas((h, w), (self.side, self.side), ip.min_patches, most)
         crops = [Crop((c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows), self.grid)
                  for r in range(rows) for c in range(cols)]
         if rows * cols > 1:  # the thumbnail comes after the tiles
@@ -94,7 +97,7 @@ class InternVL(Family):
         return Prepared(None, crops, (h, w), (rows, cols))
 
     def prepare(self, image, max_tiles=None) -> Prepared:
-        pixels = self.image_processor(images=[image], return_tensors="pt", max_patches=self.most_tiles(max_tiles))
+        pixels = self.preprocess(image, max_patches=self.most_tiles(max_tiles))
         return replace(self.layout(image, max_tiles), pixel_values=pixels["pixel_values"])  # (tiles + thumbnail, 3, 448, 448)
 
     def unit_patches(self, model) -> torch.Tensor:
@@ -154,8 +157,8 @@ class InternVL(Family):
         return config, cls.processor()
 
     @staticmethod
-    def processor():
-        return GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
+    def processor():  # OpenGVLab/InternVL3-*-hf's preprocessor_config.json: tiling off here, on by InternVLProcessor
+        return GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=False, min_patches=1,
                                         max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 

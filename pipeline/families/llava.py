@@ -48,11 +48,10 @@ class Llava(LlavaStyle):
 
     def layout(self, image, max_tiles=None) -> Prepared:  # one crop: nothing to cap
         w, h = image.size
-        ip = self.image_processor
-        if getattr(ip, "do_center_crop", False):  # shortest edge -> side, then a centred square
+        if self.image_option("do_center_crop"):  # shortest edge -> side, then a centred square
             s = min(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-        elif getattr(ip, "do_pad", False):  # padded to a square: the square extends past the image
+        elif self.image_option("do_pad"):  # padded to a square: the square extends past the image
             s = max(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
         else:  # squashed to a square
@@ -60,7 +59,7 @@ class Llava(LlavaStyle):
         return Prepared(None, [Crop(box, self.grid)], (h, w))
 
     def prepare(self, image, max_tiles=None) -> Prepared:
-        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, 3, 336, 336)
+        pixels = self.preprocess(image)["pixel_values"]  # (1, 3, 336, 336)
         return replace(self.layout(image), pixel_values=pixels)
 
     def encode_full(self, model, prepared):
@@ -83,6 +82,6 @@ class Llava(LlavaStyle):
         return config, cls.processor()
 
     @staticmethod
-    def processor():
+    def processor():  # llava-hf/llava-1.5-*-hf's preprocessor_config.json (CLIPImageProcessor)
         return CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                      do_center_crop=True, do_convert_rgb=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)

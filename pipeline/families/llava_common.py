@@ -123,7 +123,7 @@ class AnyresStyle(LlavaStyle):
     def prepare(self, image, max_tiles=None) -> Prepared:
         layout = self.layout(image, max_tiles)
         pinpoints = capped_pinpoints(self.config.image_grid_pinpoints, self.side, max_tiles)
-        out = self.image_processor(images=[image], return_tensors="pt", image_grid_pinpoints=pinpoints)
+        out = self.preprocess(image, image_grid_pinpoints=pinpoints)
         return replace(layout, pixel_values=out["pixel_values"][0][: len(layout.crops)])  # (1 + tiles, 3, S, S)
 
     def pack(self, model, crop_features, image_size, newline):

@@ -18,6 +18,7 @@ class LlavaNext(AnyresStyle):
     model_type = "llava_next"
     model_class = LlavaNextForConditionalGeneration
     image_processor_class = LlavaNextImageProcessorPil  # the PIL backend: no torchvision needed
+    # LlavaNextProcessor sets do_pad (it pads a batch to one tile count: one image is unchanged)
     has_cls = True
     chat_template = TEMPLATE  # llava-v1.6-vicuna ships the same template as llava-1.5
     stop_strings = ("</s>",)
@@ -43,7 +44,8 @@ class LlavaNext(AnyresStyle):
         return config, cls.processor()
 
     @staticmethod
-    def processor():
+    def processor():  # llava-hf/llava-v1.6-vicuna-*-hf's preprocessor_config.json; do_pad left to the Processor's
+        # default (whether the checkpoints write it is a guess: LlavaNextProcessor sets it either way)
         return LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                          image_grid_pinpoints=PINPOINTS, do_pad=True, do_center_crop=True,
+                                          image_grid_pinpoints=PINPOINTS, do_center_crop=True,
                                           image_mean=CLIP_MEAN, image_std=CLIP_STD)

@@ -65,6 +65,6 @@ class OneVision(AnyresStyle):
         return config, cls.processor()
 
     @staticmethod
-    def processor():
+    def processor():  # llava-hf/llava-onevision-qwen2-*-ov-hf's preprocessor_config.json
         return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=PINPOINTS,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True)

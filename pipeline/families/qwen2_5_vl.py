@@ -116,7 +116,7 @@ class Qwen25VL(Family):
 
     def prepare(self, image, max_tiles=None) -> Prepared:
         layout = self.layout(image, max_tiles)
-        out = self.image_processor(images=[image], return_tensors="pt", size=self.pixel_range(max_tiles))
+        out = self.preprocess(image, size=self.pixel_range(max_tiles))
         grid_thw = out["image_grid_thw"]  # (1, 3): frames, rows and columns of 14 px patches
         return replace(layout, pixel_values=out["pixel_values"], extra={"grid_thw": grid_thw})
 
