@@ -3,8 +3,11 @@ method equals transformers' own forward, and images are encoded once."""
 
 import pytest
 import torch
+import transformers
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 from pipeline import ChatSession, Turn, compare_with_full
+from pipeline.families.base import processor_image_defaults
 from pipeline.generate import embed
 
 
@@ -48,7 +51,8 @@ def test_full_first_turn_equals_transformers_generate(tiny_vlm, photo):
     s.add_image(photo)
     ids, _ = prompt(s, QUESTIONS[0])
     answer = s.ask(QUESTIONS[0])
-    out = tiny_vlm.image_processor(images=[photo], return_tensors="pt")
+    processor = getattr(transformers, PROCESSOR_MAPPING_NAMES[tiny_vlm.family.model_type])  # its image defaults apply
+    out = tiny_vlm.image_processor(images=[photo], return_tensors="pt", **processor_image_defaults(processor))
     kwargs = {k: v for k, v in out.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
     if "image_grid_thw" in kwargs:  # Qwen2.5-VL's processor also says which tokens are the image's (for M-RoPE)
         kwargs["mm_token_type_ids"] = (torch.tensor([ids]) == tiny_vlm.image_token_id).int()
