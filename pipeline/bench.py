@@ -418,21 +418,27 @@ def row_bf16_quality(args) -> Row:
     names = ["tiny-llava", "tiny-ov-small"]
     if args.device.type == "cuda" or cpu_native_bf16():
         names.append("llava-ov-0.5b-arch")
-    overlaps, agree = [], {}
+    overlaps, agree = {}, {}
     for name in names:
         a, b = (load_vlm(name, device=args.device, dtype=d, quick=args.quick) for d in (torch.float32, torch.bfloat16))
-        agree[name] = []
+        agree[name], overlaps[name] = [], []
         for f in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")[: 1 if args.smoke else 4]:
             image = Image.open(ASSETS / f).convert("RGB")
             for x, y in zip(encode_image(a, image).crops, encode_image(b, image).crops):
-                overlaps.append(len(set(x.dominant) & set(y.dominant)) / len(x.dominant))
+                overlaps[name].append(len(set(x.dominant) & set(y.dominant)) / len(x.dominant))
             ids = [answer_ids(v, image, 16) for v in (a, b)]
             agree[name].append(next((i for i, (p, q) in enumerate(zip(*ids)) if p != q), len(ids[0])))
-    return Row("14", "bf16 vs float32: dominant tokens selected by both (share)", "overlap", "all", [min(overlaps)],
-               [1.0], unit="share", target=">= 0.9",
-               notes=f"dominant overlap mean {statistics.mean(overlaps):.3f}, min {min(overlaps):.3f} over "
-                     f"{len(overlaps)} crops; greedy tokens equal before the first difference (of 15): "
-                     + "; ".join(f"{k} {v}" for k, v in agree.items()))
+    # The measure: the tiny models (peaked random weights). An architecture preset's random weights at real
+    # shapes attend almost uniformly, so there bf16's rounding alone decides the ranking: reported, not measured.
+    tiny = [o for name, values in overlaps.items() if name.startswith("tiny-") for o in values]
+    return Row("14", "bf16 vs float32: dominant tokens selected by both (share, tiny models)", "overlap", "all",
+               [min(tiny)], [1.0], unit="share", target=">= 0.9",
+               notes="dominant overlap mean (min) over crops: " + "; ".join(
+                   f"{k} {statistics.mean(v):.3f} ({min(v):.3f}, {len(v)} crops)" for k, v in overlaps.items())
+               + "; greedy tokens equal before the first difference (of 15): "
+               + "; ".join(f"{k} {v}" for k, v in agree.items())
+               + ("; the -arch preset has random weights at real shapes (near-uniform attention: bf16 rounding "
+                  "decides its ranking), so it is not part of the measure" if len(names) > 2 else ""))
 
 
 def row_cpu_first_turn(args, clock, hw) -> list:
