@@ -50,14 +50,15 @@ class Panel:
 
 def layout(comp) -> list:
     """The panels of a Compression's canvas: one for a single crop; else one for the crop(s) showing the
-    whole image (LLaVA's base image, InternVL's thumbnail) and one for the tiles."""
+    whole image (LLaVA's base image, InternVL's thumbnail) and one for the tiles. A single tile may cover
+    the whole image too (a small square on OneVision): it still gets its own panel."""
     h, w = comp.image_size
     if len(comp.crops) == 1:
         groups = [("image", [0])]
     else:
-        whole = [i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)]
-        tiles = [i for i in range(len(comp.crops)) if i not in whole]
-        groups = [("whole image", whole), (f"{len(tiles)} tiles", tiles)]
+        whole = next((i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)), 0)
+        tiles = [i for i in range(len(comp.crops)) if i != whole]
+        groups = [("whole image", [whole]), (f"{len(tiles)} tile{'s' * (len(tiles) > 1)}", tiles)]
     panels, y = [], TITLE
     for title, idx in groups:
         boxes = [comp.crops[i].box for i in idx]
