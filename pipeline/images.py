@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -15,13 +15,12 @@ MAX_PIXELS = int(os.environ.get("ZIPCHAT_MAX_PIXELS", 40_000_000))
 
 
 def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """PIL image, path, bytes or HxWx3 array -> a fully decoded RGB PIL image."""
+    """PIL image, path, bytes or array -> a fully decoded 8-bit RGB PIL image, turned the way its EXIF
+    orientation says (a phone photo as the person sees it)."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        if source.ndim not in (2, 3) or source.size == 0:
-            raise InputError(f"That array is not an image (shape {source.shape}).")
-        image = Image.fromarray(source.astype(np.uint8))
+        image = from_array(source)
     elif isinstance(source, (bytes, bytearray)):
         image = _open(io.BytesIO(source), "the uploaded data")
     elif isinstance(source, (str, Path)):
@@ -44,9 +43,50 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"The image is corrupt or truncated ({e}). Please upload it again.") from None
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    if image.getexif().get(ORIENTATION, 1) in range(2, 9):  # stored sideways or mirrored: as displayed
+        image = ImageOps.exif_transpose(image)
+    return to_rgb8(image)
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit greyscale (I;16, I;16B, I;16L) divided by 257, 32-bit integer
+    (I) and float (F) images stretched over their own min..max; the rest by PIL's conversion."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        grey = (np.asarray(image).astype(np.uint32) // 257).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("I", "F"):
+        return Image.fromarray(stretch(np.asarray(image))).convert("RGB")
+    return image.convert("RGB")
+
+
+def stretch(values: np.ndarray) -> np.ndarray:
+    """Numbers of any dtype -> uint8 over their own min..max (a constant array keeps its value, clipped)."""
+    v = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(v.min()), float(v.max())
+    if high > low:
+        return np.round((v - low) * (255 / (high - low))).astype(np.uint8)
+    return np.full(v.shape, np.clip(low, 0, 255), dtype=np.uint8)
+
+
+def from_array(a: np.ndarray) -> Image.Image:
+    """H x W (grey), H x W x 1, 3 (RGB) or 4 (RGBA) array -> PIL image. uint8 as it is, booleans as black
+    and white, any other dtype stretched over its own min..max (a uint16 array never wraps)."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.size == 0 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise InputError(f"That array is not an image (shape {a.shape}): send H x W, H x W x 3 or H x W x 4.")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise InputError(f"That array is not an image (dtype {a.dtype}).")
+        a = stretch(a)
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def _open(fp, what: str) -> Image.Image:
