@@ -28,8 +28,9 @@ import gradio as gr  # noqa: E402
 from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
 from pipeline.heatmap import describe, hit, render_map  # noqa: E402
 from pipeline.kvstore import default_budget  # noqa: E402
+from pipeline.memory import MemoryBudget  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
-from pipeline.stopflag import StopFlag  # noqa: E402
+from pipeline.stopflag import AnsweringFlag, ClearedFlag, StopFlag  # noqa: E402
 from pipeline.visionzip import BUDGETS  # noqa: E402
 
 log = logging.getLogger("zipchat")
@@ -38,7 +39,9 @@ METHOD_NAMES = {"Full": "full", "VisionZip": "visionzip", "SGL": "sgl", "Manual"
 VIEW_NAMES = {"kept": "Kept tokens", "groups": "Contextual groups", "scores": "Scores", "importance": "SGL importance"}
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
 CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else None
+demo = None  # the running app, once main() has built it (Gradio's reloader on a Space looks it up here)
 NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
+STILL_ANSWERING = "An answer is still being generated in this conversation: wait for it (or press Stop), then send again."
 
 
 def gpu(duration):
@@ -55,6 +58,15 @@ class Slider(gr.Slider):
 
     def preprocess(self, payload):
         return None if payload is None else super().preprocess(payload)
+
+
+class MapClick(gr.EventData):
+    """A click on the map (gr.SelectData's `index`: [x, y]); None where an API call sent no event data,
+    which gr.SelectData itself would fail on with a TypeError before the handler could say anything."""
+
+    @property
+    def index(self):
+        return self._data.get("index") if isinstance(self._data, dict) else None
 
 
 @dataclass
@@ -169,13 +181,16 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
 
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
-               small=None, session_options: dict | None = None, max_tiles: int | None = None) -> gr.Blocks:
+               small=None, session_options: dict | None = None, max_tiles: int | None = None,
+               image_memory: int = 1 << 30) -> gr.Blocks:
     """`max_tiles`: the tiles per image VisionZip encodes by default (tiling families): 4 (base + up to
-    2x2) on a CPU, where the vision encoder dominates the first answer; 0 (the checkpoint's own) on a GPU."""
+    2x2) on a CPU, where the vision encoder dominates the first answer; 0 (the checkpoint's own) on a GPU.
+    `image_memory`: bytes of images and compressed features all conversations keep together (memory.py)."""
     if max_tiles is None:
         max_tiles = 4 if vlm.device.type == "cpu" else 0
     models = {m.name: m for m in (vlm, small) if m is not None}
     kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded
+    memory = MemoryBudget(image_memory)  # this process's images and features, all sessions, LRU-bounded
     big = max(sum(p.numel() for p in m.model.parameters()) for m in models.values()) > 3e9
     options = session_options or {}
 
@@ -206,12 +221,18 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         history = list(history or [])
         message = message if isinstance(message, dict) else {"text": message}
         files, text = message.get("files") or [], message.get("text") or ""
+        if state is not None and ClearedFlag(state.chat.session_id).is_set():  # Clear stopped its last answer
+            ClearedFlag(state.chat.session_id).clear()
+            state = None
         try:
+            if state is not None and AnsweringFlag(state.chat.session_id).is_set():  # (an API call need not wait)
+                raise InputError(STILL_ANSWERING)
             config = settings_from(*settings)
             if state is None:
                 state = new_state(config)
             else:
                 session_for(state).set_method(**config)
+                session_for(state).check_images()  # images dropped to free memory: says so, starts over
             if not isinstance(files, list) or not isinstance(text, str):
                 raise InputError("A message is {'text': str, 'files': [paths]}.")
         except InputError as e:  # the message stays in the textbox, to send again
@@ -231,6 +252,9 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             history.append({"role": "user", "content": text})
         elif not files:
             history.append({"role": "assistant", "content": "⚠️ Please type a question."})
+        if text or state.chat.pending:  # from now on Stop cancels it, even while it waits in the queue
+            session.accept()
+        memory.touch(state.chat)
         return history, gr.update(value=None, interactive=False), state, gr.update(visible=bool(text))
 
     @gpu(duration=lambda history, state, view: gpu_seconds(state, big))
@@ -249,9 +273,12 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             if question is None:  # images without a question: encode them so the map shows
                 answer["content"] = f"Got it: {session.current_view()[1].caption()}. Now ask a question about it."
             else:
-                for delta in session.ask_stream(question):
+                turns = len(state.chat.turns)
+                for delta in session.ask_stream(question, accepted=True):
                     answer["content"] += delta
                     yield history, *skip
+                if len(state.chat.turns) == turns:  # Stop pressed while the question waited: not answered
+                    answer["content"] = "⏹ Stopped before the answer started."
                 answer["content"] = answer["content"] or "(empty answer)"
                 if not state.chat.images and len(state.chat.turns) == 1:
                     history.append({"role": "assistant", "content": "ℹ️ No image in this conversation yet: "
@@ -264,11 +291,26 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                 history.append({"role": "assistant", "content": message})
             else:
                 answer["content"] = message
+        finally:
+            session.answering.clear()  # (ask_stream clears it too; a message of images alone ends here)
+        cleared = ClearedFlag(state.chat.session_id)
+        if cleared.is_set():  # Clear was pressed during this answer: the conversation stays cleared
+            cleared.clear()
+            yield [], None, format_stats(None), None, NO_IMAGE, gr.update(value="kept")
+            return
         if state.chat.last_image_key is not None:
-            session.current_view()  # a manual view needs VisionZip's crops: encode them now, on the GPU
+            try:
+                session.current_view()  # a manual view needs VisionZip's crops: encode them now, on the GPU
+            except Exception:  # noqa: BLE001 - the map waits; the chat already says what failed
+                log.exception("encoding the image for the map failed")
         yield history, state, format_stats(state.chat.last_turn), *views(session, view)
 
-    def unlock():
+    def finish(state):
+        """After an answer (or a failure, maybe before the answer ran): the textbox back, Stop hidden, the
+        conversation no longer answering, its memory counted."""
+        if state is not None:
+            AnsweringFlag(state.chat.session_id).clear()
+            memory.touch(state.chat)
         return gr.update(interactive=True), gr.update(visible=False)
 
     def stop(state):
@@ -277,8 +319,15 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
 
     @gpu(duration=lambda state: 30 if big else 15)
     def compress_latest(state: AppState) -> AppState:
-        """Encodes the latest image for the current settings (for the map)."""
-        session_for(state).current_view()
+        """Encodes the latest image for the current settings (for the map). Fails only with a gr.Error (on
+        ZeroGPU any other exception would reach the page as its bare class name)."""
+        try:
+            session_for(state).current_view()
+        except InputError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("encoding the image failed")
+            raise gr.Error(f"Encoding the image failed: {type(e).__name__}: {e}") from None
         return state
 
     def apply_settings(state, view, *settings):
@@ -293,14 +342,22 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             return (state, gr.skip(), f"⚠️ Not applied: {e} Still using {s.method} ({s.dominant} + {s.contextual}).",
                     gr.skip(), gr.skip())
         if state.chat.last_image_key is not None and session.current_view(compress=False) is None:
-            state = compress_latest(state)
+            try:
+                state = compress_latest(state)
+            except gr.Error as e:  # the settings stay applied; the map waits for the next answer
+                return state, gr.skip(), f"⚠️ {e.message}", gr.skip(), gr.skip()
             session = session_for(state)
         return state, *views(session, view), gr.update(visible=state.chat.settings.method == "manual")
+
+    def forget(state):
+        if state is not None:
+            kv.drop(state.chat.session_id)
+            memory.forget(state.chat.session_id)
 
     def show_view(state, view):
         return views(session_for(state) if state else None, view)[:2]
 
-    def click_map(state, view, radius, evt: gr.SelectData):
+    def click_map(state, view, radius, evt: MapClick):
         """On the map: say what the clicked patch is; in the manual method, pick or unpick it (and the
         patches around it, `radius`)."""
         if state is None or state.chat.last_image_key is None or not isinstance(evt.index, (list, tuple)):
@@ -348,11 +405,19 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             results = compare(session_for(state))
         except InputError as e:
             return f"⚠️ {e}", ""
+        except Exception as e:  # reported here: on ZeroGPU it would reach the page as a bare class name
+            log.exception("compare failed")
+            return f"⚠️ Compare failed: {type(e).__name__}: {e}", ""
         return format_compare(results), "\n\n".join(f"**{m}:** {a}" for m, a, _ in results)
 
     def clear(state):
         if state is not None:
-            kv.drop(state.chat.session_id)
+            sid = state.chat.session_id
+            if AnsweringFlag(sid).is_set():  # an answer is running or queued: stop it, discard what it hands back
+                ClearedFlag(sid).set()  # (first: the answer may end as soon as it sees Stop)
+                StopFlag(sid).set()
+            memory.forget(sid)
+            kv.drop(sid)
         return ([], None, gr.update(value=None, interactive=True), None, NO_IMAGE, gr.skip(), format_stats(None),
                 "", "", "", gr.update(visible=False))
 
@@ -362,8 +427,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                     f"shows which. Model: `{vlm.describe()}`.")
         if banner:
             gr.Markdown(banner, elem_id="offline-banner", elem_classes=["banner"])
-        state = gr.State(None, time_to_live=SESSION_TTL_S,
-                         delete_callback=lambda s: s is not None and kv.drop(s.chat.session_id))
+        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=forget)
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(elem_id="chatbot", height=480, buttons=["copy"])
@@ -380,7 +444,7 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                                       label="Visual tokens (Manual: pick patches on the map)", elem_id="method")
                     budget = gr.Radio([64, 128, 192], value=64, label="Budget per crop (dominant + contextual)")
                     with gr.Row():
-                        units = vlm.family.units_per_crop  # the largest budget of one crop
+                        units = vlm.family.units_per_crop - 1  # the largest budget below a whole crop
                         dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
                                           label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
                         contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
@@ -438,9 +502,9 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         answering = submitted.then(respond, [chatbot, state, view], [chatbot, state, stats, *maps], api_name="respond")
         # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
         # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
-        answering.then(unlock, None, [textbox, stop_btn], api_name=False)
+        answering.then(finish, state, [textbox, stop_btn], api_name=False)
         for event in (submitted, answering):
-            event.failure(unlock, None, [textbox, stop_btn], api_name=False)
+            event.failure(finish, state, [textbox, stop_btn], api_name=False)
         stop_btn.click(stop, state, None, queue=False, api_name="stop")
         budget.change(pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
         for control in settings:
@@ -490,19 +554,40 @@ def main(argv=None):
     parser.add_argument("--max-tiles", type=int, default=int(env("ZIPCHAT_MAX_TILES")) if env("ZIPCHAT_MAX_TILES") else None,
                         help="tiles per image VisionZip encodes (Qwen2.5-VL: the area of 1 + this many 448 px tiles); "
                              "default 4 on a CPU, 0 (the checkpoint's own limit) on a GPU")
+    parser.add_argument("--image-memory", type=int, default=int(env("ZIPCHAT_IMAGE_MEMORY_MB") or 1024),
+                        help="MB of images and compressed features all conversations keep together; past it the "
+                             "least recently used idle conversation's images are dropped (default: "
+                             "$ZIPCHAT_IMAGE_MEMORY_MB, else 1024)")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[zipchat] %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[zipchat] %(message)s"))
+    log.addHandler(handler)  # zipchat's own messages; the libraries keep their defaults (no request lines)
+    log.setLevel(logging.INFO)
     vlm, small, banner = load_models(args.model or default_preset(), args.small_model, dtype=args.dtype,
                                      device_map=args.device_map)
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
-    demo = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
-                      session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=args.max_tiles)
-    demo.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
+    built = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
+                      session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=args.max_tiles,
+                      image_memory=args.image_memory << 20)
+    built.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
+    global demo
+    demo = built  # where Gradio's reloader on a Space looks for the app (else it logs that it did not find it)
+    sys.unraisablehook = quiet_leaked_event_loops
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+
+
+def quiet_leaked_event_loops(unraisable):
+    """Gradio (6.x, `utils.safe_get_lock`) leaves an unclosed asyncio event loop behind for each lock it
+    makes outside a running loop. On a Space the `spaces` reloader's code scan closes their sockets first,
+    so collecting them prints "Exception ignored in BaseEventLoop.__del__ ... Invalid file descriptor: -1"
+    into the log people read. Only that case is silenced; everything else is printed as usual."""
+    if not (isinstance(unraisable.exc_value, ValueError) and "Invalid file descriptor" in str(unraisable.exc_value)
+            and getattr(unraisable.object, "__qualname__", "") == "BaseEventLoop.__del__"):
+        sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ from .errors import InputError
 MAX_PIXELS = int(os.environ.get("ZIPCHAT_MAX_PIXELS", 40_000_000))
 
 
-def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source, max_pixels: int = MAX_PIXELS, fit=None) -> Image.Image:
     """PIL image, path, bytes or array -> a fully decoded 8-bit RGB PIL image, turned the way its EXIF
-    orientation says (a phone photo as the person sees it)."""
+    orientation says (a phone photo as the person sees it). `fit`: (width, height) as seen -> the size
+    to keep it at (Family.compact_size); a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that is
+    still at least that size (a 40 MP photo needs 30 MB instead of 120 MB), and resized to it."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
@@ -40,12 +43,26 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
             f"the limit is {max_pixels / 1e6:.0f} MP. Please downscale it and upload again."
         )
     try:
+        orientation = image.getexif().get(ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, struct.error):  # unreadable metadata: load() says what is wrong
+        orientation = 1
+    target = None
+    if fit is not None:
+        turned = orientation in (5, 6, 7, 8)  # stored sideways: width and height swap when shown
+        shown = (height, width) if turned else (width, height)
+        target = tuple(fit(shown))
+        if target != shown:
+            image.draft(image.mode, target[::-1] if turned else target)  # JPEG only; a no-op elsewhere
+    try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"The image is corrupt or truncated ({e}). Please upload it again.") from None
-    if image.getexif().get(ORIENTATION, 1) in range(2, 9):  # stored sideways or mirrored: as displayed
+    if orientation in range(2, 9):  # stored sideways or mirrored: as displayed
         image = ImageOps.exif_transpose(image)
-    return to_rgb8(image)
+    image = to_rgb8(image)
+    if target is not None and image.size != target:
+        image = image.resize(target, Image.BICUBIC, reducing_gap=3.0)
+    return image
 
 
 ORIENTATION = 0x0112  # the EXIF tag

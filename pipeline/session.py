@@ -9,7 +9,7 @@ placeholder becomes `num_tokens` placeholder ids whose embeddings are the image'
 features. A model's KV cache (a Lane, lane.py) records what its positions hold, so a turn keeps the
 longest prefix the cache still matches and prefills the rest: normally the latest answer and the
 new question. Caches live in a process-local KVStore keyed by session (kvstore.py); where there is
-none (a fresh ZeroGPU process) the turn prefills the conversation once.
+none (a new ZeroGPU worker) the turn prefills the conversation once.
 
 Method "sgl" adds a small model with its own lane that answers first and ranks the visual tokens;
 the large model then answers with the pruned tokens (sgl.py).
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .chat import Message
 from .compress import Compression, encode_image, method_key
@@ -35,12 +36,14 @@ from .kvstore import KVStore, cache_nbytes
 from .lane import Lane, Unit
 from .sgl import Guidance, check_pair, sgl_answer
 from .state import ChatState, Settings, Turn
-from .stopflag import StopFlag
+from .stopflag import AnsweringFlag, StopFlag
 from .visionzip import check_budget
 
 METHODS = ("full", "visionzip", "sgl", "manual")
 UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
+IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
+                  "dropped and it starts over. Please upload the image again.")
 
 
 @dataclass
@@ -110,6 +113,7 @@ class ChatSession:
             raise ValueError(f"this state belongs to {state.model} (+ {state.small}), not {vlm.name}")
         self.state = state
         self.stop_flag = StopFlag(state.session_id)
+        self.answering = AnsweringFlag(state.session_id)  # seen by other processes (the app's next message)
 
     @classmethod
     def resume(cls, state: ChatState, models: dict, kv: KVStore | None = None, **options) -> "ChatSession":
@@ -158,7 +162,12 @@ class ChatSession:
         top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
         max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
         if (sgl_tokens if method == "sgl" else method) == "visionzip":
-            check_budget(dominant, contextual, self.vlm.family.units_per_crop, self.vlm.family.has_cls)
+            units = self.vlm.family.units_per_crop
+            check_budget(dominant, contextual, units, self.vlm.family.has_cls)
+            if dominant + contextual >= units:  # would send at least what Full sends (OneVision: 729+0 x 3 crops > 1,836)
+                raise InputError(f"A VisionZip budget of {dominant}+{contextual} = {dominant + contextual} tokens per "
+                                 f"crop is not below the {units} of a whole crop: it would send as many visual tokens "
+                                 "as the Full method or more. Choose a smaller budget, or Full.")
         self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
                                       keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
                                       sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
@@ -183,20 +192,43 @@ class ChatSession:
                                cache_bytes=st.cache_bytes)
 
     def stop(self):
-        """Ask a running ask_stream (in this process or another) to stop after the current token."""
+        """Ask a running ask_stream (in this process or another) to stop after the current token, or a
+        question accepted and still waiting (see `accept`) to be cancelled before it starts."""
         self.stop_flag.set()
+
+    def accept(self):
+        """A question is accepted (the app's queue will answer it): a Stop from now on cancels it, an
+        older Stop does not; the session counts as answering until `ask_stream` ends."""
+        self.stop_flag.clear()
+        self.answering.set()
+
+    def check_images(self):
+        """A conversation whose images were dropped to free memory (memory.py) starts over, with a
+        message (InputError) that says so."""
+        st = self.state
+        if st.images_dropped:  # in place: whoever holds this state (the app's tab) sees it start over
+            st.turns, st.window_start, st.last_turn, st.images_dropped = [], 0, None, False
+            self.kv.drop(st.session_id)
+            self._lanes = {}
+            raise InputError(IMAGES_DROPPED)
 
     # ---- images --------------------------------------------------------------------------------
     def add_image(self, image, compress: bool = True) -> Compression | None:
         """Check an image; it joins the next question. With `compress` it is encoded now (else at
-        the next turn). Nothing changes if the image is refused."""
-        image = load_image(image)
+        the next turn). Nothing changes if the image is refused. The conversation keeps it no larger
+        than the model can use (the same tiles and crops: Family.compact_size)."""
+        self.check_images()
+        image = load_image(image, fit=self.vlm.family.compact_size)
         key = image_digest(image)
-        self.state.images[key] = image
+        self.state.images[key] = np.asarray(image)  # uint8 (H, W, 3): 3 bytes a pixel (PIL holds RGB in 4)
         comp = self.compression(key) if compress else None
         self.state.pending.append(key)
         self.state.last_image_key = key
         return comp
+
+    def image(self, key: str) -> Image.Image:
+        """The kept image `key` as a PIL image (the state keeps its pixels as a uint8 array)."""
+        return Image.fromarray(self.state.images[key])
 
     def current_view(self, compress: bool = True):
         """(PIL image, Compression for the current method) of the latest image, or None. Without
@@ -207,10 +239,10 @@ class ChatSession:
         if self.settings.method == "manual":  # the picks drawn on VisionZip's crops: no model runs for a click
             if not (compress or self.cached(key, method="visionzip")):
                 return None
-            return self.state.images[key], self.pick_view(key)
+            return self.image(key), self.pick_view(key)
         if not (compress or self.cached(key)):
             return None
-        return self.state.images[key], self.compression(key)
+        return self.image(key), self.compression(key)
 
     def pick_view(self, key: str) -> Compression:
         """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
@@ -280,11 +312,11 @@ class ChatSession:
             return st.compressions[ck]
         s = self.settings
         if lane == "large":
-            comp = encode_image(vlm, st.images[key], method, s.dominant, s.contextual,
+            comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
                                 max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
             selection = self.compression(key, method=method) if method == "visionzip" else None
-            comp = encode_image(vlm, st.images[key], method, s.dominant, s.contextual,
+            comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
                                 selection_from=selection, max_tiles=s.max_tiles)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self._encoded[0] += 1
@@ -298,8 +330,11 @@ class ChatSession:
     def ask(self, question: str) -> str:
         return "".join(self.ask_stream(question))
 
-    def ask_stream(self, question: str):
-        """Yield the answer as text deltas. The turn is recorded even if the caller stops early."""
+    def ask_stream(self, question: str, accepted: bool = False):
+        """Yield the answer as text deltas. The turn is recorded even if the caller stops early.
+        `accepted`: the question was accepted earlier (`accept`), and a Stop since then cancels it before
+        it starts (no turn is recorded); otherwise this call accepts it."""
+        self.check_images()
         if not isinstance(question, str) or not question.strip():
             raise InputError("Please type a question.")
         if len(question) > MAX_QUESTION_CHARS:
@@ -308,8 +343,14 @@ class ChatSession:
         if not self._lock.acquire(blocking=False):
             raise InputError("An answer is still being generated in this session; stop it or wait.")
         try:
+            if not accepted:
+                self.accept()
+            if self.stop_flag.is_set():  # stopped while waiting for its turn: nothing to answer
+                self.stop_flag.clear()
+                return
             yield from self._turn(question.strip())
         finally:
+            self.answering.clear()
             self._lock.release()
 
     def lane(self, name: str) -> Lane:
@@ -327,7 +368,6 @@ class ChatSession:
 
     def _turn(self, question: str):
         st, vlm = self.state, self.vlm
-        self.stop_flag.clear()
         t0 = time.perf_counter()
         turn = Turn(question=question, images=list(st.pending))
         plan = self.plan(turn)  # compresses the images it needs; may drop the oldest turns
@@ -365,6 +405,7 @@ class ChatSession:
                 turn.answer_tokens, turn.stopped = len(generated), stats.stopped
                 st.turns.append(turn)
                 st.pending, st.window_start, st.last_turn = [], plan.window_start, stats
+            self.stop_flag.clear()  # a Stop that came as the answer ended does not reach the next question
 
     def plan(self, turn: Turn) -> Plan:
         """Render the conversation with `turn` as the new question, fitted to the context window:
@@ -490,7 +531,7 @@ class ChatSession:
         start, end = t.guidance.image_spans[key]
         kept = np.zeros(len(t.guidance.importance), dtype=bool)
         kept[t.guidance.kept] = True
-        return self.state.images[key], self.compression(key), t.guidance.importance[start:end], kept[start:end]
+        return self.image(key), self.compression(key), t.guidance.importance[start:end], kept[start:end]
 
 
 def checked(name: str, value, low: float, high: float, integer: bool = False):

@@ -8,7 +8,7 @@
      consistency = geometric mean of the probabilities of S's own answer tokens when S re-scores
      it keeping only the top 5% visual tokens; score = (confidence + consistency) / 2.
   3. The large model G runs layers < K = floor(prune_layer x layers) on all tokens, then only the
-     top floor(keep_ratio x visual) visual tokens (original positions kept) — see
+     top max(1, floor(keep_ratio x visual)) visual tokens (original positions kept) — see
      `generate.forward_layers`.
 
 The importance is read without eager attention: per-instance hooks capture each layer's queries
@@ -176,10 +176,12 @@ def sgl_answer(session, plan, stats, t0, generated):
     small_tokens, max_probs = [], []
     with ImportanceCapture(small, lane.cache, visual.to(small.device), after) as capture:
         logits = lane.prefill(s_ids, s_units, start, features)
+        t_decode = time.perf_counter()
         for _ in session.decode(small, logits, lane.step, stats, t0, small_tokens, stream=False,
                                 max_probs=max_probs, limit=session.context_window - len(s_ids)):
             pass
     importance = capture.importance.cpu()
+    small_decode_s = time.perf_counter() - t_decode  # the first token came with the prefill
     stats.timings["small_answer_s"] = time.perf_counter() - t_small
     stats.timings["small_prefill_tokens"] = len(s_ids) - start
     stats.timings["small_cache_reused"] = reused
@@ -195,7 +197,7 @@ def sgl_answer(session, plan, stats, t0, generated):
 
     n_layers = len(large.language_model.layers)
     k_layer = int(math.floor(session.settings.prune_layer * n_layers))
-    keep_visual = top_k_mask(importance, int(math.floor(session.settings.keep_ratio * visual.numel())))
+    keep_visual = top_k_mask(importance, max(1, int(math.floor(session.settings.keep_ratio * visual.numel()))))
     spans, offset = {}, 0
     for u in units:
         if u.features is not None:
@@ -213,6 +215,8 @@ def sgl_answer(session, plan, stats, t0, generated):
         stats.prefill_tokens = stats.timings["small_prefill_tokens"]
         stats.cache_reused = reused
         stats.ttft_s = time.perf_counter() - t0
+        if len(small_tokens) > 1:
+            stats.decode_tok_per_s = (len(small_tokens) - 1) / max(small_decode_s, 1e-9)
         generated.extend(small_tokens)
         text = stats.guidance.small_answer
         if text:

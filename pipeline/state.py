@@ -1,9 +1,10 @@
 """The plain data of one conversation: what a browser tab keeps between events.
 
-Everything here pickles (no model, no device tensor): on ZeroGPU every GPU call runs in another
-process, receives this state pickled and hands back the updated copy. Models are looked up by
-name; the KV cache lives beside the state in a process-local store (kvstore.py) and is rebuilt
-with one prefill when it is not there.
+Everything here pickles (no model, no device tensor): on ZeroGPU every GPU call runs in a worker
+process (forked from the app, reused while idle), receives this state through a queue (CPU tensors
+shared, the rest copied) and hands back the updated state. Models are looked up by name; the KV cache
+lives beside the state in a process-local store (kvstore.py) and is rebuilt with one prefill where it
+is not there (a new worker).
 """
 
 import uuid
@@ -47,9 +48,11 @@ class ChatState:
     turns: list = field(default_factory=list)  # list[Turn]
     window_start: int = 0  # turns before this index no longer fit the model's context window
     pending: list = field(default_factory=list)  # image keys waiting for the next question
-    images: dict = field(default_factory=dict)  # image key -> PIL image (kept to re-compress)
+    images: dict = field(default_factory=dict)  # image key -> uint8 (H, W, 3) pixels, no larger than the model uses
+    # (Family.compact_size)
     compressions: OrderedDict = field(default_factory=OrderedDict)  # (key, method, model) -> Compression
     cache_bytes: int = 1 << 30  # bound of `compressions` (LRU by bytes)
     picks: dict = field(default_factory=dict)  # image key -> {crop: [units]} the "manual" method sends
     last_image_key: str | None = None
     last_turn: object = None  # TurnStats of the latest turn
+    images_dropped: bool = False  # the images were dropped to free memory (memory.py): the next message says so

@@ -50,7 +50,7 @@ def test_a_phone_photo_reaches_the_model_upright(tiny_ov_large, tmp_path):
     s = ChatSession(tiny_ov_large, method="visionzip")
     comp = s.add_image(path)
     assert comp.image_size == (60, 30)  # (height, width) as displayed, not the stored 30x60
-    assert s.state.images[s.state.last_image_key].size == (30, 60)
+    assert s.state.images[s.state.last_image_key].shape == (60, 30, 3)
 
 
 def test_16_bit_greyscale_png_keeps_its_tones(tmp_path):

@@ -21,6 +21,9 @@ import transformers
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 
+COMPACT_CAPS = (None, 1, 2, 4, 6, 9, 12)  # tile caps whose layout `compact_size` keeps
+
+
 @dataclass
 class Crop:
     """One input of the vision tower and where it came from on the original image."""
@@ -95,6 +98,27 @@ class Family:
     def units_per_crop(self) -> int:
         """Selectable units of one crop (CLS included when it is one): the largest VisionZip budget."""
         raise NotImplementedError
+
+    @property
+    def unit_pixels(self) -> float:
+        """Side, in the tower's input pixels, of one unit (a patch, or the 2x2 patches a merged unit holds)."""
+        raise NotImplementedError
+
+    def compact_size(self, size: tuple, caps=COMPACT_CAPS) -> tuple:
+        """(width, height) to keep an image of `size` at: no larger than the processor can use, scaled
+        down (aspect kept) until some crop would be upsampled, and only as far as every tile cap in
+        `caps` still gives the same tile grid and crops (in proportion). A 36 MP photo is kept at ~5 MP
+        on OneVision, 0.45 MP on LLaVA-NeXT. By arithmetic: no pixels are needed."""
+        w, h = size
+        layouts = [self.layout(_Sized(size), cap) for cap in caps]
+        scale = max(max(c.grid[1] * self.unit_pixels / (c.box[2] - c.box[0]),  # the crop that needs the most
+                        c.grid[0] * self.unit_pixels / (c.box[3] - c.box[1])) for c in layouts[0].crops)
+        while scale < 0.95:  # a few tries upwards when rounding moves a grid; else keep the original
+            smaller = (max(1, round(w * scale)), max(1, round(h * scale)))
+            if all(same_layout(a, self.layout(_Sized(smaller), cap)) for a, cap in zip(layouts, caps)):
+                return smaller
+            scale *= 1.1
+        return tuple(size)
 
     def layout(self, image, max_tiles: int | None = None) -> Prepared:
         """What `prepare` gives, without the pixels (`pixel_values` None): the crops with their boxes,
@@ -171,6 +195,21 @@ class Family:
     def arch_config(cls, vision: dict, text: dict, tokenizer):
         """-> (config, image processor) of an architecture preset (real shapes)."""
         raise NotImplementedError
+
+
+class _Sized:
+    """What `layout` reads of an image (its size), for sizes not yet resized to."""
+    def __init__(self, size):
+        self.size = size
+
+
+def same_layout(a: Prepared, b: Prepared) -> bool:
+    """The same tile grid, crops and unit grids, the boxes in the same place relative to each image."""
+    if a.tile_grid != b.tile_grid or [c.grid for c in a.crops] != [c.grid for c in b.crops]:
+        return False
+    (ha, wa), (hb, wb) = a.image_size, b.image_size
+    rel = lambda box, w, h: np.array(box, dtype=np.float64) / [w, h, w, h]  # noqa: E731
+    return all(np.abs(rel(x.box, wa, ha) - rel(y.box, wb, hb)).max() < 0.01 for x, y in zip(a.crops, b.crops))
 
 
 def processor_image_defaults(processor_class) -> dict:

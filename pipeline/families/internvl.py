@@ -74,6 +74,10 @@ class InternVL(Family):
     def units_per_crop(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def unit_pixels(self) -> float:
+        return self.side / self.grid[0]  # 28: 2x2 patches of 14 px
+
     def tower(self, model):
         return model.model.vision_tower
 

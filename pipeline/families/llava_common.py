@@ -95,6 +95,10 @@ class LlavaStyle(Family):
     def units_per_crop(self) -> int:
         return self.grid[0] * self.grid[1] + self.has_cls
 
+    @property
+    def unit_pixels(self) -> float:
+        return self.side / self.grid[0]  # the patch size, or a little more (SigLIP: 384 px hold 27 patches of 14)
+
     def tower(self, model):
         return model.model.vision_tower
 

@@ -83,6 +83,10 @@ class Qwen25VL(Family):
     def units_per_crop(self) -> int:
         return REFERENCE_UNITS  # budgets are shares of this many units
 
+    @property
+    def unit_pixels(self) -> float:
+        return self.image_processor.patch_size * self.merge  # 28
+
     def budget(self, dominant, contextual, units):
         keep = min(units, max(1, round(units * (dominant + contextual) / REFERENCE_UNITS)))
         kept_dominant = min(keep, max(1, round(keep * dominant / (dominant + contextual))))
