@@ -4,6 +4,8 @@ We call the decoder (`model.model.language_model`) and `lm_head` directly instea
 `generate()`: the session owns the cache across turns, feeds only new tokens, and stops when asked.
 """
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +45,8 @@ def forward(vlm, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Ten
         start = cache.get_seq_length()
         positions = torch.arange(start, start + embeds.shape[1])[None]
     position_ids = vlm.family.position_ids(positions.to(embeds.device))
-    out = vlm.language_model(inputs_embeds=embeds, past_key_values=cache, position_ids=position_ids, use_cache=True)
+    lm = vlm.language_model
+    out = lm(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **{cache_argument(lm): cache})
     return vlm.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
 
 
@@ -72,6 +75,17 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     sorted_p = sorted_p * keep
     choice = torch.multinomial(sorted_p.cpu() / sorted_p.sum().cpu(), 1, generator=generator)
     return int(order[choice.to(order.device)])
+
+
+def cache_argument(module) -> str:
+    """The name `module.forward` takes the KV cache under: `cache` from transformers 5.24 on (which
+    still accepts `past_key_values`, with a deprecation warning), `past_key_values` before (5.17)."""
+    return _cache_argument(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def truncate_cache(cache: DynamicCache, length: int):
@@ -110,8 +124,8 @@ def forward_layers(vlm, embeds: torch.Tensor, positions: torch.Tensor, cache: Dy
             h, pos = h[:, keep], pos[:, keep]
             rope = lm.rotary_emb(h, vlm.family.position_ids(pos))
         n_past = cache.layers[i].get_seq_length() if i < len(cache.layers) else 0
-        h = layer(h, attention_mask=causal_mask(h.shape[1], n_past, h.device), past_key_values=cache,
-                  use_cache=True, position_embeddings=rope)
+        h = layer(h, attention_mask=causal_mask(h.shape[1], n_past, h.device), use_cache=True,
+                  position_embeddings=rope, **{cache_argument(layer): cache})
         if isinstance(h, tuple):
             h = h[0]
     h = lm.norm(h[:, -last:])

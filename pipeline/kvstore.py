@@ -3,7 +3,8 @@
 A turn checks a lane's cache out (so two turns of one session never share a cache object) and
 checks it back in when it ends. The signature stored with each cache says what its positions
 hold, so a stale or missing cache only costs a longer prefill, never a wrong answer. On ZeroGPU
-each turn runs in a fresh process, finds nothing here, and rebuilds the cache with one prefill.
+a turn runs in a worker process: a worker the `spaces` package reuses finds its cache here; a new one
+finds nothing and rebuilds the cache with one prefill.
 """
 
 import threading

@@ -51,13 +51,17 @@ def free_port() -> int:
 class AppProcess:
     """`python app.py ...` in its own process; `.url` once it answers on loopback."""
 
-    def __init__(self, *args, env=None, unset=(), zerogpu=False, timeout=180):
+    def __init__(self, *args, env=None, unset=(), zerogpu=False, timeout=180, log=None):
         self.port = free_port()
         env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
         env.setdefault("GRADIO_SERVER_PORT", str(self.port))
-        if zerogpu:  # the stand-in `spaces` package: every GPU call in a forked child
+        if zerogpu:  # the stand-in `spaces` package (tests/zerogpu): "strict", or "reuse" for the real one's workers
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "zerogpu"), env.get("PYTHONPATH", "")])
-        self.log = open(os.devnull, "w") if not os.environ.get("ZIPCHAT_TEST_LOG") else sys.stderr
+            env["ZEROGPU_STUB_MODE"] = "strict" if zerogpu is True else zerogpu
+        if log is not None:  # a file that gets the app's whole console output
+            self.log = open(log, "w")
+        else:
+            self.log = open(os.devnull, "w") if not os.environ.get("ZIPCHAT_TEST_LOG") else sys.stderr
         self.process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/"
