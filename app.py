@@ -120,7 +120,8 @@ def format_stats(t) -> str:
         ("device", f"{t.device}, {t.dtype}"),
     ]
     if t.dropped_turns:
-        rows.append(("context window", f"{t.context_window} tokens: the oldest {t.dropped_turns} turn(s) left out"))
+        rows.append(("context window", f"{t.context_window} tokens: this turn dropped {t.dropped_now} turn(s) "
+                                       f"({t.dropped_turns} in all)"))
     if t.guidance is not None:
         g, ms = t.guidance, {k: v * 1000 for k, v in t.timings.items() if k.endswith("_s")}
         threshold = "off" if g.threshold is None else f"{g.threshold:.2f}"

@@ -6,7 +6,7 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6, 10-17 (about 45 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10-19 (about 50 minutes on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
     python -m pipeline.bench --device cuda   # rows 1-14 on a GPU (bf16)
 """
@@ -492,6 +492,50 @@ def row_cpu_first_turn(args, clock, hw) -> list:
     return rows
 
 
+def row_context_edge(args, clock) -> Row:
+    """18: a long conversation at the context edge: the mean time of 10 turns past the edge, dropping the
+    oldest turns down to 3/4 of the window when a turn does not fit (the following turns reuse the cache)
+    vs one turn at a time (every turn past the edge prefills the whole conversation again). The two
+    conversations advance turn by turn, alternating."""
+    vlm = arch("llava-ov-0.5b-arch", args)
+    window = 512 if args.smoke else 2048
+    question = "Please tell me, in a few words, one more thing about the colours and shapes you can see here. "
+    answer_tokens = 24
+    sessions = {}
+    for fill in (0.75, 1.0):
+        s = ChatSession(vlm, method="visionzip", max_new_tokens=answer_tokens, stop_at_eos=False,
+                        context_window=window, edge_fill=fill)
+        s.add_image(ov_image(1))
+        sessions[fill] = s
+    per_turn = len(vlm.tokenizer(question)["input_ids"]) + answer_tokens
+    while any(not s.last_turn or not s.last_turn.dropped_turns for s in sessions.values()):  # up to the edge
+        for s in sessions.values():
+            s.ask(question)
+    times = {fill: [] for fill in sessions}
+    for turn in range(10):
+        for fill in (sorted(sessions) if turn % 2 == 0 else sorted(sessions, reverse=True)):
+            times[fill].append(clock(lambda: sessions[fill].ask(question)))
+    notes = (f"window {window} tokens, {per_turn} tokens per turn ({answer_tokens}-token answers), one 384 px image "
+             f"(VisionZip); 3/4 rule: {sessions[0.75].state.window_start} turns dropped in all, "
+             f"one at a time: {sessions[1.0].state.window_start}")
+    return Row("18", f"turn time past the context edge, {vlm.name} (mean of 10 turns)", "drop to 3/4 of the window",
+               "one turn at a time", [statistics.mean(times[0.75])], [statistics.mean(times[1.0])], target="<= 0.3",
+               notes=notes)
+
+
+def row_identical_crops(args, clock) -> Row:
+    """19: the vision encode of a 384x384 image on OneVision, whose base image and single tile are the
+    same pixels: encoded once (identical crops found by comparing the preprocessed tensors) vs each."""
+    from .compress import encode_distinct
+    vlm = arch("llava-ov-0.5b-arch", args)
+    prepared = vlm.family.prepare(ov_image(1))
+    with torch.inference_mode():
+        ta, tb = side_by_side(clock, lambda: encode_distinct(vlm.family, vlm.model, prepared, True),
+                              lambda: vlm.family.encode(vlm.model, prepared, True), args.repeats)
+    return Row("19", f"vision encode + VisionZip statistic, {vlm.name}, 384x384 ({len(prepared.crops)} crops, "
+               "the same pixels)", "identical crops encoded once", "every crop encoded", ta, tb, target="<= 0.6")
+
+
 def row_sgl(args, clock, hw) -> list:
     """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
     question (stop tokens ignored: random weights would stop at random). The image is compressed
@@ -558,7 +602,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny models instead of the presets (tests the code only)")
-    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-17 on CPU, 1-14 on CUDA)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-19 on CPU, 1-14, 18, 19 on CUDA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -568,7 +612,7 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14,18,19" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17,18,19")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -613,6 +657,10 @@ def main(argv=None):
         add(row_bf16_quality(args))
     if wanted & {"15", "16", "17"}:
         add([r for r in row_cpu_first_turn(args, clock, hw) if r.id in wanted])
+    if "18" in wanted:
+        add(row_context_edge(args, clock))
+    if "19" in wanted:
+        add(row_identical_crops(args, clock))
     rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers

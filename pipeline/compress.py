@@ -1,12 +1,14 @@
 """Encode one image once, for one method and budget, into the visual tokens the LLM will see."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .families import VisionOutput
+from .families.base import distinct_crops
 from .visionzip import gather, select
 
 
@@ -96,7 +98,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
                           None, np.zeros(0, int)) for c in prepared.crops]
         return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                            features, time.perf_counter() - start, full_map)
-    out = family.encode(model, prepared, with_stats=selection_from is None)
+    out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
     if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
     offset = 1 if family.has_cls else 0
@@ -146,6 +148,21 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)
+
+
+def encode_distinct(family, model, prepared, with_stats: bool) -> VisionOutput:
+    """`family.encode`, running the tower once for crops whose preprocessed pixels are identical: the same
+    tokens as encoding every crop, for less work."""
+    if len(prepared.crops) < 2:  # (Qwen2.5-VL: one image, its pixel_values are patches, not crops)
+        return family.encode(model, prepared, with_stats)
+    keep, inverse = distinct_crops(prepared.pixel_values)
+    if len(keep) == len(inverse):
+        return family.encode(model, prepared, with_stats)
+    out = family.encode(model, replace(prepared, pixel_values=prepared.pixel_values[keep],
+                                       crops=[prepared.crops[i] for i in keep]), with_stats)
+    pick = torch.tensor(inverse, device=out.units.device)
+    return VisionOutput(units=out.units[pick], scores=None if out.scores is None else out.scores[pick],
+                        keys=None if out.keys is None else out.keys[pick])
 
 
 def full_layout(vlm, image) -> tuple:

@@ -63,7 +63,8 @@ class TurnStats:
     images_encoded: int = 0  # images encoded/compressed for this turn (0: compressed images reused)
     kv_cache_bytes: int = 0
     stopped: bool = False  # generation was cancelled
-    dropped_turns: int = 0  # oldest turns left out to fit the context window
+    dropped_turns: int = 0  # oldest turns left out to fit the context window, in all
+    dropped_now: int = 0  # of them, those this turn left out
     context_window: int = 0
     early_exit: bool | None = None  # SGL: the small model's answer was used
     guidance: Guidance | None = None  # SGL: importance per visual token, kept indices, score
@@ -90,13 +91,14 @@ class ChatSession:
                  cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
-                 max_tiles: int = 0):
+                 max_tiles: int = 0, edge_fill: float = 0.75):
         self.vlm = vlm
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
         self.reuse_cache = reuse_cache
         self.kv = kv if kv is not None else KVStore()  # a private store unless the app shares one
         self.context_window = context_window or vlm.context_window
+        self.edge_fill = edge_fill  # a turn that must drop turns drops down to this share of the window (see plan)
         self._lock = threading.Lock()
         self._lanes = {}
         self._encoded = [0, 0.0]  # images encoded since the last turn, and the seconds it took
@@ -377,7 +379,8 @@ class ChatSession:
             method=self.settings.method, model_used=vlm.name,
             visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
             prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids), encode_s=encode_s,
-            images_encoded=images_encoded, dropped_turns=plan.window_start, context_window=self.context_window,
+            images_encoded=images_encoded, dropped_turns=plan.window_start,
+            dropped_now=plan.window_start - st.window_start, context_window=self.context_window,
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
         generated, finished, cancelled = [], False, False
@@ -408,13 +411,15 @@ class ChatSession:
             self.stop_flag.clear()  # a Stop that came as the answer ended does not reach the next question
 
     def plan(self, turn: Turn) -> Plan:
-        """Render the conversation with `turn` as the new question, fitted to the context window:
-        the oldest turns are left out until the prompt and room for an answer fit. If no kept turn
+        """Render the conversation with `turn` as the new question, fitted to the context window. When
+        it does not fit, the oldest turns are left out until the prompt and room for an answer take at
+        most `edge_fill` (3/4) of the window: the next turns then fit on top of the cached prefix again,
+        instead of each dropping one turn and prefilling the whole conversation anew. If no kept turn
         has an image, the most recent image of the left-out turns is carried along (the user is most
         likely still talking about it), as long as it fits. Nothing fits: InputError."""
         st = self.state
         room = min(self.settings.max_new_tokens, self.context_window // 4)  # kept free for the answer
-        start, carry = st.window_start, True
+        start, carry, target = st.window_start, True, self.context_window
         while True:
             kept = st.turns[start:]
             carried = []
@@ -425,10 +430,13 @@ class ChatSession:
             (history[0] if history else question).images[:0] = carried  # before the first message's own
             segments = self.vlm.chat.render(history + [question])
             ids, units, comps = self._flatten(segments)
-            if len(ids) + room <= self.context_window:
+            if len(ids) + room <= target:
                 break
+            target = min(target, int(self.context_window * self.edge_fill))  # dropping anyway: make room
             if start < len(st.turns):
                 start += 1
+            elif len(ids) + room <= self.context_window:  # every turn dropped: the window is enough
+                break
             elif carried:
                 carry = False
             else:

@@ -203,6 +203,20 @@ class _Sized:
         self.size = size
 
 
+def distinct_crops(pixel_values: torch.Tensor) -> tuple:
+    """(indices of the distinct crops, for each crop the position of its pixels among them). A small square
+    on OneVision (or on LLaVA-NeXT under a 1x1 tile cap) has a base image and one tile of the same pixels."""
+    keep, inverse, signatures = [], [], pixel_values.flatten(1).sum(1).tolist()
+    for i, signature in enumerate(signatures):
+        j = next((n for n, k in enumerate(keep)
+                  if signatures[k] == signature and torch.equal(pixel_values[k], pixel_values[i])), None)
+        if j is None:
+            keep.append(i)
+            j = len(keep) - 1
+        inverse.append(j)
+    return keep, inverse
+
+
 def same_layout(a: Prepared, b: Prepared) -> bool:
     """The same tile grid, crops and unit grids, the boxes in the same place relative to each image."""
     if a.tile_grid != b.tile_grid or [c.grid for c in a.crops] != [c.grid for c in b.crops]:

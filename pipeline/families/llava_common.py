@@ -14,7 +14,7 @@ import torch
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
 from ..errors import ModelUnavailable
-from .base import Crop, Family, Prepared, VisionOutput, feature_layer_index
+from .base import Crop, Family, Prepared, VisionOutput, distinct_crops, feature_layer_index
 
 
 def tower_body(vision_tower):
@@ -136,8 +136,9 @@ class AnyresStyle(LlavaStyle):
 
     def encode_full(self, model, prepared):
         tower = self.tower(model)
-        features = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
-                             self.has_cls, with_stats=False).units
+        keep, inverse = distinct_crops(prepared.pixel_values)  # a small square: base image = its one tile
+        features = run_tower(tower, prepared.pixel_values[keep].to(tower.device, tower.dtype), self.num_layers_to_run,
+                             self.has_cls, with_stats=False).units[torch.tensor(inverse)]
         if self.config.vision_feature_select_strategy == "default":  # NeXT drops CLS, as transformers does
             features = features[:, 1:]
         return self.pack(model, self.project(model, features), prepared.image_size, model.model.image_newline)
