@@ -153,12 +153,15 @@ def test_stop_while_queued_cancels_that_answer_only(long_url):
 
 @pytest.mark.parametrize("after_outputs", [2, 40])
 def test_clear_while_streaming_wins(long_url, after_outputs):
-    c = Client(long_url, verbose=False)
+    c, other = Client(long_url, verbose=False), Client(long_url, verbose=False)
     job = ask_async(c, [], "Talk for a long time.", [CAT])
     wait(job, outputs=after_outputs)
+    job_other = ask_async(other, [], "What is it?", [CAT])  # another visitor waits in the queue meanwhile
     c.predict(api_name="/clear")
     final = wait(job)
     assert final[0] == [] and "Ask a question to see timings" in final[1]
+    history_other, stats_other = wait(job_other)[:2]  # the other visitor's answer is whole
+    assert stat(stats_other, "decode").startswith("600 tokens") and len(texts(history_other)) == 2
     started = time.time()
     history, stats = wait(ask_async(c, [], "Hello?"))[:2]
     assert stat(stats, "visual tokens to the LLM") == "0 of 0"  # neither the old image nor its turns
