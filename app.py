@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, ChatSession, ChatState, InputError, KVStore, ModelUnavailable, compare, load_vlm  # noqa: E402
 from pipeline.heatmap import describe, hit, render_map  # noqa: E402
+from pipeline.examples import ExampleCache  # noqa: E402
 from pipeline.kvstore import default_budget  # noqa: E402
 from pipeline.memory import MemoryBudget  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
@@ -42,6 +44,11 @@ CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() els
 demo = None  # the running app, once main() has built it (Gradio's reloader on a Space looks it up here)
 NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
 STILL_ANSWERING = "An answer is still being generated in this conversation: wait for it (or press Stop), then send again."
+
+
+def on_zero_gpu() -> bool:
+    """Whether `spaces.GPU` runs calls on ZeroGPU workers (the `spaces` package reads SPACES_ZERO_GPU)."""
+    return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 def gpu(duration):
@@ -183,17 +190,20 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
                small=None, session_options: dict | None = None, max_tiles: int | None = None,
-               image_memory: int = 1 << 30) -> gr.Blocks:
+               image_memory: int = 1 << 30, examples: ExampleCache | None = None) -> gr.Blocks:
     """`max_tiles`: the tiles per image VisionZip encodes by default (tiling families): 4 (base + up to
     2x2) on a CPU, where the vision encoder dominates the first answer; 0 (the checkpoint's own) on a GPU.
-    `image_memory`: bytes of images and compressed features all conversations keep together (memory.py)."""
+    `image_memory`: bytes of images and compressed features all conversations keep together (memory.py).
+    `examples`: the example images compressed ahead (examples.py); on ZeroGPU the first answer in each
+    worker fills it, after the person's answer."""
     if max_tiles is None:
         max_tiles = 4 if vlm.device.type == "cpu" else 0
     models = {m.name: m for m in (vlm, small) if m is not None}
     kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded
-    memory = MemoryBudget(image_memory)  # this process's images and features, all sessions, LRU-bounded
+    memory = MemoryBudget(image_memory, fixed=(lambda: examples.nbytes) if examples is not None else None)
     big = max(sum(p.numel() for p in m.model.parameters()) for m in models.values()) > 3e9
-    options = session_options or {}
+    options = dict(session_options or {}, examples=examples)
+    warm_here = [examples is not None and on_zero_gpu()]  # on ZeroGPU: once per worker, inside a GPU call
 
     def session_for(state: AppState) -> ChatSession:
         return ChatSession.resume(state.chat, models, kv=kv, **options)
@@ -294,6 +304,9 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
                 answer["content"] = message
         finally:
             session.answering.clear()  # (ask_stream clears it too; a message of images alone ends here)
+        if warm_here[0]:  # ZeroGPU: the examples are compressed in the worker, after this person's answer
+            warm_here[0] = False
+            examples.warm(vlm, example_paths(), method_default, max_tiles=max_tiles)
         cleared = ClearedFlag(state.chat.session_id)
         if cleared.is_set():  # Clear was pressed during this answer: the conversation stays cleared
             cleared.clear()
@@ -491,8 +504,8 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         with gr.Row():
             compare_table = gr.Markdown(elem_id="compare-table")
             compare_answers_md = gr.Markdown(elem_id="compare-answers")
-        examples = json.loads((ASSETS / "examples.json").read_text())
-        gr.Examples([[{"text": e["question"], "files": [str(ASSETS / e["image"])]}] for e in examples],
+        gallery = json.loads((ASSETS / "examples.json").read_text())
+        gr.Examples([[{"text": e["question"], "files": [str(ASSETS / e["image"])]}] for e in gallery],
                     inputs=[textbox], label="Examples")
 
         settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles,
@@ -519,6 +532,10 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
         clear_btn.click(clear, state, [chatbot, state, textbox, map_image, caption, view, stats, info, compare_table,
                                        compare_answers_md, stop_btn], queue=False, api_name="clear")
     return demo
+
+
+def example_paths() -> list:
+    return [str(ASSETS / e["image"]) for e in json.loads((ASSETS / "examples.json").read_text())]
 
 
 def checked_radius(radius):
@@ -559,6 +576,10 @@ def main(argv=None):
                         help="MB of images and compressed features all conversations keep together; past it the "
                              "least recently used idle conversation's images are dropped (default: "
                              "$ZIPCHAT_IMAGE_MEMORY_MB, else 1024)")
+    parser.add_argument("--no-warm-examples", action="store_true",
+                        default=env("ZIPCHAT_WARM_EXAMPLES", "1").lower() in ("0", "false", "no"),
+                        help="do not compress the example images ahead (default: compress them right after launch, "
+                             "at low priority; $ZIPCHAT_WARM_EXAMPLES=0 turns it off too)")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
@@ -571,14 +592,21 @@ def main(argv=None):
                                      device_map=args.device_map)
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
+    examples = None if args.no_warm_examples else ExampleCache()
+    max_tiles = args.max_tiles if args.max_tiles is not None else (4 if vlm.device.type == "cpu" else 0)
     built = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
-                      session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=args.max_tiles,
-                      image_memory=args.image_memory << 20)
+                       session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=max_tiles,
+                       image_memory=args.image_memory << 20, examples=examples)
     built.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
     global demo
     demo = built  # where Gradio's reloader on a Space looks for the app (else it logs that it did not find it)
     sys.unraisablehook = quiet_leaked_event_loops
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_options())
+    if examples is not None and not on_zero_gpu():  # the gallery, compressed while nobody is waiting
+        threading.Thread(target=examples.warm, args=(vlm, example_paths(), args.method),
+                         kwargs={"max_tiles": max_tiles}, daemon=True, name="warm-examples").start()
+    demo.block_thread()
 
 
 def quiet_leaked_event_loops(unraisable):

@@ -6,7 +6,7 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6, 10-19 (about 50 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10-20 (about 50 minutes on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
     python -m pipeline.bench --device cuda   # rows 1-14 on a GPU (bf16)
 """
@@ -536,6 +536,31 @@ def row_identical_crops(args, clock) -> Row:
                "the same pixels)", "identical crops encoded once", "every crop encoded", ta, tb, target="<= 0.6")
 
 
+def row_example(args, clock) -> Row:
+    """20: the first answer about an example image, compressed ahead (examples.py), vs about a new image of
+    the same size (the example mirrored): time to the first token, the image's decode included."""
+    import tempfile
+    from PIL import ImageOps
+    from .examples import ExampleCache
+    vlm = arch("llava-ov-0.5b-arch", args)
+    example = ASSETS / "chelsea.png"
+    examples = ExampleCache()
+    examples.warm(vlm, [str(example)], "visionzip", max_tiles=4)
+    new = Path(tempfile.mkdtemp()) / "mirrored.png"
+    ImageOps.mirror(Image.open(example).convert("RGB")).save(new)
+
+    def first_turn(path):
+        def run():
+            s = ChatSession(vlm, method="visionzip", max_new_tokens=1, stop_at_eos=False, max_tiles=4,
+                            examples=examples)
+            s.add_image(path, compress=False)
+            s.ask(QUESTION)
+        return run
+    ta, tb = side_by_side(clock, first_turn(example), first_turn(new), args.repeats)
+    return Row("20", f"first answer's time to first token, {vlm.name}, a 451x300 photo, VisionZip-64",
+               "an example (compressed ahead)", "a new image of the same size", ta, tb, target="<= 0.3")
+
+
 def row_sgl(args, clock, hw) -> list:
     """9: SGL llava-ov-0.5b-arch -> llava-ov-7b-arch, keep 9% at 0.4 depth, 32 new tokens per
     question (stop tokens ignored: random weights would stop at random). The image is compressed
@@ -602,7 +627,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny models instead of the presets (tests the code only)")
-    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-19 on CPU, 1-14, 18, 19 on CUDA)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-20 on CPU, 1-14 and 18-20 on CUDA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -612,7 +637,7 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14,18,19" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17,18,19")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14,18,19,20" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17,18,19,20")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -661,6 +686,8 @@ def main(argv=None):
         add(row_context_edge(args, clock))
     if "19" in wanted:
         add(row_identical_crops(args, clock))
+    if "20" in wanted:
+        add(row_example(args, clock))
     rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
 
     import transformers

@@ -28,8 +28,9 @@ def drop_images(state):
 
 
 class MemoryBudget:
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 1 << 30, fixed=None):
         self.max_bytes = max_bytes
+        self.fixed = fixed  # () -> bytes kept outside any conversation that count too (the example cache)
         self._states = OrderedDict()  # session id -> ChatState, least recently used first
         self._lock = threading.Lock()
 
@@ -41,7 +42,7 @@ class MemoryBudget:
             self._states[sid] = state
             self._states.move_to_end(sid)
             sizes = {k: state_nbytes(s) for k, s in self._states.items()}
-            total = sum(sizes.values())
+            total = sum(sizes.values()) + (self.fixed() if self.fixed else 0)
             for k, s in list(self._states.items()):
                 if total <= self.max_bytes:
                     break

@@ -6,6 +6,7 @@ of a checkpoint and loads it through transformers' native classes.
 """
 
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,9 @@ class VLM:
     dtype: torch.dtype
     is_tiny: bool = False
     extra: dict = field(default_factory=dict)
+    # held around an image encode: the tower's score captures are set up per call on its modules, so the
+    # example warm-up (examples.py) and a turn never encode at the same time
+    encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def language_model(self):

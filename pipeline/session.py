@@ -91,7 +91,7 @@ class ChatSession:
                  cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
-                 max_tiles: int = 0, edge_fill: float = 0.75):
+                 max_tiles: int = 0, edge_fill: float = 0.75, examples=None):
         self.vlm = vlm
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
@@ -99,6 +99,7 @@ class ChatSession:
         self.kv = kv if kv is not None else KVStore()  # a private store unless the app shares one
         self.context_window = context_window or vlm.context_window
         self.edge_fill = edge_fill  # a turn that must drop turns drops down to this share of the window (see plan)
+        self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
         self._lock = threading.Lock()
         self._lanes = {}
         self._encoded = [0, 0.0]  # images encoded since the last turn, and the seconds it took
@@ -313,13 +314,19 @@ class ChatSession:
             st.compressions.move_to_end(ck)
             return st.compressions[ck]
         s = self.settings
+        ahead = self.examples.get(vlm.name, key, ck[1]) if self.examples is not None and lane == "large" else None
+        if ahead is not None:  # an example image, compressed when the app started: nothing to encode
+            st.compressions[ck] = ahead
+            return ahead
         if lane == "large":
-            comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
-                                max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
+            with vlm.encode_lock:
+                comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
+                                    max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
         else:  # the small model sees the same tokens: with VisionZip, the large model's selection
             selection = self.compression(key, method=method) if method == "visionzip" else None
-            comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
-                                selection_from=selection, max_tiles=s.max_tiles)
+            with vlm.encode_lock:
+                comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
+                                    selection_from=selection, max_tiles=s.max_tiles)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self._encoded[0] += 1
         self._encoded[1] += comp.encode_s

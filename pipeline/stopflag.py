@@ -49,6 +49,14 @@ class AnsweringFlag(StopFlag):
             return False
 
 
+def answering_now() -> bool:
+    """Whether any session (in any process of this user) is answering."""
+    try:
+        return any(time.time() - p.stat().st_mtime < ANSWERING_AT_MOST_S for p in _root().glob("*.answering"))
+    except OSError:
+        return False
+
+
 class ClearedFlag(StopFlag):
     """Set when Clear is pressed while an answer runs: the answer's last state must not come back."""
     suffix = ".cleared"

@@ -55,6 +55,7 @@ class AppProcess:
         self.port = free_port()
         env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
         env.setdefault("GRADIO_SERVER_PORT", str(self.port))
+        env.setdefault("ZIPCHAT_WARM_EXAMPLES", "0")  # tests count encodes; test_examples turns it on
         if zerogpu:  # the stand-in `spaces` package (tests/zerogpu): "strict", or "reuse" for the real one's workers
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "zerogpu"), env.get("PYTHONPATH", "")])
             env["ZEROGPU_STUB_MODE"] = "strict" if zerogpu is True else zerogpu
