@@ -239,17 +239,15 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             if state is not None and AnsweringFlag(state.chat.session_id).is_set():  # (an API call need not wait)
                 raise InputError(STILL_ANSWERING)
             config = settings_from(*settings)
-            if state is None:
-                state = new_state(config)
-            else:
-                session_for(state).set_method(**config)
-                session_for(state).check_images()  # images dropped to free memory: says so, starts over
+            state = state or new_state(config)
+            session = session_for(state)
+            session.set_method(**config)
+            session.check_images()  # images dropped to free memory: says so, starts over
             if not isinstance(files, list) or not isinstance(text, str):
                 raise InputError("A message is {'text': str, 'files': [paths]}.")
         except InputError as e:  # the message stays in the textbox, to send again
             history.append({"role": "assistant", "content": f"⚠️ {e}"})
             return history, gr.update(interactive=False), state, gr.update(visible=False)
-        session = session_for(state)
         for f in files:
             path = f.get("path") if isinstance(f, dict) else f
             try:
@@ -306,7 +304,8 @@ def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method
             session.answering.clear()  # (ask_stream clears it too; a message of images alone ends here)
         if warm_here[0]:  # ZeroGPU: the examples are compressed in the worker, after this person's answer
             warm_here[0] = False
-            examples.warm(vlm, example_paths(), method_default, max_tiles=max_tiles)
+            examples.warm(vlm, example_paths(), method_default, max_tiles=max_tiles, polite=False)  # (queued
+            # questions count as answering: waiting for them here, where they wait for this call, would stall)
         cleared = ClearedFlag(state.chat.session_id)
         if cleared.is_set():  # Clear was pressed during this answer: the conversation stays cleared
             cleared.clear()

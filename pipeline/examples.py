@@ -35,13 +35,15 @@ class ExampleCache:
         return len(self._entries)
 
     def warm(self, vlm, paths, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
-             max_tiles: int = 0, stop: threading.Event | None = None):
+             max_tiles: int = 0, stop: threading.Event | None = None, polite: bool = True):
         """Compress each example image (as ChatSession.add_image would keep it) for these settings, one at
-        a time under the model's lock. `stop` ends it between images."""
+        a time under the model's encode lock; `polite`: first wait while any conversation is answering (a
+        background thread; not inside a GPU call that queued questions wait for). `stop` ends it between
+        images."""
         if method not in ("full", "visionzip"):  # SGL's and Manual's tokens depend on the question or the picks
             method = "visionzip"
         for path in paths:
-            while answering_now() and not (stop is not None and stop.is_set()):
+            while polite and answering_now() and not (stop is not None and stop.is_set()):
                 time.sleep(0.2)  # a person first
             if stop is not None and stop.is_set():
                 return
