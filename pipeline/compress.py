@@ -9,7 +9,10 @@ import torch
 from .errors import InputError
 from .families import VisionOutput
 from .families.base import distinct_crops
-from .visionzip import gather, select
+from .images import image_digest
+from .methods import COMPRESS_ONCE, LABELS, SELECT
+from .methods.base import CropInput
+from .methods.visionzip import gather
 
 
 @dataclass
@@ -23,10 +26,15 @@ class CropInfo:
     scores: np.ndarray | None  # (rows*cols,) selection score of each patch (None for method "full")
     targets: np.ndarray  # (contextual,) patch index of each contextual token's target (-1 if CLS)
 
+    @property
+    def kept(self) -> np.ndarray:
+        """The patches sent as themselves, for every method (VisionZip: its dominant patches; Pool: none)."""
+        return self.dominant
+
 
 @dataclass
 class Compression:
-    method: str  # "full" | "visionzip"
+    method: str  # "full", a compress-once method (methods/__init__.py), or "manual"
     dominant_budget: int
     contextual_budget: int
     num_tokens: int  # visual tokens the LLM sees for this image
@@ -48,6 +56,13 @@ class Compression:
         if self.method == "manual":
             return f"{self.num_tokens} patches picked by hand = {self.num_tokens} of {self.full_tokens} visual tokens " \
                    f"({share:.0f}%)"
+        if self.method != "visionzip":
+            crops = f" in {len(self.crops)} crops" if len(self.crops) > 1 else ""
+            what = {"pool": "pooled cells (cell means)", "divprune": "diverse patches (max-min distance)",
+                    "vispruner": "patches (important by attention, then diverse)",
+                    "random": "random patches (seeded by the image)"}.get(self.method, "patches")
+            return (f"{LABELS.get(self.method, self.method)}: {self.num_tokens} {what}{crops} = {self.num_tokens} of "
+                    f"{self.full_tokens} visual tokens ({share:.0f}%)")
         kept = {(len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops}
         if kept == {(self.dominant_budget, self.contextual_budget)}:
             per_crop = f"{self.dominant_budget} dominant + {self.contextual_budget} contextual"
@@ -76,7 +91,7 @@ def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, 
         return ("full",)
     if method == "manual":  # picks: {crop: units} of one image
         return ("manual", max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
-    return ("visionzip", dominant, contextual, max_tiles)
+    return (method, dominant, contextual, max_tiles)
 
 
 @torch.inference_mode()
@@ -102,7 +117,10 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
     offset = 1 if family.has_cls else 0
-    crops, selected, token_map = [], [], []
+    if method not in COMPRESS_ONCE + ("manual",):
+        raise InputError(f"Unknown compression method {method!r}.")
+    crops, selected, projected, token_map = [], [], [], []
+    seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
     for i, crop in enumerate(prepared.crops):
         x = out.units[i]  # (U, C)
         if method == "manual":
@@ -114,37 +132,39 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             crops.append(info)
             if len(units):
                 selected.append(x[torch.as_tensor(units + offset, device=x.device)])
+                projected.append(False)
                 token_map += [(i, int(u), -1) for u in units]
             continue
         if selection_from is None:
             d, c = family.budget(dominant, contextual, x.shape[0] - offset)
-            sel = select(x, out.scores[i], out.keys[i], d, c, family.has_cls)
-            dom, targets, groups = sel.dominant, sel.targets, sel.groups
-            selected.append(sel.tokens)
+            picked = SELECT[method](CropInput(
+                units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
+                contextual=c, seed=seed + i, project=lambda u: family.project(model, u[None])[0]))
+            selected.append(picked.tokens)
+            projected.append(picked.projected)
             info = CropInfo(
-                grid=crop.grid, box=crop.box,
-                dominant=dom[dom >= offset].cpu().numpy() - offset,
-                includes_cls=bool(offset and (dom == 0).any()),
-                groups=groups[offset:].cpu().numpy(),
-                scores=out.scores[i, offset:].float().cpu().numpy(),
-                targets=targets.cpu().numpy() - offset,
-            )
+                grid=crop.grid, box=crop.box, dominant=picked.kept.cpu().numpy(), includes_cls=picked.includes_cls,
+                groups=picked.groups.cpu().numpy(),
+                scores=None if picked.scores is None else picked.scores.float().cpu().numpy(),
+                targets=picked.targets.cpu().numpy())
+            crop_map = [(i, int(p), int(g)) for p, g in zip(picked.token_patches.tolist(), picked.token_groups.tolist())]
         else:
             info = selection_from.crops[i]
             dom = torch.as_tensor(np.concatenate([[0] * info.includes_cls, info.dominant + offset])).long()
             groups = torch.as_tensor(np.concatenate([[-1] * offset, info.groups])).long()
             targets = torch.as_tensor(info.targets + offset).long()
             selected.append(gather(x, dom.to(x.device), targets.to(x.device), groups.to(x.device)))
+            projected.append(False)
+            crop_map = [(i, p, -1) for p in (dom.cpu().numpy() - offset)] + [(i, t, g) for g, t in enumerate(info.targets)]
         crops.append(info)
-        crop_map = [(i, p, -1) for p in (dom.cpu().numpy() - offset)] + [(i, t, g) for g, t in enumerate(info.targets)]
         if family.keeps_index_order:  # M-RoPE families: the kept units in index order (a contextual token at its target)
             order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])
             crop_map, selected[-1] = [crop_map[k] for k in order], selected[-1][torch.tensor(order)]
         token_map += crop_map
-    if len({len(s) for s in selected}) == 1 and method != "manual":  # the same budget in every crop: one batched projection
+    if method == "manual" or any(projected) or len({len(s) for s in selected}) > 1:
+        features = torch.cat([s if done else family.project(model, s[None])[0] for s, done in zip(selected, projected)])
+    else:  # the same budget in every crop: one batched projection
         features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
-    else:
-        features = torch.cat([family.project(model, s[None])[0] for s in selected])
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)
@@ -163,10 +183,3 @@ def encode_distinct(family, model, prepared, with_stats: bool) -> VisionOutput:
     pick = torch.tensor(inverse, device=out.units.device)
     return VisionOutput(units=out.units[pick], scores=None if out.scores is None else out.scores[pick],
                         keys=None if out.keys is None else out.keys[pick])
-
-
-def full_layout(vlm, image) -> tuple:
-    """(visual tokens, grid of each crop) of an image without compression: what must match between
-    the two models of an SGL pair. Computed from the preprocessing alone; no model runs."""
-    layout = vlm.family.layout(image)
-    return len(vlm.family.full_token_map(vlm.model, layout)), tuple(c.grid for c in layout.crops)

@@ -11,8 +11,10 @@ longest prefix the cache still matches and prefills the rest: normally the lates
 new question. Caches live in a process-local KVStore keyed by session (kvstore.py); where there is
 none (a new ZeroGPU worker) the turn prefills the conversation once.
 
-Method "sgl" adds a small model with its own lane that answers first and ranks the visual tokens;
-the large model then answers with the pruned tokens (sgl.py).
+How images become visual tokens is the method's (methods/): the compress-once methods run at
+`compression`, once per image; "fastv" and "sgl" answer through their own turn function, which prunes
+inside the language model (methods/fastv.py, methods/sgl.py: a small model with its own lane answers
+first and ranks the visual tokens).
 """
 
 import copy
@@ -34,12 +36,14 @@ from .generate import Sampling, pick, suppress
 from .images import image_digest, load_image
 from .kvstore import KVStore, cache_nbytes
 from .lane import Lane, Unit
-from .sgl import Guidance, check_pair, sgl_answer
+from .methods import COMPRESS_ONCE, METHODS
+from .methods.fastv import fastv_answer
+from .methods.sgl import Guidance, check_pair, sgl_answer
+from .methods.visionzip import check_budget
 from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
-from .visionzip import check_budget
 
-METHODS = ("full", "visionzip", "sgl", "manual")
+ANSWER = {"sgl": sgl_answer, "fastv": fastv_answer}  # methods with a turn of their own (pruning in the LLM)
 UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
@@ -88,10 +92,11 @@ class Plan:
 class ChatSession:
     def __init__(self, vlm, method: str = "full", dominant: int = 54, contextual: int = 10,
                  max_new_tokens: int = 256, sampling: Sampling | None = None, reuse_cache: bool = True,
-                 cache_bytes: int = 1 << 30, small=None, keep_ratio: float = 0.35, prune_layer: float = 0.4,
+                 cache_bytes: int = 1 << 30, small=None, keep_ratio: float | None = None, prune_layer: float = 0.4,
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
-                 max_tiles: int = 0, edge_fill: float = 0.75, examples=None):
+                 max_tiles: int = 0, edge_fill: float = 0.75, examples=None, fastv_layer: int = 2,
+                 fastv_keep_ratio: float | None = None):
         self.vlm = vlm
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
@@ -111,7 +116,7 @@ class ChatSession:
             self.state = state
             self.set_method(method, dominant, contextual, keep_ratio=keep_ratio, prune_layer=prune_layer,
                             early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,
-                            max_tiles=max_tiles)
+                            max_tiles=max_tiles, fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio)
         elif state.model != vlm.name or state.small != (small.name if small else None):
             raise ValueError(f"this state belongs to {state.model} (+ {state.small}), not {vlm.name}")
         self.state = state
@@ -136,9 +141,11 @@ class ChatSession:
     def set_method(self, method: str, dominant: int | None = None, contextual: int | None = None,
                    keep_ratio: float | None = None, prune_layer: float | None = None, early_exit=UNSET,
                    sgl_tokens: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                   top_p: float | None = None, max_tiles: int | None = None):
+                   top_p: float | None = None, max_tiles: int | None = None, fastv_layer: int | None = None,
+                   fastv_keep_ratio: float | None = None):
         """Applies from the next turn; images are re-compressed once for a new method or budget.
         Values left out (None) keep their current value; `early_exit=None` disables early exit.
+        `keep_ratio` is SGL's, or FastV's when the method is "fastv" and `fastv_keep_ratio` is left out.
         Every value is checked here (the app's events are public API): nothing changes on a bad one."""
         s = self.settings
         if not isinstance(method, str) or method not in METHODS:
@@ -151,9 +158,17 @@ class ChatSession:
         dominant = s.dominant if dominant is None else checked("dominant tokens", dominant, 1, 100_000, integer=True)
         contextual = s.contextual if contextual is None else checked("contextual tokens", contextual, 0, 100_000,
                                                                       integer=True)
+        if method == "fastv" and fastv_keep_ratio is None:
+            fastv_keep_ratio, keep_ratio = keep_ratio, None
         keep_ratio = s.keep_ratio if keep_ratio is None else checked("keep ratio", keep_ratio, 0, 1)
         if keep_ratio <= 0:
             raise InputError("The SGL keep ratio must be above 0 (a share of the visual tokens, at most 1).")
+        fastv_keep_ratio = (s.fastv_keep_ratio if fastv_keep_ratio is None
+                            else checked("FastV keep ratio", fastv_keep_ratio, 0, 1))
+        if fastv_keep_ratio <= 0:
+            raise InputError("The FastV keep ratio must be above 0 (a share of the visual tokens, at most 1).")
+        fastv_layer = s.fastv_layer if fastv_layer is None else checked("FastV layer", fastv_layer, 1, 1000,
+                                                                         integer=True)
         prune_layer = s.prune_layer if prune_layer is None else checked("prune layer", prune_layer, 0, 1)
         if early_exit is UNSET:
             early_exit = s.early_exit
@@ -164,23 +179,25 @@ class ChatSession:
         temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
         top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
         max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
-        if (sgl_tokens if method == "sgl" else method) == "visionzip":
+        if (sgl_tokens if method == "sgl" else method) in COMPRESS_ONCE:
             units = self.vlm.family.units_per_crop
             check_budget(dominant, contextual, units, self.vlm.family.has_cls)
             if dominant + contextual >= units:  # would send at least what Full sends (OneVision: 729+0 x 3 crops > 1,836)
-                raise InputError(f"A VisionZip budget of {dominant}+{contextual} = {dominant + contextual} tokens per "
+                raise InputError(f"A budget of {dominant}+{contextual} = {dominant + contextual} tokens per "
                                  f"crop is not below the {units} of a whole crop: it would send as many visual tokens "
                                  "as the Full method or more. Choose a smaller budget, or Full.")
         self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
                                       keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
                                       sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
+                                      fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio,
                                       sampling=replace(s.sampling, temperature=temperature, top_p=top_p))
 
     @property
     def visual_method(self) -> str:
-        """How images are encoded for the LLM(s): "full" or "visionzip"."""
+        """How images are encoded for the LLM(s): "full", a compress-once method, or "manual" (FastV
+        prunes inside the model: its images are "full"; SGL's are `sgl_tokens`)."""
         s = self.settings
-        return s.sgl_tokens if s.method == "sgl" else s.method
+        return {"sgl": s.sgl_tokens, "fastv": "full"}.get(s.method, s.method)
 
     def _method_key(self, key: str, method: str | None = None):
         s = self.settings
@@ -392,10 +409,8 @@ class ChatSession:
         )
         generated, finished, cancelled = [], False, False
         try:
-            if self.settings.method == "sgl":
-                answer = yield from sgl_answer(self, plan, stats, t0, generated)
-            else:
-                answer = yield from self._plain_answer(plan, stats, t0, generated)
+            answer_turn = ANSWER.get(self.settings.method, ChatSession._plain_answer)
+            answer = yield from answer_turn(self, plan, stats, t0, generated)
             generated[:] = answer
             finished = True
         except GeneratorExit:  # the caller stopped reading: the partial answer is the answer
@@ -534,14 +549,14 @@ class ChatSession:
                 stats.decode_tok_per_s = (len(generated) - 1) / max(time.perf_counter() - decode_start, 1e-9)
         return list(generated)
 
-    # ---- SGL (the turn itself is in sgl.py) ----------------------------------------------------
+    # ---- SGL and FastV (their turns are in methods/) ----------------------------------------------------
     def guidance_view(self):
         """(PIL image, its Compression, per-token importance, per-token kept mask) of the latest
-        image for the last SGL turn, while the method is still SGL with the same tokens, or None.
-        No model runs here."""
+        image for the last SGL or FastV turn, while the method is still that one with the same tokens, or
+        None. No model runs here."""
         t, key = self.state.last_turn, self.state.last_image_key
-        if (t is None or t.guidance is None or key not in t.guidance.image_spans or self.settings.method != "sgl"
-                or not self.cached(key)):
+        if (t is None or t.guidance is None or key not in t.guidance.image_spans
+                or self.settings.method != t.guidance.source or not self.cached(key)):
             return None
         start, end = t.guidance.image_spans[key]
         kept = np.zeros(len(t.guidance.importance), dtype=bool)

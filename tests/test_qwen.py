@@ -78,10 +78,11 @@ def test_visionzip_turns_equal_transformers_language_model(tiny_qwen, photo):
     assert s.last_turn.cache_reused
 
 
-def eager_reference(vlm, image, dominant, contextual):
+def eager_units(vlm, image):
     """From transformers' own forward: the last block's input, rotary angles and output; the attention
     matrix in full (no chunks); the natural order of the window-ordered units read off the model's own
-    output (its merger after its own reordering); selection and merging with Python loops."""
+    output (its merger after its own reordering). -> (X: list of (4C,) units, score (U,), K: list of
+    (d,) keys, project: (k, 4C) -> (k, D) transformers' own merger)."""
     visual = vlm.model.model.visual
     prepared = vlm.family.prepare(image)
     grid_thw = prepared.extra["grid_thw"]
@@ -116,6 +117,16 @@ def eager_reference(vlm, image, dominant, contextual):
         X.append(out[4 * i:4 * i + 4].reshape(-1))
         score.append(patch_score[4 * i:4 * i + 4].mean())
         K.append(patch_key[4 * i:4 * i + 4].mean(0))
+
+    def project(units):
+        with torch.no_grad():
+            return visual.merger(units.reshape(-1, C))
+    return X, torch.stack(score), K, project
+
+
+def eager_reference(vlm, image, dominant, contextual):
+    """VisionZip on `eager_units`, selection and merging with Python loops."""
+    X, score, K, project = eager_units(vlm, image)
     T = len(X)
     dom_n, ctx_n = vlm.family.budget(dominant, contextual, T)
     dom = sorted(sorted(range(T), key=lambda j: -float(score[j]))[:dom_n])
@@ -134,9 +145,8 @@ def eager_reference(vlm, image, dominant, contextual):
     for t in targets:
         tokens[t] = X[t] + (torch.stack([X[j] for j in members[t]]).mean(0) if members[t] else 0)
     order = sorted(tokens)  # M-RoPE: the kept units in index order
-    with torch.no_grad():
-        projected = visual.merger(torch.stack([tokens[j] for j in order]).view(-1, C))  # transformers' own merger
-    return dom, groups, projected, torch.stack(score), order
+    projected = project(torch.stack([tokens[j] for j in order]))  # transformers' own merger
+    return dom, groups, projected, score, order
 
 
 def test_visionzip_matches_brute_force(tiny_qwen, photo):

@@ -1,0 +1,23 @@
+"""Compression methods, one file each, behind this one registry (the way `families/` works).
+
+- compress-once methods (`SELECT`): pure selection on one crop's vision output (methods/base.py),
+  text-agnostic, so each image is compressed once and the KV cache is reused across turns:
+  visionzip, divprune, vispruner, random, pool;
+- in-LLM methods (`IN_LLM`): pruning inside the language model, decided per question, on all the
+  image's tokens: fastv (the large model's own attention) and sgl (a small model's attention);
+- "full" sends every token; "manual" sends the units picked by hand on the map.
+
+A new method adds its file and one line here (and its label in the app's method list).
+"""
+
+from . import divprune, pool, random, vispruner, visionzip
+
+SELECT = {"visionzip": visionzip.pick, "divprune": divprune.pick, "vispruner": vispruner.pick,
+          "random": random.pick, "pool": pool.pick}
+COMPRESS_ONCE = tuple(SELECT)
+IN_LLM = ("fastv", "sgl")
+METHODS = ("full", *COMPRESS_ONCE, "fastv", "sgl", "manual")
+LABELS = {"full": "Full", "visionzip": "VisionZip", "divprune": "DivPrune", "vispruner": "VisPruner",
+          "random": "Random", "pool": "Pool", "fastv": "FastV", "sgl": "SGL", "manual": "Manual"}
+# what each method keeps, for the overlap of kept sets (Pool keeps no unit as itself; Full keeps all)
+HAS_KEPT_SET = ("visionzip", "divprune", "vispruner", "random", "fastv", "sgl", "manual")

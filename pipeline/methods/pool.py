@@ -1,0 +1,56 @@
+"""Pool: the other baseline. The crop's unit grid (rows x cols) is cut into gr x gc cells, boundaries at
+floor(i x rows / gr) and floor(j x cols / gc); each token is the mean of its cell's projected units,
+cells in row-major order. (gr, gc) follows the grid's aspect ratio: gr is floor or ceil of
+sqrt(B x rows / cols), gc = floor(B / gr), both capped by the grid (no empty cell), the pair with more
+cells winning (ties: the smaller gr). 24x24 at B = 64: 8x8 cells of 3x3 units. A pooled token stands
+at its cell's centre unit (M-RoPE families take that unit's position). No unit is sent as itself:
+the map shows each cell as one group."""
+
+import math
+
+import torch
+
+from .base import CropInput, Pick
+
+
+def cells(rows: int, cols: int, budget: int) -> tuple:
+    """(gr, gc) for a rows x cols grid and at most `budget` cells."""
+    if rows * cols <= budget:
+        return rows, cols
+    ideal = math.sqrt(budget * rows / cols)
+    options = []
+    for gr in sorted({max(1, math.floor(ideal)), max(1, math.ceil(ideal))}):
+        gr = min(gr, rows, budget)
+        gc = min(cols, max(1, budget // gr))
+        options.append((gr * gc, -gr, gr, gc))
+    _, _, gr, gc = max(options)
+    return gr, gc
+
+
+def cell_of(rows: int, cols: int, gr: int, gc: int) -> torch.Tensor:
+    """(rows*cols,) the cell id of each unit (row-major cells)."""
+    r_edges = [i * rows // gr for i in range(gr + 1)]
+    c_edges = [j * cols // gc for j in range(gc + 1)]
+    r_cell = torch.bucketize(torch.arange(rows), torch.tensor(r_edges[1:]), right=True)
+    c_cell = torch.bucketize(torch.arange(cols), torch.tensor(c_edges[1:]), right=True)
+    return (r_cell[:, None] * gc + c_cell[None, :]).flatten()
+
+
+def pick(crop: CropInput) -> Pick:
+    rows, cols = crop.grid
+    gr, gc = cells(rows, cols, crop.budget)
+    device = crop.units.device
+    cell = cell_of(rows, cols, gr, gc).to(device)  # (N,)
+    projected = crop.project(crop.patches)  # (N, D)
+    dtype, projected = projected.dtype, projected.float()
+    n = gr * gc
+    sums = torch.zeros(n, projected.shape[1], device=device).index_add_(0, cell, projected)
+    counts = torch.bincount(cell, minlength=n).float()[:, None]
+    r_edges = [i * rows // gr for i in range(gr + 1)]
+    c_edges = [j * cols // gc for j in range(gc + 1)]
+    centres = torch.tensor([((r_edges[i] + r_edges[i + 1] - 1) // 2) * cols + (c_edges[j] + c_edges[j + 1] - 1) // 2
+                            for i in range(gr) for j in range(gc)], dtype=torch.long, device=device)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return Pick(tokens=(sums / counts).to(dtype),
+                projected=True, token_patches=centres, token_groups=torch.arange(n, device=device), kept=empty,
+                includes_cls=False, groups=cell, targets=empty, scores=None)

@@ -1,0 +1,255 @@
+"""SGL (Zhao et al., arXiv 2412.03324): a small VLM guides the large one.
+
+  1. The small model S answers with all visual tokens. importance(j) = attention paid to visual
+     token j, summed over all layers and heads, by every token of the turn that comes after the
+     last visual token: the question's tokens and S's answer tokens (each answer token once it is
+     fed back, i.e. all but the last).
+  2. Early exit: confidence = geometric mean over S's answer of the max token probability;
+     consistency = geometric mean of the probabilities of S's own answer tokens when S re-scores
+     it keeping only the top 5% visual tokens; score = (confidence + consistency) / 2.
+  3. The large model G runs layers < K = floor(prune_layer x layers) on all tokens, then only the
+     top max(1, floor(keep_ratio x visual)) visual tokens (original positions kept) — see
+     `generate.forward_layers`.
+
+The importance is read without eager attention: per-instance hooks capture each layer's queries
+(`q_proj` output) and rotary (cos, sin); after the layer ran, its post-rotary keys are in S's KV
+cache, so only the needed rows softmax(q K^T / sqrt(d)) are computed.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..chat import Message
+from ..errors import InputError
+from ..generate import embed, forward_layers, new_cache
+from .llm_prune import fresh_lane, image_spans, pruned_answer
+
+CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
+
+
+@dataclass
+class Guidance:
+    """What decided the pruning of one turn (plain numpy, for the UI): SGL's small model, or FastV's
+    own attention in layer K - 1 (then the SGL-only fields keep their defaults)."""
+    importance: np.ndarray  # (V,) per visual token of the conversation, in order
+    kept: np.ndarray  # sorted indices into the V visual tokens that the large model keeps from layer K on
+    confidence: float = 0.0
+    consistency: float = 0.0
+    score: float = 0.0
+    threshold: float | None = None
+    early_exit: bool = False
+    small_answer: str = ""
+    small_tokens: list = field(default_factory=list)  # the small model's answer ids
+    prune_layer: int = 0  # K
+    rows: int = 0  # query rows whose attention was summed (per layer)
+    image_spans: dict = field(default_factory=dict)  # image key -> (start, end) in the V visual tokens
+    source: str = "sgl"  # "sgl" or "fastv"
+
+
+def probe_image() -> Image.Image:
+    """A fixed, non-square test card (it selects several anyres tiles)."""
+    y, x = np.mgrid[0:360, 0:520]
+    rgb = np.stack([x * 255 // 520, y * 255 // 360, (x + y) % 256], -1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def check_pair(small, large):
+    """Refuse an SGL pair whose visual-token layouts (count and grid per crop) or chat formats differ.
+    Only the preprocessing and the tokenizers run, so this is cheap and needs no GPU."""
+    checked = large.extra.setdefault("sgl_pairs_checked", set())
+    if small.name in checked:
+        return
+    probe = probe_image()
+    s_layout, g_layout = full_layout(small, probe), full_layout(large, probe)
+    if s_layout != g_layout:
+        raise InputError(
+            f"SGL needs two models with the same visual-token layout, but '{small.name}' gives {describe(s_layout)} "
+            f"and '{large.name}' gives {describe(g_layout)} for the same image. Choose a matching pair "
+            "(llava-ov-0.5b -> llava-ov-7b, llava-1.5-7b -> llava-1.5-13b, tiny-ov-small -> tiny-ov-large)."
+        )
+    chat = [Message("user", "What is in the image?", ["probe"]), Message("assistant", "A cat."), Message("user", "Sure?")]
+    if small.chat.render(chat) != large.chat.render(chat) or small.image_token_id != large.image_token_id:
+        raise InputError(f"SGL needs one tokenizer for both models; '{small.name}' and '{large.name}' differ.")
+    checked.add(small.name)
+
+
+def full_layout(vlm, image) -> tuple:
+    """(visual tokens, grid of each crop) of an image without compression: what must match between
+    the two models of an SGL pair. Computed from the preprocessing alone; no model runs."""
+    layout = vlm.family.layout(image)
+    return len(vlm.family.full_token_map(vlm.model, layout)), tuple(c.grid for c in layout.crops)
+
+
+def describe(layout) -> str:
+    tokens, grids = layout
+    tiles = f"{len(grids)} crops of {grids[0][0]}x{grids[0][1]} patches" if grids else "no crops"
+    return f"{tokens} visual tokens ({tiles})"
+
+
+class ImportanceCapture:
+    """Hooks on one model instance's attention layers, removed on exit; nothing global is patched.
+
+    While active, every forward on top of `cache` adds, for each query row whose position in the
+    cache is > `after` (the last visual token), the softmax attention it pays to `visual` (indices
+    into the cache), summed over heads and layers, to `self.importance`."""
+
+    def __init__(self, vlm, cache, visual: torch.Tensor, after: int, layers: list | None = None):
+        self.layers = vlm.language_model.layers
+        self.hooked = list(range(len(self.layers))) if layers is None else list(layers)  # FastV: one layer
+        self.family = vlm.family
+        self.cache = cache
+        self.visual = visual
+        self.after = after
+        self.importance = torch.zeros(visual.numel(), dtype=torch.float32, device=visual.device)
+        self.rows = 0  # query rows counted in the first hooked layer (a check for the tests)
+        self._q, self._rope, self._hooks = {}, {}, []
+
+    def __enter__(self):
+        self._rotary = self.family.rotary(self.layers[0].self_attn)  # as the layer itself rotates its queries
+        for i in self.hooked:
+            attn = self.layers[i].self_attn
+            self._hooks.append(attn.register_forward_pre_hook(self._save_rope(i), with_kwargs=True))
+            self._hooks.append(attn.q_proj.register_forward_hook(self._save_q(i)))
+            self._hooks.append(attn.register_forward_hook(self._accumulate(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _save_rope(self, i):
+        def hook(module, args, kwargs):
+            self._rope[i] = kwargs["position_embeddings"]
+        return hook
+
+    def _save_q(self, i):
+        def hook(module, args, output):
+            self._q[i] = output
+        return hook
+
+    def _accumulate(self, i):
+        def hook(module, args, output):
+            keys = self.cache.layers[i].keys  # (1, Hkv, L, d) post-rotary, this forward's tokens included
+            L = keys.shape[2]
+            q = self._q.pop(i)  # (1, n, H*d)
+            n = q.shape[1]
+            first = max(0, self.after + 1 - (L - n))  # rows of this forward that come after the last visual token
+            if first >= n:
+                return
+            q = q.view(1, n, -1, module.head_dim).transpose(1, 2)  # (1, H, n, d)
+            cos, sin = self._rope.pop(i)
+            q = self._rotary(q, q, cos, sin)[0][:, :, first:]  # (1, H, r, d)
+            heads = q.shape[1]
+            k = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # (1, H, L, d)
+            logits = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (1, H, r, L)
+            rows = torch.arange(L - n + first, L, device=q.device)[:, None]
+            logits.masked_fill_(torch.arange(L, device=q.device)[None, :] > rows, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)  # (1, H, r, L)
+            self.importance += probs.sum(dim=(0, 1, 2))[self.visual]
+            if i == self.hooked[0]:
+                self.rows += probs.shape[2]
+        return hook
+
+
+def geometric_mean(probs: list) -> float:
+    if not probs:
+        return 0.0
+    return float(math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)))
+
+
+def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(importance, dtype=torch.bool)
+    if k > 0:
+        mask[importance.topk(min(k, importance.numel())).indices] = True
+    return mask
+
+
+def sgl_answer(session, plan, stats, t0, generated):
+    """One SGL turn of a ChatSession (a generator of text deltas; returns the answer ids): the small
+    model answers and ranks, the exit score decides, and the pruned large model answers if needed."""
+    small, large = session.small, session.vlm
+    ids, units, s_ids, s_units = plan.ids, plan.units, plan.small_ids, plan.small_units
+    visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
+    # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
+    after = max(int(visual[-1]) if visual.numel() else -1, plan.turn_start - 1)
+
+    # 1. The small model answers with all visual tokens; hooks collect the importance.
+    t_small = time.perf_counter()
+    lane = session.lane("small")
+    start, features, reused = lane.reuse(s_units, enabled=session.reuse_cache)
+    small_tokens, max_probs = [], []
+    with ImportanceCapture(small, lane.cache, visual.to(small.device), after) as capture:
+        logits = lane.prefill(s_ids, s_units, start, features)
+        t_decode = time.perf_counter()
+        for _ in session.decode(small, logits, lane.step, stats, t0, small_tokens, stream=False,
+                                max_probs=max_probs, limit=session.context_window - len(s_ids)):
+            pass
+    importance = capture.importance.cpu()
+    small_decode_s = time.perf_counter() - t_decode  # the first token came with the prefill
+    stats.timings["small_answer_s"] = time.perf_counter() - t_small
+    stats.timings["small_prefill_tokens"] = len(s_ids) - start
+    stats.timings["small_cache_reused"] = reused
+
+    # 2. Early exit: confidence and consistency (re-scoring with the top 5% visual tokens).
+    t_score = time.perf_counter()
+    confidence = geometric_mean(max_probs[: len(small_tokens)])
+    consistency = rescored_probability(small, s_ids, s_units, visual, importance, small_tokens)
+    score = (confidence + consistency) / 2
+    stats.timings["small_score_s"] = time.perf_counter() - t_score
+    threshold = session.settings.early_exit
+    exit_now = threshold is not None and score >= threshold and not session.stop_flag.is_set()
+
+    n_layers = len(large.language_model.layers)
+    k_layer = int(math.floor(session.settings.prune_layer * n_layers))
+    keep_visual = top_k_mask(importance, max(1, int(math.floor(session.settings.keep_ratio * visual.numel()))))
+    spans = image_spans(units)
+    stats.guidance = Guidance(
+        importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
+        consistency=consistency, score=score, threshold=threshold, early_exit=exit_now,
+        small_answer=small.tokenizer.decode(small_tokens, skip_special_tokens=True), small_tokens=small_tokens,
+        prune_layer=k_layer, image_spans=spans, rows=capture.rows)
+    stats.early_exit = exit_now
+
+    if exit_now:  # the small model's answer is the answer; the large model is not run
+        stats.model_used = small.name
+        stats.prefill_tokens = stats.timings["small_prefill_tokens"]
+        stats.cache_reused = reused
+        stats.ttft_s = time.perf_counter() - t0
+        if len(small_tokens) > 1:
+            stats.decode_tok_per_s = (len(small_tokens) - 1) / max(small_decode_s, 1e-9)
+        generated.extend(small_tokens)
+        text = stats.guidance.small_answer
+        if text:
+            yield text
+        return list(small_tokens)
+
+    # 3. The large model: all tokens up to layer K, then the kept visual tokens only (llm_prune.py).
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[visual] = keep_visual
+    return (yield from pruned_answer(session, fresh_lane(session), ids, units, stats, t0, generated, k_layer, keep))
+
+
+@torch.inference_mode()
+def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> float:
+    """Geometric mean probability of the small model's own answer when it re-reads the
+    conversation keeping only its top 5% visual tokens (original positions kept)."""
+    if not answer:
+        return 0.0
+    keep = torch.ones(len(s_ids) + len(answer) - 1, dtype=torch.bool)
+    if visual.numel():
+        keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
+    feats = [u.features for u in s_units if u.features is not None]
+    embeds = embed(small, s_ids + answer[:-1], feats)
+    prompt = small.family.positions(s_ids, s_units)  # (P, L); the answer continues after its largest
+    after = int(prompt.max()) + 1 + torch.arange(len(answer) - 1)
+    positions = torch.cat([prompt, after.expand(prompt.shape[0], -1)], dim=1)
+    logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),
+                            last=len(answer))
+    probs = torch.softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)]
+    return geometric_mean(probs.tolist())

@@ -1,0 +1,56 @@
+"""VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818): important tokens by attention, then diverse ones.
+
+a = the feature layer's attention each patch gets (the CLS row where the tower has CLS: VisionZip's
+statistic, whose sum over heads ranks as the heads' mean; without CLS the attention received).
+  1. important = the top floor(B x important_ratio) patches by a;
+  2. residual = the other patches in descending a. Rounds, while R residual tokens are more than the
+     B - important still to fill: n = min(8, R - (B - important)); on the unit-normalised X of the
+     residual, a-set = even positions, b-set = odd positions, s(a) = max over b of cos(a, b); drop
+     the n a's with the highest s; the next residual is the remaining a's by descending s, then the b's
+     in their order.
+Kept = important + residual, sent as themselves in index order (projector(X[kept])). Float32; ties
+to the lowest unit index. The cosines do not change between rounds: one N x N matrix (up to
+FULL_MATRIX units) serves them all.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import FULL_MATRIX, CropInput, Pick, cosine_matrix, pruned, ranked
+
+IMPORTANT_RATIO = 0.5
+ROUND = 8  # duplicates removed per round at most
+
+
+def select(x: torch.Tensor, attention: torch.Tensor, budget: int, important_ratio: float = IMPORTANT_RATIO
+           ) -> torch.Tensor:
+    """x (N, C) units, attention (N,) -> kept unit indices (unsorted)."""
+    order = ranked(attention)
+    budget = min(budget, x.shape[0])
+    n_important = int(math.floor(budget * important_ratio))
+    important, residual = order[:n_important], order[n_important:]
+    need = budget - n_important
+    # the similarities do not change between rounds (only which tokens are a's and b's): one matrix
+    whole = cosine_matrix(x) if x.shape[0] <= FULL_MATRIX else None  # (N, N)
+    unit = F.normalize(x.float(), dim=-1) if whole is None else None
+    while True:
+        n = min(ROUND, residual.numel() - need)
+        if n <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        similarity = whole[a][:, b] if whole is not None else unit[a] @ unit[b].T  # (|a|, |b|)
+        s = similarity.max(dim=1).values if b.numel() else torch.full((a.numel(),), float("-inf"), device=x.device)
+        # descending s, ties to the lowest unit index: sort by index, then stably by s
+        by_index = torch.argsort(a)
+        by_s = by_index[torch.sort(s[by_index], descending=True, stable=True).indices]
+        drop = min(n, a.numel())
+        residual = torch.cat([a[by_s[drop:]], b])
+    return torch.cat([important, residual])
+
+
+def pick(crop: CropInput) -> Pick:
+    attention = crop.patch_scores
+    kept = select(crop.patches, attention, crop.budget)
+    return pruned(crop, kept, scores=attention)
