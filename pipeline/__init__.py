@@ -1,4 +1,5 @@
-"""zipchat's model pipeline: load a VLM, compress images with VisionZip, chat with KV-cache reuse.
+"""zipchat's model pipeline: load a VLM, compress images (VisionZip and the other methods in methods/), chat
+with KV-cache reuse.
 
 Importable without gradio; the UI lives in app.py.
 """
@@ -8,7 +9,8 @@ from .errors import InputError, ModelUnavailable
 from .generate import Sampling
 from .kvstore import KVStore
 from .models import PRESETS, SGL_PAIRS, VLM, load_vlm
-from .session import ChatSession, TurnStats, compare, compare_with_full
+from .compare import compare, compare_with_full
+from .session import ChatSession, TurnStats
 from .state import ChatState, Settings, Turn
 
 __all__ = ["ChatSession", "ChatState", "Compression", "CropInfo", "InputError", "KVStore", "ModelUnavailable",

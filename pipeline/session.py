@@ -17,12 +17,10 @@ inside the language model (methods/fastv.py, methods/sgl.py: a small model with 
 first and ranks the visual tokens).
 """
 
-import copy
 import math
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -575,33 +573,3 @@ def checked(name: str, value, low: float, high: float, integer: bool = False):
     if not low <= value <= high:
         raise InputError(f"The {name} must be between {low:g} and {high:g} (got {value!r}).")
     return int(value) if integer else float(value)
-
-
-def compare(session: ChatSession, methods: list | None = None, max_new_tokens: int | None = None) -> list:
-    """Re-answer the last question once per method from the same history (no KV cache, nothing of
-    the session changed). Default: the session's method and "full" ("visionzip" when the session
-    is already "full"; "manual" is compared with VisionZip and full). -> [(method, answer, TurnStats)]."""
-    st = session.state
-    if not st.turns:
-        raise InputError("Ask a question first; then it can be compared with the full model.")
-    if methods is None:
-        methods = {"full": ["full", "visionzip"], "manual": ["manual", "visionzip", "full"]}.get(
-            st.settings.method, [st.settings.method, "full"])
-    results = []
-    for method in methods:
-        other_state = copy.copy(st)
-        other_state.session_id = uuid.uuid4().hex  # its own stop flag (and a private KV store)
-        other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
-        other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
-        other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
-        other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
-                            context_window=session.context_window)
-        other.set_method(method)
-        answer = other.ask(st.turns[-1].question)
-        results.append((method, answer, other.last_turn))
-    return results
-
-
-def compare_with_full(session: ChatSession, max_new_tokens: int | None = None) -> dict:
-    """{method: (answer, TurnStats)} for the session's method and the full model (see `compare`)."""
-    return {m: (a, t) for m, a, t in compare(session, max_new_tokens=max_new_tokens)}

@@ -57,13 +57,42 @@ def test_method_switch_applies_next_turn(url):
 def test_compare(url, method):
     c = Client(url, verbose=False)
     send(c, [], "What is it?", [CAT], settings=(method,) + VISIONZIP[1:])
-    table, answers = c.predict(api_name="/compare")
+    table, answers, maps, overlap = c.predict(api_name="/compare")  # called as before this had a method choice
+    assert len(maps) == 2 and "kept overlap" not in overlap  # (Full has no kept set of its own)
     if method == "VisionZip":
         assert "| visual tokens | 64 | 576 |" in table and "| | visionzip | full |" in table
         assert answers.startswith("**visionzip:**") and "\n\n**full:**" in answers
     else:  # Full against Full would compare nothing: it compares with VisionZip instead
         assert "| visual tokens | 576 | 64 |" in table and "| | full | visionzip |" in table
         assert answers.startswith("**full:**") and "\n\n**visionzip:**" in answers
+
+
+def test_compare_any_set_of_methods(url):
+    """Compare with a chosen set (UI labels or method names): one column, answer and map per method, and
+    the Jaccard overlap of the kept sets (Pool and Full have none)."""
+    c = Client(url, verbose=False)
+    send(c, [], "What is it?", [CAT], settings=VISIONZIP)
+    chosen = ["visionzip", "divprune", "vispruner", "random", "pool", "fastv", "full"]
+    table, answers, maps, overlap = c.predict(chosen, api_name="/compare")
+    assert "| | visionzip | divprune | vispruner | random | pool | fastv | full |" in table
+    assert "| visual tokens | 64 | 64 | 64 | 64 | 64 | 288 from layer 1 (576 below) | 576 |" in table
+    assert [m["caption"].split(":")[0] for m in maps] == ["VisionZip", "DivPrune", "VisPruner", "Random", "Pool",
+                                                          "FastV", "Full"]
+    assert all(answers.count(f"**{m}:**") == 1 for m in ("visionzip", "divprune", "fastv", "full"))
+    rows = [r for r in overlap.splitlines() if r.startswith("| ")]
+    assert rows[0].split(" | ")[1:] == ["VisionZip", "DivPrune", "VisPruner", "Random", "FastV |"]
+    matrix = [r.strip("| ").split(" | ")[1:] for r in rows[1:]]
+    assert [matrix[i][i] for i in range(5)] == ["1.00"] * 5 and "Pool" not in overlap
+    assert all(matrix[i][j] == matrix[j][i] for i in range(5) for j in range(5))
+    for bad in (["nope"], ["sgl"], "visionzip"):  # (no small model here: no SGL)
+        try:
+            table, *_ = c.predict(bad, api_name="/compare")
+        except Exception as e:  # Gradio's own check of the choices, with its message
+            assert "not in the list of choices" in str(e) or "must be a list" in str(e), e
+        else:
+            assert table.startswith("⚠️"), table
+    history, stats, _, _ = send(c, [], "And now?")  # the conversation goes on, on its own method and cache
+    assert stat(stats, "visual tokens to the LLM") == "64 of 576" and stat(stats, "KV cache reused / size").startswith("yes")
 
 
 def test_bad_uploads_are_messages(url, tmp_path):
@@ -116,8 +145,9 @@ def test_sgl_turns_show_guidance(sgl_url):
     # early exit at threshold 0: the small model answers, the large one is not run
     history, stats, _, _ = send(c, history, "And now?", settings=sgl[:5] + (True, 0.0, False))
     assert stat(stats, "SGL: answered by") == "tiny-ov-small (early exit)" and stat(stats, "SGL: large model") == "not run"
-    table, answers = c.predict(api_name="/compare")
-    assert "| | sgl | full |" in table and answers.startswith("**sgl:**")
+    table, answers, maps, overlap = c.predict(api_name="/compare")
+    assert "| | sgl | visionzip | full |" in table and answers.startswith("**sgl:**")
+    assert "| SGL |" in overlap and "| VisionZip |" in overlap
 
 
 def stream_then_stop(c, history, text):

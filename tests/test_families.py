@@ -98,7 +98,7 @@ def test_bf16_runs_every_method_and_selects_like_float32(name, photo):
     """bf16 is the default on a CPU with native bf16 (and on GPUs): every method, map and compare must
     work there, and VisionZip must pick (almost) the same dominant patches as in float32."""
     from pipeline.heatmap import VIEWS, render_map
-    from pipeline.session import compare
+    from pipeline import compare
     vlm, reference = load_vlm(name, dtype=torch.bfloat16), load_vlm(name, dtype=torch.float32)
     assert vlm.model.dtype == torch.bfloat16
     picked = []

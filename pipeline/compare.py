@@ -1,0 +1,166 @@
+"""Compare: the last question answered again by a chosen set of methods, from the same history, side by
+side; what each method kept, as a small map, and how much the kept sets overlap.
+
+"Kept" (for the maps and the overlap): the units sent as themselves (`CropInfo.kept`: VisionZip's
+dominant units, the pruning methods' picks, the manual picks), plus VisionZip's contextual targets in
+the overlap; FastV and SGL keep the visual tokens their large model kept in the compared turn (a merged
+token counts as its target unit). Pool keeps no unit as itself and Full keeps all: both are left out of
+the overlap. Overlap = Jaccard |A & B| / |A | B| over (crop, unit) of the latest image, between methods
+that cut it into the same crops (a tile cap makes the compress-once methods' crops differ from Full's
+and FastV's).
+"""
+
+import copy
+import uuid
+from dataclasses import replace
+
+import numpy as np
+
+from .errors import InputError
+from .methods import HAS_KEPT_SET, LABELS, METHODS
+
+
+def default_methods(method: str) -> list:
+    """The session's method, VisionZip and Full (each once)."""
+    return list(dict.fromkeys([method, "visionzip", "full"]))
+
+
+def checked_methods(session, methods) -> list:
+    if methods is None:
+        return default_methods(session.settings.method)
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
+        raise InputError("Compare takes a list of method names, e.g. ['visionzip', 'divprune', 'full'].")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"Unknown method(s) {', '.join(map(repr, unknown))}. Choose from: {', '.join(METHODS)}.")
+    if not methods:
+        raise InputError("Choose at least one method to compare.")
+    if "sgl" in methods and session.small is None:
+        raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
+    if "manual" in methods and not session.state.picks.get(session.state.last_image_key):
+        raise InputError("Manual compares the patches picked on the map: pick some first (Method: Manual).")
+    return list(dict.fromkeys(methods))
+
+
+def compare(session, methods: list | None = None, max_new_tokens: int | None = None) -> list:
+    """Re-answer the last question once per method from the same history (no KV cache; the session's
+    conversation and settings unchanged; the images compressed for a method join its compression
+    cache). Default: the session's method, VisionZip and Full. -> [(method, answer, TurnStats)]."""
+    from .session import ChatSession
+    st = session.state
+    if not st.turns:
+        raise InputError("Ask a question first; then it can be compared across methods.")
+    methods = checked_methods(session, methods)
+    results = []
+    for method in methods:
+        other_state = copy.copy(st)
+        other_state.session_id = uuid.uuid4().hex  # its own stop flag (and a private KV store)
+        other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
+        other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
+        other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
+        other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
+                            context_window=session.context_window, examples=session.examples)
+        other.set_method(method)
+        answer = other.ask(st.turns[-1].question)
+        for key, comp in other_state.compressions.items():  # what it compressed is kept for the maps
+            st.compressions.setdefault(key, comp)
+        results.append((method, answer, other.last_turn))
+    while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
+        st.compressions.popitem(last=False)
+    return results
+
+
+def compare_with_full(session, max_new_tokens: int | None = None) -> dict:
+    """{method: (answer, TurnStats)} for the session's method and the full model (see `compare`)."""
+    method = session.settings.method
+    methods = ["full", "visionzip"] if method == "full" else [method, "full"]
+    return {m: (a, t) for m, a, t in compare(session, methods, max_new_tokens=max_new_tokens)}
+
+
+def visual_method(method: str, settings) -> str:
+    """How `method` encodes images (FastV prunes in the model: its images are Full)."""
+    return {"sgl": settings.sgl_tokens, "fastv": "full"}.get(method, method)
+
+
+def kept_view(session, method: str, stats=None):
+    """(PIL image, Compression to draw in the "kept" view) of the latest image for `method` as compared
+    (`stats`: its TurnStats, for FastV's and SGL's kept tokens), or None. No model runs where the
+    compression is cached (after `compare`, it is)."""
+    key = session.state.last_image_key
+    if key is None:
+        return None
+    if method == "manual":
+        return session.image(key), session.pick_view(key)
+    comp = session.compression(key, method=visual_method(method, session.settings))
+    g = getattr(stats, "guidance", None)
+    if method in ("fastv", "sgl") and g is not None and key in g.image_spans:
+        start, end = g.image_spans[key]
+        kept = np.zeros(len(g.importance), dtype=bool)
+        kept[g.kept] = True
+        comp = tokens_view(comp, kept[start:end], method)
+    return session.image(key), comp
+
+
+def tokens_view(comp, kept_tokens: np.ndarray, method: str):
+    """A Compression whose kept view shows which of its tokens (`kept_tokens`: (num_tokens,) bool) an
+    in-LLM method kept: their units as themselves, every other unit not sent."""
+    crops = []
+    for i, c in enumerate(comp.crops):
+        groups = np.full(c.grid[0] * c.grid[1], -2)
+        rows = (comp.token_map[:, 0] == i) & kept_tokens
+        for patch, ctx in comp.token_map[rows][:, 1:]:
+            if ctx >= 0:
+                groups[c.groups == ctx] = -1  # a contextual token kept: its whole group
+            elif patch >= 0:
+                groups[patch] = -1
+        units = np.flatnonzero(groups == -1)
+        crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+    return replace(comp, method=method, crops=crops, num_tokens=int(kept_tokens.sum()))
+
+
+def kept_units(session, method: str, stats=None) -> set | None:
+    """{(crop, unit)} a method kept of the latest image (see the module's note), or None (Pool, Full)."""
+    if method not in HAS_KEPT_SET:
+        return None
+    shown = kept_view(session, method, stats)
+    if shown is None:
+        return None
+    comp = shown[1]
+    if method in ("fastv", "sgl"):  # the tokens kept: a merged token counts as its target
+        units = set()
+        base = session.compression(session.state.last_image_key, method=visual_method(method, session.settings))
+        g = stats.guidance
+        start, end = g.image_spans[session.state.last_image_key]
+        for t in g.kept[(g.kept >= start) & (g.kept < end)] - start:
+            crop, patch, _ = base.token_map[t]
+            if patch >= 0:
+                units.add((int(crop), int(patch)))
+        return units
+    units = {(i, int(u)) for i, c in enumerate(comp.crops) for u in c.kept}
+    return units | {(i, int(t)) for i, c in enumerate(comp.crops) for t in c.targets if t >= 0}
+
+
+def overlap(session, results: list) -> tuple:
+    """-> (methods with a kept set, matrix of Jaccard overlaps: None where their crops differ)."""
+    sets, layouts = {}, {}
+    for method, _, stats in results:
+        units = kept_units(session, method, stats)
+        if units is not None:
+            sets[method] = units
+            comp = kept_view(session, method, stats)[1]
+            layouts[method] = [(c.grid, tuple(np.round(c.box, 1))) for c in comp.crops]
+    names = list(sets)
+    matrix = [[len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b])) if layouts[a] == layouts[b] else None
+               for b in names] for a in names]
+    return names, matrix
+
+
+def overlap_markdown(names: list, matrix: list) -> str:
+    if len(names) < 2:
+        return "_The overlap of kept sets needs two methods that keep units as themselves (not Full, not Pool)._"
+    head = "| kept overlap (Jaccard) | " + " | ".join(LABELS[n] for n in names) + " |\n|---|" + "---|" * len(names)
+    rows = [f"| {LABELS[a]} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |"
+            for a, row in zip(names, matrix)]
+    note = "\n\n— : different crops (the tile cap applies to compress-once methods, not to Full or FastV)." \
+        if any(v is None for row in matrix for v in row) else ""
+    return "\n".join([head] + rows) + note
