@@ -2,11 +2,13 @@
 
 Views (`VIEWS`), all on one canvas with every crop at its place on the photo (the whole image above;
 anyres tiles below it, with the processor's padding cut off):
-- kept: the photo; the patches the LLM receives as themselves (dominant, or picked by hand) clear,
-  every other patch faded towards white, each contextual token's target ringed;
-- groups: the contextual groups, one colour each over the photo, with a legend "token k merged n";
-- scores: the attention VisionZip selected by, over the photo, with a colour bar;
-- importance: after an SGL turn, the small model's importance, the tokens the large model keeps outlined.
+- kept: the photo; the patches the LLM receives as themselves (dominant, picked by a pruning method or
+  by hand) clear, every other patch faded towards white, each contextual token's target ringed;
+- groups: the tokens that stand for several units (VisionZip's contextual groups, Pool's cells), one
+  colour each over the photo, with a legend "token k merged n" ("pooled n");
+- scores: the attention VisionZip (and VisPruner) select by, over the photo, with a colour bar;
+- importance: after an SGL or FastV turn, the small model's importance (SGL) or the last prompt token's
+  attention in layer K - 1 (FastV), the tokens the large model keeps outlined.
 Work is per patch in numpy, upsampled with NEAREST; a panel is up to 900x600 pixels so a patch is
 several pixels, and very thin images are stretched to a readable height.
 """
@@ -131,6 +133,11 @@ def render_map(image: Image.Image, comp, view: str = "kept", importance=None, ke
     return out
 
 
+def group_count(crop) -> int:
+    """Tokens that stand for several units in a crop: VisionZip's contextual tokens, Pool's cells."""
+    return int(crop.groups.max()) + 1 if crop.groups.size else 0
+
+
 def _paint(target: np.ndarray, comp, panels, per_unit) -> np.ndarray:
     """Paint a per-unit array (rows, cols, k) of every crop into the canvas (NEAREST), clipped to each
     panel's photo. -> (H, W, k) array, NaN where no unit was painted."""
@@ -165,7 +172,7 @@ def _kept(photo, comp, panels):
 
 def _groups(photo, comp, panels):
     """Each contextual token's patches in its colour over the photo; a legend of the merged counts."""
-    colours = group_colours(max(1, max((len(c.targets) for c in comp.crops), default=1))).astype(np.float32)
+    colours = group_colours(max(1, max((group_count(c) for c in comp.crops), default=1))).astype(np.float32)
 
     def tint(i):
         c = comp.crops[i]
@@ -175,10 +182,11 @@ def _groups(photo, comp, panels):
     has = np.isfinite(painted[..., :1])
     canvas = np.where(has, (1 - TINT) * photo + TINT * np.nan_to_num(painted), photo)
     entries = []
+    verb = "pooled" if comp.method == "pool" else "merged"
     for i, c in enumerate(comp.crops):
-        for g in range(len(c.targets)):
+        for g in range(group_count(c)):
             token = int(np.flatnonzero((comp.token_map[:, 0] == i) & (comp.token_map[:, 2] == g))[0])
-            entries.append((colours[g % len(colours)], f"token {token} merged {int((c.groups == g).sum())}"
+            entries.append((colours[g % len(colours)], f"token {token} {verb} {int((c.groups == g).sum())}"
                             + (f" (crop {i})" if len(comp.crops) > 1 else "")))
     return canvas, _legend(entries, canvas.shape[1])
 
@@ -287,10 +295,12 @@ def describe(comp, crop: int, unit: int, importance=None) -> str:
     if comp.method == "full":
         what = "sent as itself (all tokens)"
     elif group == -1:
-        kind = "picked" if comp.method == "manual" else "dominant"
+        kind = {"manual": "picked", "visionzip": "dominant"}.get(comp.method, "kept")
         what = f"{kind}: sent as itself"
     elif group == -2:
-        what = "not sent (not picked)"
+        what = "not sent (not picked)" if comp.method == "manual" else "not sent"
+    elif comp.method == "pool":
+        what = f"pooled token {group} of this crop (the mean of its cell's {int((c.groups == group).sum())} units)"
     else:
         merged = int((c.groups == group).sum())
         role = "its target" if group < len(c.targets) and c.targets[group] == unit else "merged into it"

@@ -84,12 +84,12 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             got, want = np.array(kept).transpose(1, 0, 2)
             assert len(kept) > 30 and abs(got.mean() - want.mean()) / want.mean() < 0.05
             # each view, and a click on a patch says what it is
-            for view in ("Contextual groups", "Scores", "Kept tokens"):
+            for view in ("Groups (merged / pooled)", "Scores", "Kept tokens"):
                 old = page.locator("#map img").get_attribute("src")
                 page.locator("#view label", has_text=view).click()
                 wait_for_new_map(page, old)
                 if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
-                    name = {"Contextual groups": "groups", "Scores": "scores", "Kept tokens": "kept"}[view]
+                    name = {"Groups (merged / pooled)": "groups", "Scores": "scores", "Kept tokens": "kept"}[view]
                     page.locator("#map").screenshot(path=str(ROOT / "docs" / f"map-{name}.png"))
             page.locator("#map img").click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.25})
             page.wait_for_function("() => /row \\d+, column \\d+/.test(document.querySelector('#patch-info').innerText)",
@@ -105,7 +105,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             wait_until_textbox_is_back(page)
             assert "192 of 1836" in page.locator("#stats").inner_text()
             old = page.locator("#map img").get_attribute("src")
-            page.locator("#view label", has_text="SGL importance").click()
+            page.locator("#view label", has_text="Importance (SGL / FastV)").click()
             wait_for_new_map(page, old)
             # manual: start from VisionZip's picks, add a patch by clicking, ask: exactly those tokens are sent
             page.locator("#method label", has_text="Manual").click()
@@ -135,6 +135,52 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
                 shutil.copy(shot, ROOT / "docs" / "screenshot.png")
             error_then_keep_chatting(page)
+        finally:
+            browser.close()
+
+
+def test_compare_three_methods(url, tmp_path):
+    """Compare VisionZip, DivPrune and FastV on the person's photo: a column, an answer and a kept-tokens map
+    for each, side by side, and the overlap of what they kept."""
+    from PIL import Image
+    import io
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#textbox textarea", timeout=30_000)
+            page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
+            page.wait_for_selector("#textbox img", timeout=15_000)
+            ask(page, "What animal is this?")
+            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
+                                   timeout=60_000)
+            wait_until_textbox_is_back(page)
+            for label in ("VisionZip", "DivPrune", "FastV"):
+                page.locator("#compare-methods label", has_text=label).click()
+            page.locator("#compare").click()
+            page.wait_for_function("() => document.querySelector('#compare-overlap').innerText.includes('Jaccard')",
+                                   timeout=90_000)
+            table = page.locator("#compare-table").inner_text()
+            assert re.search(r"visionzip\s+divprune\s+fastv", table), table
+            answers = page.locator("#compare-answers").inner_text()
+            assert all(f"{m}:" in answers for m in ("visionzip", "divprune", "fastv"))
+            maps = page.locator("#compare-maps img")
+            page.wait_for_function("() => document.querySelectorAll('#compare-maps img').length >= 3", timeout=30_000)
+            assert maps.count() == 3
+            captions = page.locator("#compare-maps").inner_text()
+            assert "DivPrune: 192 of 1836" in captions and "FastV: 918 of 1836" in captions
+            for i in range(3):  # each map is a real picture: the photo, faded where not kept
+                picture = Image.open(io.BytesIO(page.request.get(maps.nth(i).get_attribute("src")).body()))
+                assert picture.width > 100 and len(set(picture.convert("L").getdata())) > 50
+            overlap = page.locator("#compare-overlap").inner_text()
+            assert "VisionZip" in overlap and "DivPrune" in overlap and "FastV" in overlap
+            page.locator("#compare-maps").scroll_into_view_if_needed()
+            shot = tmp_path / "compare.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
+                shutil.copy(shot, ROOT / "docs" / "compare.png")
         finally:
             browser.close()
 

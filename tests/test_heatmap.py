@@ -28,11 +28,12 @@ def centres(comp, image):
     return out
 
 
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "vispruner", "random"])
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-ov-small", "tiny-internvl-small", "tiny-qwen-small"])
-def test_kept_view_shows_the_photo_where_tokens_are_kept(name, photo, request):
+def test_kept_view_shows_the_photo_where_tokens_are_kept(name, method, photo, request):
     vlm = request.getfixturevalue({"tiny-llava": "tiny_llava", "tiny-ov-small": "tiny_ov",
                                    "tiny-internvl-small": "tiny_internvl", "tiny-qwen-small": "tiny_qwen"}[name])
-    comp = encode_image(vlm, photo, "visionzip")
+    comp = encode_image(vlm, photo, method)
     shown = np.asarray(render_map(photo, comp, "kept"), dtype=np.float32)
     original = np.asarray(photo, dtype=np.float32)
     kept, faded = [], []
@@ -59,6 +60,24 @@ def test_groups_view_tints_each_contextual_token(tiny_ov, photo):
     assert len(errors) > 300 and np.median(errors) < 20
     panels_height = max(p.origin[1] + p.size[1] for p in layout(comp))
     assert rendered.height > panels_height + 16  # the legend below: "token k merged n" for every contextual token
+
+
+def test_pool_groups_view_tints_each_cell(tiny_llava, photo):
+    """Pool: nothing kept as itself (all faded in the kept view); each cell one colour in the groups view,
+    the legend saying what each token pooled."""
+    comp = encode_image(tiny_llava, photo, "pool")
+    assert comp.crops[0].groups.max() == 63 and "Pool: 64 pooled cells" in comp.caption()
+    shown = np.asarray(render_map(photo, comp, "groups"), dtype=np.float32)
+    original = np.asarray(photo, dtype=np.float32)
+    colours = group_colours(64).astype(np.float32)
+    errors = [np.abs(shown[y, x] - ((1 - TINT) * original[oy, ox] + TINT * colours[comp.crops[i].groups[u] % 20])).max()
+              for i, u, x, y, ox, oy in centres(comp, photo)]
+    assert len(errors) > 300 and np.median(errors) < 20
+    kept = np.asarray(render_map(photo, comp, "kept"), dtype=np.float32)
+    faded = [(kept[y, x], original[oy, ox]) for i, u, x, y, ox, oy in centres(comp, photo)]
+    got, want = np.array(faded).transpose(1, 0, 2)
+    np.testing.assert_allclose(got.mean(0), (want * (1 - FADE) + 255 * FADE).mean(0), rtol=0.05)
+    assert "pooled token 0 of this crop (the mean of its cell's 9 units)" in describe(comp, 0, 0)
 
 
 def test_scores_view_is_bright_where_the_score_is_high(tiny_llava, photo):

@@ -117,10 +117,10 @@ def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
         with gr.Row():
             compare_table = gr.Markdown(elem_id="compare-table")
             compare_answers_md = gr.Markdown(elem_id="compare-answers")
-        with gr.Row():
-            compare_maps = gr.Gallery(label="Kept tokens per method", columns=4, height="auto", elem_id="compare-maps",
-                                      object_fit="contain", buttons=["fullscreen", "download"])
-            compare_overlap = gr.Markdown(elem_id="compare-overlap")
+        compare_maps = gr.Gallery(label="Compare: the tokens each method kept (clear) of the latest image",
+                                  columns=5, height=420, elem_id="compare-maps", object_fit="contain",
+                                  buttons=["fullscreen", "download"])
+        compare_overlap = gr.Markdown(elem_id="compare-overlap")
         examples = json.loads(gallery_file.read_text())
         gr.Examples([[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}] for e in examples],
                     inputs=[textbox], label="Examples")
