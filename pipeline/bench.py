@@ -6,9 +6,9 @@ events after a synchronise. Models are the architecture presets: real shapes, ra
 On a GPU each row also gets a floor: max(FLOPs / measured matmul rate, bytes / measured copy
 bandwidth), both measured at start.
 
-    python -m pipeline.bench            # CPU rows 1-6, 10-20 (about 50 minutes on 2 cores)
+    python -m pipeline.bench            # CPU rows 1-6, 10-24 (about an hour on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
-    python -m pipeline.bench --device cuda   # rows 1-14 on a GPU (bf16)
+    python -m pipeline.bench --device cuda   # rows 1-14, 18-24 on a GPU (bf16)
 """
 
 import argparse
@@ -35,7 +35,7 @@ from .models import cpu_native_bf16, default_device_dtype, load_vlm
 from .session import ChatSession
 from .state import Turn
 from .families.llava_common import attention_statistics, run_tower
-from .visionzip import select
+from .methods.visionzip import select
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 QUESTION = "Describe this image in detail."
@@ -593,6 +593,113 @@ def row_sgl(args, clock, hw) -> list:
     return rows
 
 
+def vision_only(name: str, args, quick: bool = False):
+    """A preset's vision tower and projector with random weights, its language model left on the meta
+    device (a 7B preset's vision side fits anywhere) -> (family, model, image processor)."""
+    if args.smoke:
+        vlm = load_vlm(SMOKE_MODELS[name], device=args.device, dtype=args.dtype)
+        return vlm.family, vlm.model
+    from .arch import ARCH_PRESETS, build_arch_model
+    model, tokenizer, processor = build_arch_model(name, "meta", args.dtype, quick=args.quick or quick)
+    family = ARCH_PRESETS[name][0](model.config, processor, tokenizer)
+    for module in (family.tower(model), model.model.multi_modal_projector):
+        module.to_empty(device=args.device)
+        with torch.no_grad():
+            for pname, p in module.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.02)
+                else:
+                    p.fill_(1.0) if pname.endswith("weight") else p.zero_()
+            for bname, b in module.named_buffers():  # (non-persistent buffers come back uninitialised)
+                if bname.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+    return family, model
+
+
+def row_selection(args, clock) -> list:
+    """21-22: each compress-once method's selection (with the projection it needs) over the vision
+    encode it follows, on CLIP-L/336 (LLaVA-1.5-7B: projector to 4096) and SigLIP-so400m (OneVision-0.5B,
+    a 384 px image: base + 1 tile). DivPrune and Pool project every unit (DESIGN: on P)."""
+    from .methods import COMPRESS_ONCE, SELECT
+    from .methods.base import CropInput
+    rows = []
+    for row_id, preset, image in (("21", "llava-1.5-7b-arch", Image.open(ASSETS / "chelsea.png").convert("RGB")),
+                                  ("22", "llava-ov-0.5b-arch", ov_image(1))):
+        family, model = vision_only(preset, args)
+        prepared = family.prepare(image)
+        with torch.inference_mode():
+            out = family.encode(model, prepared, with_stats=True)
+        offset = 1 if family.has_cls else 0
+
+        def selection(method):
+            @torch.inference_mode()
+            def run():
+                for i, crop in enumerate(prepared.crops):
+                    d, c = family.budget(54, 10, out.units.shape[1] - offset)
+                    picked = SELECT[method](CropInput(
+                        units=out.units[i], scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls,
+                        grid=crop.grid, dominant=d, contextual=c, seed=i,
+                        project=lambda u: family.project(model, u[None])[0]))
+                    if not picked.projected:
+                        family.project(model, picked.tokens[None])
+            return run
+
+        encode = torch.inference_mode()(lambda: family.encode(model, prepared, with_stats=True))
+        targets = {"divprune": "<= 0.08"}
+        for k, method in enumerate(COMPRESS_ONCE):
+            ta, tb = side_by_side(clock, selection(method), encode, args.repeats)
+            rows.append(Row(f"{row_id}{'abcde'[k]}", f"{method} selection / vision encode, {preset} "
+                            f"({len(prepared.crops)} crop{'s' * (len(prepared.crops) > 1)})", f"{method} selection",
+                            "encode to the feature layer (+ scores)", ta, tb, target=targets.get(method, "<= 0.03")))
+    return rows
+
+
+def row_equal_budget_prefill(args, clock, hw, vlm) -> list:
+    """23: LLM prefill at VisionZip's budget for the other compress-once methods vs full (as row 3):
+    the same number of visual tokens, so the same saving."""
+    image = ov_image(1)
+    full = prefill_inputs(ChatSession(vlm, method="full", max_new_tokens=1), image)
+    rows = []
+    for k, method in enumerate(("divprune", "vispruner", "random", "pool")):
+        ids, feats = prefill_inputs(ChatSession(vlm, method=method, max_new_tokens=1), image)
+        ta, tb = side_by_side(clock, prefill_timer(vlm, ids, feats), prefill_timer(vlm, *full), args.repeats)
+        rows.append(Row(f"23{'abcd'[k]}", f"LLM prefill, {vlm.name}, {image.width}px image, {method} at 54+10 per "
+                        f"crop ({sum(len(f) for f in feats)} vs {sum(len(f) for f in full[1])} visual tokens)",
+                        method, "full", ta, tb, target="<= 0.2",
+                        floor_a_s=floor_s(llm_prefill_cost(vlm, len(ids)), hw),
+                        floor_b_s=floor_s(llm_prefill_cost(vlm, len(full[0])), hw)))
+    return rows
+
+
+def row_in_llm_first_turn(args, clock, hw) -> list:
+    """24: FastV (K = 2, keep 50%) and SGL (small ranks, large keeps 35% from 0.4 depth, no early exit)
+    first turn vs Full on the OneVision pair: a new image and question, 32 new tokens (stop tokens
+    ignored), VisionZip-free (all 1,836 tokens of a 2x2-tile image reach the model's first layers).
+    On a CPU the 7B at --quick shapes (full ones do not fit in 24 GB)."""
+    cpu = args.device.type != "cuda"
+    large = arch("llava-ov-7b-arch", args, quick=cpu)
+    small = arch("llava-ov-0.5b-arch", args)
+    image = ov_image(4)
+
+    def first_turn(vlm, **kw):
+        def run():
+            s = ChatSession(vlm, max_new_tokens=32, stop_at_eos=False, **kw)
+            s.add_image(image)
+            s.ask(QUESTION)
+            return s.last_turn
+        return run
+    full = first_turn(large, method="full")
+    ta, tb = side_by_side(clock, first_turn(large, method="fastv"), full, args.repeats)
+    t = first_turn(large, method="fastv")()
+    rows = [Row("24", f"first turn, {large.name}{' (quick shapes)' if cpu and not args.smoke else ''}, 768 px image, "
+                f"32 new tokens", "FastV K=2, keep 50%", "full", ta, tb, target="<= 0.9",
+                notes=f"FastV keeps {len(t.guidance.kept)} of {t.visual_tokens} visual tokens from layer 2")]
+    ta, tb = side_by_side(clock, first_turn(large, method="sgl", small=small, early_exit=None), full, args.repeats)
+    rows.append(Row("24b", "first turn, the same: SGL (0.5b ranks, large keeps 35% from 0.4 depth) vs full",
+                    "SGL, no early exit", "full", ta, tb, target="<= 0.9"))
+    return rows
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def fmt(v, unit):
     if unit == "bytes":
@@ -631,7 +738,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size shapes, 3 repeats (< 3 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny models instead of the presets (tests the code only)")
-    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-20 on CPU, 1-14 and 18-20 on CUDA)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: 1-6 and 10-24 on CPU, 1-14 and 18-24 on CUDA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -641,7 +748,8 @@ def main(argv=None):
     args.device, args.dtype = device, dtype
     args.repeats = args.repeats or (3 if args.quick else 5)
     cuda = device.type == "cuda"
-    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14,18,19,20" if cuda else "1,2,3,4,5,6,10,11,12,13,14,15,16,17,18,19,20")).split(","))
+    wanted = set((args.rows or ("1,2,3,4,5,6,7,8,9,10,11,12,13,14,18,19,20,21,22,23,24" if cuda
+                                else "1,2,3,4,5,6,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24")).split(","))
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -692,7 +800,14 @@ def main(argv=None):
         add(row_identical_crops(args, clock))
     if "20" in wanted:
         add(row_example(args, clock))
-    rows.sort(key=lambda r: (len(r.id.rstrip("b")), r.id))
+    def chosen(rows_of, prefixes):  # "21" asks for 21a..21e; "21b" for that one
+        picked = {p for p in prefixes if any(w == p or (w.startswith(p) and w[len(p):].isalpha()) for w in wanted)}
+        return [r for r in rows_of() if r.id in wanted or r.id.rstrip("abcde") in wanted] if picked else []
+
+    add(chosen(lambda: row_selection(args, clock), ("21", "22")))
+    add(chosen(lambda: row_equal_budget_prefill(args, clock, hw, arch("llava-ov-0.5b-arch", args)), ("23",)))
+    add(chosen(lambda: row_in_llm_first_turn(args, clock, hw), ("24",)))
+    rows.sort(key=lambda r: (int("".join(ch for ch in r.id if ch.isdigit())), r.id))
 
     import transformers
     meta = {

@@ -13,6 +13,7 @@ import threading
 import time
 
 from .compress import encode_image, method_key
+from .methods import COMPRESS_ONCE
 from .images import image_digest, load_image
 from .stopflag import answering_now
 
@@ -40,7 +41,9 @@ class ExampleCache:
         a time under the model's encode lock; `polite`: first wait while any conversation is answering (a
         background thread; not inside a GPU call that queued questions wait for). `stop` ends it between
         images."""
-        if method not in ("full", "visionzip"):  # SGL's and Manual's tokens depend on the question or the picks
+        if method == "fastv":  # FastV prunes per question, on the full tokens
+            method = "full"
+        if method not in ("full",) + COMPRESS_ONCE:  # SGL's and Manual's tokens depend on the question or the picks
             method = "visionzip"
         for path in paths:
             while polite and answering_now() and not (stop is not None and stop.is_set()):

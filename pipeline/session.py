@@ -34,14 +34,12 @@ from .generate import Sampling, pick, suppress
 from .images import image_digest, load_image
 from .kvstore import KVStore, cache_nbytes
 from .lane import Lane, Unit
-from .methods import COMPRESS_ONCE, METHODS
-from .methods.fastv import fastv_answer
-from .methods.sgl import Guidance, check_pair, sgl_answer
+from .methods import ANSWER, COMPRESS_ONCE, METHODS
+from .methods.sgl import Guidance, check_pair
 from .methods.visionzip import check_budget
 from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
 
-ANSWER = {"sgl": sgl_answer, "fastv": fastv_answer}  # methods with a turn of their own (pruning in the LLM)
 UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "

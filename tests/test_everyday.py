@@ -120,8 +120,8 @@ def long_url(tiny_llava):
     demo.close()
 
 
-def ask_async(c, history, text, files=()):
-    history = c.predict(resend(history), {"text": text, "files": [handle_file(f) for f in files]}, *VISIONZIP,
+def ask_async(c, history, text, files=(), settings=VISIONZIP):
+    history = c.predict(resend(history), {"text": text, "files": [handle_file(f) for f in files]}, *settings,
                         api_name="/add_message")[0]
     return c.submit(resend(history), api_name="/respond")
 
@@ -154,7 +154,8 @@ def test_stop_while_queued_cancels_that_answer_only(long_url):
 @pytest.mark.parametrize("after_outputs", [2, 40])
 def test_clear_while_streaming_wins(long_url, after_outputs):
     c, other = Client(long_url, verbose=False), Client(long_url, verbose=False)
-    job = ask_async(c, [], "Talk for a long time.", [CAT])
+    # 2,048 tokens (the most the slider allows): Clear comes while it streams, however fast this machine decodes
+    job = ask_async(c, [], "Talk for a long time.", [CAT], settings=VISIONZIP + (0, 2048))
     wait(job, outputs=after_outputs)
     job_other = ask_async(other, [], "What is it?", [CAT])  # another visitor waits in the queue meanwhile
     c.predict(api_name="/clear")

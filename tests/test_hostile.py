@@ -253,9 +253,10 @@ def test_hostile_event_then_a_normal_follow_up(case, url):
 
 def test_nan_through_the_raw_api(url):
     data = post(url, "add_message", '{"data": [[], {"text": "hi", "files": []}, "VisionZip", NaN, 10, 0.35, 0.4, '
-                                    'true, 0.8, false, 0, 16, 0.0, 0.9]}')
+                                    'true, 0.8, false, 0, 16, 0.0, 0.9, 2, 0.5]}')
     assert "dominant tokens must be a finite number" in data[0][-1]["content"][0]["text"]
-    data = post(url, "settings_dominant", '{"data": ["kept", "VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0, 16, 0.0, 0.9]}')
+    data = post(url, "settings_dominant", '{"data": ["kept", "VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0, 16, 0.0, '
+                                          '0.9, 2, 0.5]}')
     assert data  # no state yet: nothing to change, and no crash
 
 

@@ -67,3 +67,32 @@ def test_small_square_on_onevision_draws_base_and_tile(tiny_ov_large):
     original = np.asarray(picture(256, 256).resize(p.size))[p.size[1] // 2, p.size[0] // 2].astype(float)
     pixel = np.asarray(kept)[y, x].astype(float)
     assert (pixel.mean() > original.mean() + 20) == faded  # faded towards white exactly where not kept
+
+
+@pytest.mark.parametrize("method", ["divprune", "vispruner", "random", "pool", "fastv"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_method_takes_everyday_shapes(name, method, request):
+    """The other methods on the shapes that break things (a pixel, a small square, a panorama): the answer
+    comes, the maps draw, a click names a patch, a second turn works; a crop never sends more than its
+    budget."""
+    vlm = request.getfixturevalue(FAMILIES[name])
+    for w, h in [(1, 1), (64, 64), (2000, 250)]:
+        image = picture(w, h)
+        s = ChatSession(vlm, method=method, max_new_tokens=2, max_tiles=4)
+        where = (name, method, w, h)
+        s.add_image(image)
+        s.ask("What is it?")
+        image_, comp = s.current_view()
+        t = s.last_turn
+        if method == "fastv":
+            assert len(t.guidance.kept) == max(1, t.visual_tokens // 2) and t.visual_tokens == comp.num_tokens, where
+        else:
+            for c in comp.crops:
+                n = c.grid[0] * c.grid[1]
+                sent = len(c.kept) + (int(c.groups.max()) + 1 if (c.groups >= 0).any() else 0)
+                assert 0 < sent <= max(1, sum(vlm.family.budget(54, 10, n + vlm.family.has_cls))), where
+        for view in ("kept", "groups") + (("scores",) if comp.crops[0].scores is not None else ()):
+            assert render_map(image_, comp, view).width >= 40, where + (view,)
+        p = layout(comp)[0]
+        assert hit(comp, p.origin[0] + p.size[0] / 2, p.origin[1] + p.size[1] / 2) is not None, where
+        assert s.ask("And now?") is not None and len(s.state.turns) == 2, where

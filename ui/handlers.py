@@ -111,7 +111,12 @@ class Handlers:
         if view not in names or (view == "scores" and comp.crops[0].scores is None):
             view = "kept"
         extra = guidance[2:] if view == "importance" else ()
-        return (render_map(image, comp, view, *extra), comp.caption(),
+        caption = comp.caption()
+        if guidance is not None:  # FastV / SGL: what the large model kept of this image in the last turn
+            g = session.last_turn.guidance
+            caption += (f"; {LABELS[g.source]} kept {int(guidance[3].sum())} of them from layer {g.prune_layer} "
+                        "in the last turn (decided per question)")
+        return (render_map(image, comp, view, *extra), caption,
                 gr.update(choices=[(VIEW_NAMES[v], v) for v in names], value=view))
 
     # ---- chat ----------------------------------------------------------------------------------

@@ -7,15 +7,17 @@
   image's tokens: fastv (the large model's own attention) and sgl (a small model's attention);
 - "full" sends every token; "manual" sends the units picked by hand on the map.
 
-A new method adds its file and one line here (and its label in the app's method list).
+A new method adds its file and one line here, and its label in LABELS (the app's method list).
 """
 
-from . import divprune, pool, random, vispruner, visionzip
+from . import divprune, fastv, pool, random, sgl, vispruner, visionzip
 
 SELECT = {"visionzip": visionzip.pick, "divprune": divprune.pick, "vispruner": vispruner.pick,
           "random": random.pick, "pool": pool.pick}
 COMPRESS_ONCE = tuple(SELECT)
-IN_LLM = ("fastv", "sgl")
+ANSWER = {"fastv": fastv.fastv_answer, "sgl": sgl.sgl_answer}  # a turn of their own: (session, plan, stats, t0,
+# generated) -> a generator of text deltas returning the answer ids
+IN_LLM = tuple(ANSWER)
 METHODS = ("full", *COMPRESS_ONCE, "fastv", "sgl", "manual")
 LABELS = {"full": "Full", "visionzip": "VisionZip", "divprune": "DivPrune", "vispruner": "VisPruner",
           "random": "Random", "pool": "Pool", "fastv": "FastV", "sgl": "SGL", "manual": "Manual"}
