@@ -639,7 +639,7 @@ def row_selection(args, clock) -> list:
                     picked = SELECT[method](CropInput(
                         units=out.units[i], scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls,
                         grid=crop.grid, dominant=d, contextual=c, seed=i,
-                        project=lambda u: family.project(model, u[None])[0]))
+                        project=lambda u: family.project(model, u[None])[0], project_parts=family.project_parts(model)))
                     if not picked.projected:
                         family.project(model, picked.tokens[None])
             return run

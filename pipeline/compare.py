@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from .errors import InputError
-from .methods import HAS_KEPT_SET, LABELS, METHODS
+from .methods import HAS_KEPT_SET, LABELS, METHODS, images_for
 
 
 def default_methods(method: str) -> list:
@@ -77,11 +77,6 @@ def compare_with_full(session, max_new_tokens: int | None = None) -> dict:
     return {m: (a, t) for m, a, t in compare(session, methods, max_new_tokens=max_new_tokens)}
 
 
-def visual_method(method: str, settings) -> str:
-    """How `method` encodes images (FastV prunes in the model: its images are Full)."""
-    return {"sgl": settings.sgl_tokens, "fastv": "full"}.get(method, method)
-
-
 def kept_view(session, method: str, stats=None):
     """(PIL image, Compression to draw in the "kept" view) of the latest image for `method` as compared
     (`stats`: its TurnStats, for FastV's and SGL's kept tokens), or None. No model runs where the
@@ -91,7 +86,7 @@ def kept_view(session, method: str, stats=None):
         return None
     if method == "manual":
         return session.image(key), session.pick_view(key)
-    comp = session.compression(key, method=visual_method(method, session.settings))
+    comp = session.compression(key, method=images_for(method, session.settings))
     g = getattr(stats, "guidance", None)
     if method in ("fastv", "sgl") and g is not None and key in g.image_spans:
         start, end = g.image_spans[key]
@@ -128,7 +123,7 @@ def kept_units(session, method: str, stats=None) -> set | None:
     comp = shown[1]
     if method in ("fastv", "sgl"):  # the tokens kept: a merged token counts as its target
         units = set()
-        base = session.compression(session.state.last_image_key, method=visual_method(method, session.settings))
+        base = session.compression(session.state.last_image_key, method=images_for(method, session.settings))
         g = stats.guidance
         start, end = g.image_spans[session.state.last_image_key]
         for t in g.kept[(g.kept >= start) & (g.kept < end)] - start:

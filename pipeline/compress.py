@@ -121,6 +121,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         raise InputError(f"Unknown compression method {method!r}.")
     crops, selected, projected, token_map = [], [], [], []
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
+    parts = family.project_parts(model)
     for i, crop in enumerate(prepared.crops):
         x = out.units[i]  # (U, C)
         if method == "manual":
@@ -139,7 +140,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             d, c = family.budget(dominant, contextual, x.shape[0] - offset)
             picked = SELECT[method](CropInput(
                 units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
-                contextual=c, seed=seed + i, project=lambda u: family.project(model, u[None])[0]))
+                contextual=c, seed=seed + i, project=lambda u: family.project(model, u[None])[0],
+                project_parts=parts))
             selected.append(picked.tokens)
             projected.append(picked.projected)
             info = CropInfo(

@@ -17,11 +17,10 @@ inside the language model (methods/fastv.py, methods/sgl.py: a small model with 
 first and ranks the visual tokens).
 """
 
-import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,13 +33,12 @@ from .generate import Sampling, pick, suppress
 from .images import image_digest, load_image
 from .kvstore import KVStore, cache_nbytes
 from .lane import Lane, Unit
-from .methods import ANSWER, COMPRESS_ONCE, METHODS
+from .methods import ANSWER, images_for, manual
 from .methods.sgl import Guidance, check_pair
-from .methods.visionzip import check_budget
+from .settings import UNSET, changed
 from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
 
-UNSET = object()  # set_method(early_exit=...) left out: None already means "disabled"
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
                   "dropped and it starts over. Please upload the image again.")
@@ -143,57 +141,17 @@ class ChatSession:
         Values left out (None) keep their current value; `early_exit=None` disables early exit.
         `keep_ratio` is SGL's, or FastV's when the method is "fastv" and `fastv_keep_ratio` is left out.
         Every value is checked here (the app's events are public API): nothing changes on a bad one."""
-        s = self.settings
-        if not isinstance(method, str) or method not in METHODS:
-            raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHODS)}.")
-        if method == "sgl" and self.small is None:
-            raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
-        sgl_tokens = s.sgl_tokens if sgl_tokens is None else sgl_tokens
-        if sgl_tokens not in ("full", "visionzip"):
-            raise InputError("sgl_tokens must be 'full' or 'visionzip'.")
-        dominant = s.dominant if dominant is None else checked("dominant tokens", dominant, 1, 100_000, integer=True)
-        contextual = s.contextual if contextual is None else checked("contextual tokens", contextual, 0, 100_000,
-                                                                      integer=True)
-        if method == "fastv" and fastv_keep_ratio is None:
-            fastv_keep_ratio, keep_ratio = keep_ratio, None
-        keep_ratio = s.keep_ratio if keep_ratio is None else checked("keep ratio", keep_ratio, 0, 1)
-        if keep_ratio <= 0:
-            raise InputError("The SGL keep ratio must be above 0 (a share of the visual tokens, at most 1).")
-        fastv_keep_ratio = (s.fastv_keep_ratio if fastv_keep_ratio is None
-                            else checked("FastV keep ratio", fastv_keep_ratio, 0, 1))
-        if fastv_keep_ratio <= 0:
-            raise InputError("The FastV keep ratio must be above 0 (a share of the visual tokens, at most 1).")
-        fastv_layer = s.fastv_layer if fastv_layer is None else checked("FastV layer", fastv_layer, 1, 1000,
-                                                                         integer=True)
-        prune_layer = s.prune_layer if prune_layer is None else checked("prune layer", prune_layer, 0, 1)
-        if early_exit is UNSET:
-            early_exit = s.early_exit
-        elif early_exit is not None:
-            early_exit = checked("early-exit threshold", early_exit, 0, 2)
-        max_new_tokens = s.max_new_tokens if max_new_tokens is None else checked(
-            "max new tokens", max_new_tokens, 1, 1_000_000, integer=True)
-        temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
-        top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
-        max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
-        if (sgl_tokens if method == "sgl" else method) in COMPRESS_ONCE:
-            units = self.vlm.family.units_per_crop
-            check_budget(dominant, contextual, units, self.vlm.family.has_cls)
-            if dominant + contextual >= units:  # would send at least what Full sends (OneVision: 729+0 x 3 crops > 1,836)
-                raise InputError(f"A budget of {dominant}+{contextual} = {dominant + contextual} tokens per "
-                                 f"crop is not below the {units} of a whole crop: it would send as many visual tokens "
-                                 "as the Full method or more. Choose a smaller budget, or Full.")
-        self.state.settings = replace(s, method=method, dominant=dominant, contextual=contextual,
-                                      keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
-                                      sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
-                                      fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio,
-                                      sampling=replace(s.sampling, temperature=temperature, top_p=top_p))
+        self.state.settings = changed(self.settings, self.vlm.family, self.small is not None, method, dominant,
+                                      contextual, keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
+                                      sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, max_tiles=max_tiles, fastv_layer=fastv_layer,
+                                      fastv_keep_ratio=fastv_keep_ratio)
 
     @property
     def visual_method(self) -> str:
         """How images are encoded for the LLM(s): "full", a compress-once method, or "manual" (FastV
         prunes inside the model: its images are "full"; SGL's are `sgl_tokens`)."""
-        s = self.settings
-        return {"sgl": s.sgl_tokens, "fastv": "full"}.get(s.method, s.method)
+        return images_for(self.settings.method, self.settings)
 
     def _method_key(self, key: str, method: str | None = None):
         s = self.settings
@@ -260,56 +218,22 @@ class ChatSession:
             return None
         return self.image(key), self.compression(key)
 
+    # the manual method's picks (methods/manual.py)
     def pick_view(self, key: str) -> Compression:
-        """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
-        others not sent); its features are not the model's (use `compression` for those)."""
-        layout = self.compression(key, method="visionzip")
-        picks = self.state.picks.get(key, {})
-        crops = []
-        for i, c in enumerate(layout.crops):
-            units = np.array(sorted(picks.get(i, ())), dtype=np.int64)
-            groups = np.full(c.grid[0] * c.grid[1], -2)
-            groups[units] = -1
-            crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
-        token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
-        return replace(layout, method="manual", crops=crops, num_tokens=len(token_map), token_map=token_map,
-                       features=layout.features[:0])
+        """The manual picks of an image as a Compression to draw (its features are not the model's)."""
+        return manual.pick_view(self, key)
 
     def set_picks(self, picks: dict, key: str | None = None):
-        """The units the "manual" method sends for an image ({crop: [unit, ...]}; default: the latest
-        image), checked against the image's crops as the maps show them."""
-        key = key or self.state.last_image_key
-        if key is None:
-            raise InputError("Upload an image first, then pick its patches.")
-        grids = [c.grid for c in self.compression(key, method="visionzip").crops]
-        clean = {}
-        for crop, units in (picks or {}).items():
-            crop = checked("crop", crop, 0, len(grids) - 1, integer=True)
-            n = grids[crop][0] * grids[crop][1]
-            clean[crop] = sorted({checked("unit", u, 0, n - 1, integer=True) for u in units})
-        self.state.picks = dict(self.state.picks, **{key: {c: u for c, u in clean.items() if u}})
+        """The units the "manual" method sends for an image ({crop: [unit, ...]}; default: the latest)."""
+        manual.set_picks(self, picks, key)
 
     def toggle_pick(self, crop: int, unit: int, radius: int = 0, key: str | None = None) -> int:
-        """Pick (or unpick, if it is picked) a unit and the (2 radius + 1)^2 block around it.
-        -> the number of units picked for the image."""
-        key = key or self.state.last_image_key
-        rows, cols = self.compression(key, method="visionzip").crops[crop].grid
-        r0, c0 = divmod(unit, cols)
-        block = {r * cols + c for r in range(max(0, r0 - radius), min(rows, r0 + radius + 1))
-                 for c in range(max(0, c0 - radius), min(cols, c0 + radius + 1))}
-        picks = {c: set(u) for c, u in self.state.picks.get(key, {}).items()}
-        current = picks.setdefault(crop, set())
-        picks[crop] = current - block if unit in current else current | block
-        self.set_picks({c: sorted(u) for c, u in picks.items()}, key)
-        return sum(len(u) for u in self.state.picks.get(key, {}).values())
+        """Pick (or unpick) a unit and the (2 radius + 1)^2 block around it -> units picked for the image."""
+        return manual.toggle_pick(self, crop, unit, radius, key)
 
     def picks_from_visionzip(self, key: str | None = None) -> int:
         """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
-        key = key or self.state.last_image_key
-        comp = self.compression(key, method="visionzip")
-        self.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
-                        for i, c in enumerate(comp.crops)}, key)
-        return sum(len(u) for u in self.state.picks[key].values())
+        return manual.picks_from_visionzip(self, key)
 
     def cached(self, key, lane: str = "large", method: str | None = None) -> bool:
         """Whether `compression(key, lane, method)` is at hand (no model would run)."""
@@ -558,16 +482,3 @@ class ChatSession:
         kept = np.zeros(len(t.guidance.importance), dtype=bool)
         kept[t.guidance.kept] = True
         return self.image(key), self.compression(key), t.guidance.importance[start:end], kept[start:end]
-
-
-def checked(name: str, value, low: float, high: float, integer: bool = False):
-    """A number from a person or an API call, or an InputError that says what is wrong with it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"The {name} must be a number (got {value!r}).")
-    if not math.isfinite(value):
-        raise InputError(f"The {name} must be a finite number (got {value!r}).")
-    if integer and value != int(value):
-        raise InputError(f"The {name} must be a whole number (got {value!r}).")
-    if not low <= value <= high:
-        raise InputError(f"The {name} must be between {low:g} and {high:g} (got {value!r}).")
-    return int(value) if integer else float(value)

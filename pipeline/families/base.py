@@ -144,6 +144,12 @@ class Family:
         """(crops, k, C) selected units -> (crops, k, D) tokens for the LLM."""
         raise NotImplementedError
 
+    def project_parts(self, model):
+        """(inner, last) with project(u) == last(inner(u)) and `last` affine (the projector's last linear
+        layer), so a mean of projected units is last(mean of inner): Pool projects its cells' means
+        through `last` instead of every unit. None: only the whole projector."""
+        return None
+
     def encode_full(self, model, prepared: Prepared) -> torch.Tensor:
         """(N, D): transformers' own image features for the LLM, uncompressed."""
         raise NotImplementedError

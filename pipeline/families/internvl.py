@@ -142,6 +142,10 @@ class InternVL(Family):
     def project(self, model, units):
         return model.model.multi_modal_projector(units)
 
+    def project_parts(self, model):
+        p = model.model.multi_modal_projector  # layer_norm -> linear_1 -> act -> linear_2
+        return (lambda units: p.act(p.linear_1(p.layer_norm(units)))), p.linear_2
+
     def encode_full(self, model, prepared):
         tower = self.tower(model)
         out = model.model.get_image_features(prepared.pixel_values.to(tower.device, tower.dtype),

@@ -113,6 +113,10 @@ class LlavaStyle(Family):
     def project(self, model, units):
         return model.model.multi_modal_projector(units)
 
+    def project_parts(self, model):
+        p = model.model.multi_modal_projector  # linear_1 -> act -> linear_2
+        return (lambda units: p.act(p.linear_1(units))), p.linear_2
+
 
 class AnyresStyle(LlavaStyle):
     """LLaVA-NeXT and LLaVA-OneVision: a base image plus anyres tiles; `pack` is each one's packing."""

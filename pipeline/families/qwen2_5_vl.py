@@ -162,6 +162,15 @@ class Qwen25VL(Family):
         c = units.shape[-1] // self.merge ** 2
         return merger.mlp(merger.ln_q(units.reshape(*units.shape[:-1], self.merge ** 2, c)).flatten(-2))
 
+    def project_parts(self, model):
+        merger = self.tower(model).merger  # ln_q per patch -> mlp: Linear, GELU, Linear
+        mlp = merger.mlp
+
+        def inner(units):
+            c = units.shape[-1] // self.merge ** 2
+            return mlp[1](mlp[0](merger.ln_q(units.reshape(*units.shape[:-1], self.merge ** 2, c)).flatten(-2)))
+        return inner, mlp[2]
+
     def encode_full(self, model, prepared):
         visual = self.tower(model)
         out = model.model.get_image_features(prepared.pixel_values.to(visual.device, visual.dtype),

@@ -21,5 +21,13 @@ IN_LLM = tuple(ANSWER)
 METHODS = ("full", *COMPRESS_ONCE, "fastv", "sgl", "manual")
 LABELS = {"full": "Full", "visionzip": "VisionZip", "divprune": "DivPrune", "vispruner": "VisPruner",
           "random": "Random", "pool": "Pool", "fastv": "FastV", "sgl": "SGL", "manual": "Manual"}
+
+
+def images_for(method: str, settings) -> str:
+    """How `method` encodes images: itself, "full" for FastV (it prunes inside the model), SGL's
+    `sgl_tokens` ("full" or "visionzip")."""
+    return {"sgl": settings.sgl_tokens, "fastv": "full"}.get(method, method)
+
+
 # what each method keeps, for the overlap of kept sets (Pool keeps no unit as itself; Full keeps all)
 HAS_KEPT_SET = ("visionzip", "divprune", "vispruner", "random", "fastv", "sgl", "manual")

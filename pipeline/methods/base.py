@@ -29,6 +29,7 @@ class CropInput:
     contextual: int
     seed: int  # the image's content digest (first 15 hex digits) as an integer, plus the crop index
     project: Callable  # (k, C) -> (k, D): the family's projector on units of this crop
+    project_parts: tuple | None = None  # (inner, last): project == last(inner(.)), `last` affine (Family)
 
     @property
     def budget(self) -> int:

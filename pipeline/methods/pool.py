@@ -4,7 +4,8 @@ cells in row-major order. (gr, gc) follows the grid's aspect ratio: gr is floor 
 sqrt(B x rows / cols), gc = floor(B / gr), both capped by the grid (no empty cell), the pair with more
 cells winning (ties: the smaller gr). 24x24 at B = 64: 8x8 cells of 3x3 units. A pooled token stands
 at its cell's centre unit (M-RoPE families take that unit's position). No unit is sent as itself:
-the map shows each cell as one group."""
+the map shows each cell as one group. The projector's last layer is affine, so the cells' means of
+its hidden layer go through it instead of every unit (`Family.project_parts`): the same tokens."""
 
 import math
 
@@ -41,16 +42,23 @@ def pick(crop: CropInput) -> Pick:
     gr, gc = cells(rows, cols, crop.budget)
     device = crop.units.device
     cell = cell_of(rows, cols, gr, gc).to(device)  # (N,)
-    projected = crop.project(crop.patches)  # (N, D)
-    dtype, projected = projected.dtype, projected.float()
     n = gr * gc
-    sums = torch.zeros(n, projected.shape[1], device=device).index_add_(0, cell, projected)
     counts = torch.bincount(cell, minlength=n).float()[:, None]
+
+    def cell_means(values):  # (N, E) -> (n, E) in float32
+        return torch.zeros(n, values.shape[1], device=device).index_add_(0, cell, values.float()) / counts
+    if crop.project_parts is not None:  # mean(last(h)) = last(mean(h)) for an affine last layer: project the means
+        inner, last = crop.project_parts
+        hidden = inner(crop.patches)
+        tokens = last(cell_means(hidden).to(hidden.dtype))
+    else:
+        projected = crop.project(crop.patches)
+        tokens = cell_means(projected).to(projected.dtype)
     r_edges = [i * rows // gr for i in range(gr + 1)]
     c_edges = [j * cols // gc for j in range(gc + 1)]
     centres = torch.tensor([((r_edges[i] + r_edges[i + 1] - 1) // 2) * cols + (c_edges[j] + c_edges[j + 1] - 1) // 2
                             for i in range(gr) for j in range(gc)], dtype=torch.long, device=device)
     empty = torch.zeros(0, dtype=torch.long, device=device)
-    return Pick(tokens=(sums / counts).to(dtype),
+    return Pick(tokens=tokens,
                 projected=True, token_patches=centres, token_groups=torch.arange(n, device=device), kept=empty,
                 includes_cls=False, groups=cell, targets=empty, scores=None)

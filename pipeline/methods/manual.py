@@ -1,0 +1,65 @@
+"""Manual: the units a person picks on the map, each sent as itself, in order. The picks live in the
+conversation's state per image ({crop: [unit, ...]}) and are drawn on VisionZip's crops (the crops the
+maps show); no model runs for a click."""
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import InputError
+from ..settings import checked
+
+
+def pick_view(session, key: str):
+    """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
+    others not sent); its features are not the model's (use `compression` for those)."""
+    layout = session.compression(key, method="visionzip")
+    picks = session.state.picks.get(key, {})
+    crops = []
+    for i, c in enumerate(layout.crops):
+        units = np.array(sorted(picks.get(i, ())), dtype=np.int64)
+        groups = np.full(c.grid[0] * c.grid[1], -2)
+        groups[units] = -1
+        crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
+    return replace(layout, method="manual", crops=crops, num_tokens=len(token_map), token_map=token_map,
+                   features=layout.features[:0])
+
+
+def set_picks(session, picks: dict, key: str | None = None):
+    """The units the "manual" method sends for an image ({crop: [unit, ...]}; default: the latest
+    image), checked against the image's crops as the maps show them."""
+    key = key or session.state.last_image_key
+    if key is None:
+        raise InputError("Upload an image first, then pick its patches.")
+    grids = [c.grid for c in session.compression(key, method="visionzip").crops]
+    clean = {}
+    for crop, units in (picks or {}).items():
+        crop = checked("crop", crop, 0, len(grids) - 1, integer=True)
+        n = grids[crop][0] * grids[crop][1]
+        clean[crop] = sorted({checked("unit", u, 0, n - 1, integer=True) for u in units})
+    session.state.picks = dict(session.state.picks, **{key: {c: u for c, u in clean.items() if u}})
+
+
+def toggle_pick(session, crop: int, unit: int, radius: int = 0, key: str | None = None) -> int:
+    """Pick (or unpick, if it is picked) a unit and the (2 radius + 1)^2 block around it.
+    -> the number of units picked for the image."""
+    key = key or session.state.last_image_key
+    rows, cols = session.compression(key, method="visionzip").crops[crop].grid
+    r0, c0 = divmod(unit, cols)
+    block = {r * cols + c for r in range(max(0, r0 - radius), min(rows, r0 + radius + 1))
+             for c in range(max(0, c0 - radius), min(cols, c0 + radius + 1))}
+    picks = {c: set(u) for c, u in session.state.picks.get(key, {}).items()}
+    current = picks.setdefault(crop, set())
+    picks[crop] = current - block if unit in current else current | block
+    session.set_picks({c: sorted(u) for c, u in picks.items()}, key)
+    return sum(len(u) for u in session.state.picks.get(key, {}).values())
+
+
+def picks_from_visionzip(session, key: str | None = None) -> int:
+    """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
+    key = key or session.state.last_image_key
+    comp = session.compression(key, method="visionzip")
+    session.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
+                    for i, c in enumerate(comp.crops)}, key)
+    return sum(len(u) for u in session.state.picks[key].values())
