@@ -1,6 +1,7 @@
 """End to end in real headless Chromium (Debian's package, never a downloaded browser): upload an
 example image, ask, wait for the streamed answer and the selection map, save a screenshot."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -142,47 +143,58 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
 def test_compare_three_methods(url, tmp_path):
     """Compare VisionZip, DivPrune and FastV on the person's photo: a column, an answer and a kept-tokens map
     for each, side by side, and the overlap of what they kept."""
-    from PIL import Image
     import io
+    from PIL import Image
+    with open_page(url, 1500, 1000) as page:
+        upload_and_ask(page)
+        page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
+                               timeout=60_000)
+        wait_until_textbox_is_back(page)
+        for label in ("VisionZip", "DivPrune", "FastV"):
+            page.locator("#compare-methods label", has_text=label).click()
+        page.locator("#compare").click()
+        page.wait_for_function("() => document.querySelector('#compare-overlap').innerText.includes('Jaccard')",
+                               timeout=90_000)
+        table = page.locator("#compare-table").inner_text()
+        assert re.search(r"visionzip\s+divprune\s+fastv", table), table
+        answers = page.locator("#compare-answers").inner_text()
+        assert all(f"{m}:" in answers for m in ("visionzip", "divprune", "fastv"))
+        maps = page.locator("#compare-maps img")
+        page.wait_for_function("() => document.querySelectorAll('#compare-maps img').length >= 3", timeout=30_000)
+        assert maps.count() == 3
+        captions = page.locator("#compare-maps").inner_text()
+        assert "DivPrune: 192 of 1836" in captions and "FastV: 918 of 1836" in captions
+        for i in range(3):  # each map is a real picture: the photo, faded where not kept
+            picture = Image.open(io.BytesIO(page.request.get(maps.nth(i).get_attribute("src")).body()))
+            assert picture.width > 100 and len(set(picture.convert("L").getdata())) > 50
+        overlap = page.locator("#compare-overlap").inner_text()
+        assert "VisionZip" in overlap and "DivPrune" in overlap and "FastV" in overlap
+        page.locator("#compare-maps").scroll_into_view_if_needed()
+        shot = tmp_path / "compare.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
+            shutil.copy(shot, ROOT / "docs" / "compare.png")
+
+
+@contextlib.contextmanager
+def open_page(url, width, height):
+    """The app in a fresh headless Chromium page of this size, loaded."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
             page.wait_for_selector("#textbox textarea", timeout=30_000)
-            page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
-            page.wait_for_selector("#textbox img", timeout=15_000)
-            ask(page, "What animal is this?")
-            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
-                                   timeout=60_000)
-            wait_until_textbox_is_back(page)
-            for label in ("VisionZip", "DivPrune", "FastV"):
-                page.locator("#compare-methods label", has_text=label).click()
-            page.locator("#compare").click()
-            page.wait_for_function("() => document.querySelector('#compare-overlap').innerText.includes('Jaccard')",
-                                   timeout=90_000)
-            table = page.locator("#compare-table").inner_text()
-            assert re.search(r"visionzip\s+divprune\s+fastv", table), table
-            answers = page.locator("#compare-answers").inner_text()
-            assert all(f"{m}:" in answers for m in ("visionzip", "divprune", "fastv"))
-            maps = page.locator("#compare-maps img")
-            page.wait_for_function("() => document.querySelectorAll('#compare-maps img').length >= 3", timeout=30_000)
-            assert maps.count() == 3
-            captions = page.locator("#compare-maps").inner_text()
-            assert "DivPrune: 192 of 1836" in captions and "FastV: 918 of 1836" in captions
-            for i in range(3):  # each map is a real picture: the photo, faded where not kept
-                picture = Image.open(io.BytesIO(page.request.get(maps.nth(i).get_attribute("src")).body()))
-                assert picture.width > 100 and len(set(picture.convert("L").getdata())) > 50
-            overlap = page.locator("#compare-overlap").inner_text()
-            assert "VisionZip" in overlap and "DivPrune" in overlap and "FastV" in overlap
-            page.locator("#compare-maps").scroll_into_view_if_needed()
-            shot = tmp_path / "compare.png"
-            page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
-                shutil.copy(shot, ROOT / "docs" / "compare.png")
+            yield page
         finally:
             browser.close()
+
+
+def upload_and_ask(page, question="What animal is this?"):
+    page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
+    page.wait_for_selector("#textbox img", timeout=15_000)
+    ask(page, question)
 
 
 def ask(page, text):
@@ -243,9 +255,7 @@ def test_each_family_answers_in_the_browser(large, small, tmp_path):
                 page.goto(url)
                 page.wait_for_selector("#textbox textarea", timeout=30_000)
                 assert large in page.locator("body").inner_text()  # the model line
-                page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
-                page.wait_for_selector("#textbox img", timeout=15_000)
-                ask(page, "What animal is this?")
+                upload_and_ask(page)
                 page.wait_for_selector("#map img", timeout=60_000)
                 page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
                                        timeout=60_000)

@@ -199,7 +199,7 @@ def test_gpu_handlers_fail_only_with_messages(tiny_llava, monkeypatch):
         assert "Encoding the image failed: RuntimeError: the tower broke" in caption
         history, _, _, _ = send(c, history, "And now?")  # the answer says it, in the chat
         assert "Something went wrong: RuntimeError: the tower broke" in texts(history)[-1][1]
-        table, _ = c.predict(api_name="/compare")
+        table, *_ = c.predict(api_name="/compare")
         assert "RuntimeError: the tower broke" in table
         monkeypatch.undo()
         history, stats, _, _ = send(c, history, "Working again?")  # the state came back intact
