@@ -329,7 +329,7 @@ class ChatSession:
         )
         generated, finished, cancelled = [], False, False
         try:
-            answer_turn = ANSWER.get(self.settings.method, ChatSession._plain_answer)
+            answer_turn = ANSWER.get(self.settings.method, ChatSession.plain_answer)
             answer = yield from answer_turn(self, plan, stats, t0, generated)
             generated[:] = answer
             finished = True
@@ -421,7 +421,9 @@ class ChatSession:
                 ids.extend(image_ids)
         return ids, units, comps
 
-    def _plain_answer(self, plan: Plan, stats: TurnStats, t0: float, generated: list):
+    def plain_answer(self, plan: Plan, stats: TurnStats, t0: float, generated: list):
+        """A turn of the methods without one of their own: the large model on its cached prefix, all the
+        plan's tokens (a generator of text deltas; returns the answer ids)."""
         lane = self.lane("large")
         start, features, reused = lane.reuse(plan.units, enabled=self.reuse_cache)
         stats.cache_reused, stats.prefill_tokens = reused, len(plan.ids) - start

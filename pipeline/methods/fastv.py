@@ -38,7 +38,7 @@ def fastv_answer(session, plan, stats, t0, generated):
     k_layer = fastv_layer(large, s.fastv_layer)
     visual = visual_positions(large, ids)
     if visual.numel() == 0:  # no image: nothing to prune
-        return (yield from session._plain_answer(plan, stats, t0, generated))
+        return (yield from session.plain_answer(plan, stats, t0, generated))
     lane = fresh_lane(session)
     heads = large.language_model.config.num_attention_heads
     capture = ImportanceCapture(large, lane.cache, visual.to(large.device), after=len(ids) - 2, layers=[k_layer - 1])
