@@ -188,3 +188,16 @@ def test_stop_ends_generation_and_the_session_goes_on(tiny_llava):
         assert int(stat(stats, "prompt tokens (computed this turn)").split()[0]) > first_prompt + new_tokens
     finally:
         demo.close()
+
+
+def test_a_handler_runs_alone_without_a_server(tiny_llava):
+    """The handlers are plain methods (ui/handlers.py): a message, its answer and a Compare, called directly."""
+    from ui.handlers import Handlers
+    h = Handlers(tiny_llava, max_new_tokens=3)
+    history, _, state, _ = h.add_message([], {"text": "What is it?", "files": [CAT]}, None, *VISIONZIP)
+    *_, last = h.respond(history, state, "kept")
+    history, state, stats, shown, caption, _ = last
+    assert stat(stats, "visual tokens to the LLM") == "64 of 576" and "64 of 576" in caption and shown is not None
+    table, answers, maps, overlap = h.compare_answers(state, ["divprune", "pool", "full"])
+    assert "| | divprune | pool | full |" in table and len(maps) == 3 and answers.count("**") == 6
+    assert "needs two methods" in overlap  # DivPrune alone keeps units as themselves here
