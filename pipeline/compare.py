@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .compress import units_view
 from .errors import InputError
 from .methods import HAS_KEPT_SET, LABELS, METHODS, images_for
 
@@ -98,39 +99,27 @@ def kept_view(session, method: str, stats=None):
 
 def tokens_view(comp, kept_tokens: np.ndarray, method: str):
     """A Compression whose kept view shows which of its tokens (`kept_tokens`: (num_tokens,) bool) an
-    in-LLM method kept: their units as themselves, every other unit not sent."""
-    crops = []
-    for i, c in enumerate(comp.crops):
-        groups = np.full(c.grid[0] * c.grid[1], -2)
-        rows = (comp.token_map[:, 0] == i) & kept_tokens
-        for patch, ctx in comp.token_map[rows][:, 1:]:
-            if ctx >= 0:
-                groups[c.groups == ctx] = -1  # a contextual token kept: its whole group
-            elif patch >= 0:
-                groups[patch] = -1
-        units = np.flatnonzero(groups == -1)
-        crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
-    return replace(comp, method=method, crops=crops, num_tokens=int(kept_tokens.sum()))
+    in-LLM method kept: their units as themselves (a kept contextual token: its whole group)."""
+    units = [set() for _ in comp.crops]
+    for crop, patch, ctx in comp.token_map[kept_tokens]:
+        if ctx >= 0:
+            units[crop].update(np.flatnonzero(comp.crops[crop].groups == ctx).tolist())
+        elif patch >= 0:  # (not a newline token)
+            units[crop].add(int(patch))
+    return units_view(comp, units, method, num_tokens=int(kept_tokens.sum()))
 
 
 def kept_units(session, method: str, stats=None) -> set | None:
     """{(crop, unit)} a method kept of the latest image (see the module's note), or None (Pool, Full)."""
-    if method not in HAS_KEPT_SET:
+    key = session.state.last_image_key
+    if method not in HAS_KEPT_SET or key is None:
         return None
-    shown = kept_view(session, method, stats)
-    if shown is None:
-        return None
-    comp = shown[1]
     if method in ("fastv", "sgl"):  # the tokens kept: a merged token counts as its target
-        units = set()
-        base = session.compression(session.state.last_image_key, method=images_for(method, session.settings))
-        g = stats.guidance
-        start, end = g.image_spans[session.state.last_image_key]
-        for t in g.kept[(g.kept >= start) & (g.kept < end)] - start:
-            crop, patch, _ = base.token_map[t]
-            if patch >= 0:
-                units.add((int(crop), int(patch)))
-        return units
+        comp, g = session.compression(key, method=images_for(method, session.settings)), stats.guidance
+        start, end = g.image_spans[key]
+        rows = comp.token_map[g.kept[(g.kept >= start) & (g.kept < end)] - start]
+        return {(int(crop), int(patch)) for crop, patch, _ in rows if patch >= 0}
+    comp = kept_view(session, method, stats)[1]
     units = {(i, int(u)) for i, c in enumerate(comp.crops) for u in c.kept}
     return units | {(i, int(t)) for i, c in enumerate(comp.crops) for t in c.targets if t >= 0}
 
@@ -142,7 +131,8 @@ def overlap(session, results: list) -> tuple:
         units = kept_units(session, method, stats)
         if units is not None:
             sets[method] = units
-            comp = kept_view(session, method, stats)[1]
+            comp = session.compression(session.state.last_image_key, method=images_for(method, session.settings)) \
+                if method != "manual" else session.pick_view(session.state.last_image_key)
             layouts[method] = [(c.grid, tuple(np.round(c.box, 1))) for c in comp.crops]
     names = list(sets)
     matrix = [[len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b])) if layouts[a] == layouts[b] else None

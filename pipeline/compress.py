@@ -86,6 +86,21 @@ class Compression:
         return out
 
 
+def units_view(comp: Compression, units: list, method: str, num_tokens: int | None = None) -> Compression:
+    """`comp` as drawn for a method that sends exactly `units` (per crop: patch indices) as themselves and
+    no other unit (the manual picks; FastV's and SGL's kept tokens). For the maps: its features are not
+    the model's. `num_tokens`: the tokens the method sends, where they are not one per unit."""
+    crops = []
+    for c, picked in zip(comp.crops, units):
+        picked = np.array(sorted(picked), dtype=np.int64)
+        groups = np.full(c.grid[0] * c.grid[1], -2)  # -2: not sent
+        groups[picked] = -1
+        crops.append(replace(c, dominant=picked, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
+    return replace(comp, method=method, crops=crops, token_map=token_map, features=comp.features[:0],
+                   num_tokens=len(token_map) if num_tokens is None else num_tokens)
+
+
 def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None) -> tuple:
     if method == "full":
         return ("full",)
@@ -113,12 +128,12 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
                           None, np.zeros(0, int)) for c in prepared.crops]
         return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                            features, time.perf_counter() - start, full_map)
-    out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
-    if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
-        raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
-    offset = 1 if family.has_cls else 0
     if method not in COMPRESS_ONCE + ("manual",):
         raise InputError(f"Unknown compression method {method!r}.")
+    if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
+        raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
+    out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
+    offset = 1 if family.has_cls else 0
     crops, selected, projected, token_map = [], [], [], []
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
     parts = family.project_parts(model)

@@ -10,12 +10,10 @@ keep_ratio 1 reproduces the model. Nothing is compressed once: each question dec
 large model's KV cache is rebuilt every turn.
 """
 
-import math
-
 import torch
 
 from .base import ranked
-from .llm_prune import fresh_lane, image_spans, pruned_answer, visual_positions
+from .llm_prune import fresh_lane, image_spans, keep_count, pruned_answer, visual_positions
 from .sgl import Guidance, ImportanceCapture
 
 DEFAULT_LAYER = 2
@@ -25,10 +23,6 @@ DEFAULT_KEEP_RATIO = 0.5
 def fastv_layer(vlm, layer: int) -> int:
     """K clamped to 1 .. layers - 1."""
     return min(max(1, int(layer)), len(vlm.language_model.layers) - 1)
-
-
-def keep_count(keep_ratio: float, visual: int) -> int:
-    return max(1, int(math.floor(keep_ratio * visual)))
 
 
 def fastv_answer(session, plan, stats, t0, generated):

@@ -5,6 +5,7 @@ is given (SGL: from the small model's attention) or computed once layers < K ran
 model's own attention in layer K - 1). The cache is rebuilt every turn: what is kept depends on the
 question."""
 
+import math
 import time
 
 import torch
@@ -15,6 +16,11 @@ from ..generate import embed, embed_token, forward_layers
 def visual_positions(vlm, ids: list) -> torch.Tensor:
     """(V,) indices in `ids` of the conversation's visual tokens."""
     return torch.tensor([i for i, t in enumerate(ids) if t == vlm.image_token_id], dtype=torch.long)
+
+
+def keep_count(keep_ratio: float, visual: int) -> int:
+    """Visual tokens the large model keeps from layer K on: max(1, floor(keep_ratio x V))."""
+    return max(1, int(math.floor(keep_ratio * visual)))
 
 
 def image_spans(units: list) -> dict:

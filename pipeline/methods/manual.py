@@ -2,10 +2,7 @@
 conversation's state per image ({crop: [unit, ...]}) and are drawn on VisionZip's crops (the crops the
 maps show); no model runs for a click."""
 
-from dataclasses import replace
-
-import numpy as np
-
+from ..compress import units_view
 from ..errors import InputError
 from ..settings import checked
 
@@ -15,15 +12,7 @@ def pick_view(session, key: str):
     others not sent); its features are not the model's (use `compression` for those)."""
     layout = session.compression(key, method="visionzip")
     picks = session.state.picks.get(key, {})
-    crops = []
-    for i, c in enumerate(layout.crops):
-        units = np.array(sorted(picks.get(i, ())), dtype=np.int64)
-        groups = np.full(c.grid[0] * c.grid[1], -2)
-        groups[units] = -1
-        crops.append(replace(c, dominant=units, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
-    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
-    return replace(layout, method="manual", crops=crops, num_tokens=len(token_map), token_map=token_map,
-                   features=layout.features[:0])
+    return units_view(layout, [picks.get(i, ()) for i in range(len(layout.crops))], "manual")
 
 
 def set_picks(session, picks: dict, key: str | None = None):

@@ -27,7 +27,7 @@ from PIL import Image
 from ..chat import Message
 from ..errors import InputError
 from ..generate import embed, forward_layers, new_cache
-from .llm_prune import fresh_lane, image_spans, pruned_answer
+from .llm_prune import fresh_lane, image_spans, keep_count, pruned_answer, visual_positions
 
 CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
 
@@ -175,7 +175,7 @@ def sgl_answer(session, plan, stats, t0, generated):
     model answers and ranks, the exit score decides, and the pruned large model answers if needed."""
     small, large = session.small, session.vlm
     ids, units, s_ids, s_units = plan.ids, plan.units, plan.small_ids, plan.small_units
-    visual = torch.tensor([i for i, t in enumerate(ids) if t == large.image_token_id], dtype=torch.long)
+    visual = visual_positions(large, ids)
     # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
     after = max(int(visual[-1]) if visual.numel() else -1, plan.turn_start - 1)
 
@@ -207,7 +207,7 @@ def sgl_answer(session, plan, stats, t0, generated):
 
     n_layers = len(large.language_model.layers)
     k_layer = int(math.floor(session.settings.prune_layer * n_layers))
-    keep_visual = top_k_mask(importance, max(1, int(math.floor(session.settings.keep_ratio * visual.numel()))))
+    keep_visual = top_k_mask(importance, keep_count(session.settings.keep_ratio, visual.numel()))
     spans = image_spans(units)
     stats.guidance = Guidance(
         importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
