@@ -189,3 +189,16 @@ def test_compressed_once_and_kv_reuse_exact(tiny_vlm, photo, method):
     assert t.cache_reused and t.images_encoded == 0 and t.prefill_tokens < t.prompt_tokens / 2
     assert not fresh.last_turn.cache_reused and fresh.last_turn.prefill_tokens == fresh.last_turn.prompt_tokens
     assert t.visual_tokens == encode_image(tiny_vlm, photo, method, DOMINANT, CONTEXTUAL).num_tokens < t.visual_tokens_full
+
+
+def test_large_crops_take_the_row_by_row_path(monkeypatch):
+    """Past FULL_MATRIX units the similarity matrix is never held whole: the same picks as with it."""
+    from pipeline.methods import base, divprune, vispruner
+    torch.manual_seed(0)
+    x, attention = torch.randn(300, 32), torch.rand(300)
+    whole = divprune.max_min_picks(x, 40), vispruner.select(x, attention, 40)
+    for module in (base, divprune, vispruner):
+        monkeypatch.setattr(module, "FULL_MATRIX", 10, raising=False)
+    by_rows = divprune.max_min_picks(x, 40), vispruner.select(x, attention, 40)
+    assert whole[0].tolist() == by_rows[0].tolist() and sorted(whole[1].tolist()) == sorted(by_rows[1].tolist())
+    assert len(set(whole[0].tolist())) == 40 and len(set(whole[1].tolist())) == 40

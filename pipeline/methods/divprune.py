@@ -22,30 +22,28 @@ def max_min_picks(projected: torch.Tensor, budget: int) -> torch.Tensor:
     """(N, D) -> (min(budget, N),) unit indices in picking order."""
     n = projected.shape[0]
     budget = min(budget, n)
-    if n <= FULL_MATRIX:
-        distance = 1 - cosine_matrix(projected)  # (N, N)
-        row = distance.__getitem__
-    else:
-        unit = F.normalize(projected.float(), dim=-1)
-        distance = None
-        row = lambda i: 1 - unit @ unit[i]  # noqa: E731
+    whole = 1 - cosine_matrix(projected) if n <= FULL_MATRIX else None  # (N, N)
+    unit = F.normalize(projected.float(), dim=-1) if whole is None else None
+
+    def distances(start: int, end: int) -> torch.Tensor:  # rows start..end of D
+        return whole[start:end] if whole is not None else 1 - unit[start:end] @ unit.T
+
     nearest = torch.empty(n, device=projected.device)  # min over j != i of D[i, j]
     for s in range(0, n, CHUNK):
-        d = (distance[s:s + CHUNK] if distance is not None else 1 - unit[s:s + CHUNK] @ unit.T).clone()
+        d = distances(s, s + CHUNK).clone()
         d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
         nearest[s:s + CHUNK] = d.min(dim=1).values
     if n == 1:
         nearest[0] = 0.0
-    first = int(torch.argmax(nearest))
-    picks = [first]
-    to_picked = row(first).clone()  # (N,) min over the picked i of D[i, j]
+    picks = [int(torch.argmax(nearest))]
+    to_picked = distances(picks[0], picks[0] + 1)[0].clone()  # (N,) min over the picked i of D[i, j]
     taken = torch.zeros(n, dtype=torch.bool, device=projected.device)
-    taken[first] = True
+    taken[picks[0]] = True
     for _ in range(budget - 1):
         j = int(torch.argmax(to_picked.masked_fill(taken, float("-inf"))))
         picks.append(j)
         taken[j] = True
-        to_picked = torch.minimum(to_picked, row(j))
+        to_picked = torch.minimum(to_picked, distances(j, j + 1)[0])
     return torch.tensor(picks, dtype=torch.long, device=projected.device)
 
 
