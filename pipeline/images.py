@@ -1,5 +1,6 @@
 """Turning whatever a user hands us into a checked RGB image, or a clear InputError."""
 
+import functools
 import hashlib
 import io
 import os
@@ -7,9 +8,17 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+
+try:  # iPhone photos (HEIC/HEIF): pillow-heif registers a decoder with PIL (requirements.txt installs it)
+    from pillow_heif import register_heif_opener
+    register_heif_opener()
+    HEIF = True
+except ImportError:
+    HEIF = False
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")  # `ftyp` brands
 
 # 40 megapixels: a large phone photo is ~12-50 MP; anything above is refused before decoding.
 MAX_PIXELS = int(os.environ.get("ZIPCHAT_MAX_PIXELS", 40_000_000))
@@ -69,16 +78,46 @@ ORIENTATION = 0x0112  # the EXIF tag
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit greyscale (I;16, I;16B, I;16L) divided by 257, 32-bit integer
-    (I) and float (F) images stretched over their own min..max; the rest by PIL's conversion."""
-    if image.mode == "RGB":
-        return image
+    """Any PIL mode -> 8-bit sRGB, as an image viewer shows it: an embedded colour profile converted to
+    sRGB, transparency (an alpha channel or a transparent colour) composited onto white; 16-bit
+    greyscale (I;16, I;16B, I;16L) divided by 257, 32-bit integer (I) and float (F) images stretched over
+    their own min..max; the rest by PIL's conversion."""
     if image.mode.startswith("I;16"):
         grey = (np.asarray(image).astype(np.uint32) // 257).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if image.mode in ("I", "F"):
         return Image.fromarray(stretch(np.asarray(image))).convert("RGB")
-    return image.convert("RGB")
+    profile = image.info.get("icc_profile")
+    alpha = None
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # (a palette's or a colour key's transparency becomes alpha)
+        alpha = rgba.getchannel("A")
+        image = image.convert("L") if image.mode in ("L", "LA", "La") else rgba.convert("RGB")
+    elif image.mode == "P":
+        image = image.convert("RGB")
+    rgb = to_srgb(image, profile) if profile else None
+    rgb = rgb or (image if image.mode == "RGB" else image.convert("RGB"))
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        rgb = Image.composite(rgb, Image.new("RGB", rgb.size, (255, 255, 255)), alpha)
+    return rgb
+
+
+@functools.lru_cache(maxsize=1)
+def srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_srgb(image: Image.Image, profile: bytes) -> Image.Image | None:
+    """Colours in the embedded ICC `profile` -> sRGB (relative colorimetric, as browsers show tagged images),
+    or None when the profile cannot be used with this image (unreadable, or of another colour space)."""
+    if image.mode not in ("RGB", "L", "CMYK"):
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(image, source, srgb_profile(), renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                         outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
 
 
 def stretch(values: np.ndarray) -> np.ndarray:
@@ -110,11 +149,43 @@ def _open(fp, what: str) -> Image.Image:
     try:
         return Image.open(fp)
     except UnidentifiedImageError:
-        raise InputError(f"{what} is not an image PIL can read (PNG, JPEG, WebP, ...).") from None
+        if not HEIF and is_heif(fp):
+            raise InputError(f"{what} is a HEIC/HEIF photo, and this server has no HEIF decoder "
+                             "(pip install pillow-heif). Please send it as JPEG or PNG.") from None
+        raise InputError(f"{what} is not an image zipchat can read (JPEG, PNG, WebP, HEIC, GIF, BMP, TIFF, "
+                         "...).") from None
     except Image.DecompressionBombError:
         raise InputError(f"{what} is too large to decode safely. Please downscale it.") from None
     except OSError as e:
         raise InputError(f"{what} is corrupt or truncated ({e}). Please upload it again.") from None
+
+
+BROWSER_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "ICO", "AVIF"}  # what a browser shows as it is
+
+
+def web_copy(path, image: Image.Image) -> Path | None:
+    """For a file a browser cannot show (HEIC, TIFF, ...): `image` (the photo as the model sees it) saved
+    as a JPEG beside it, for the chat to show -> its path; None when the browser shows the file itself."""
+    try:
+        with Image.open(path) as f:
+            if f.format in BROWSER_FORMATS:
+                return None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    target = Path(path).with_name(Path(path).stem + ".shown.jpg")
+    image.save(target, "JPEG", quality=90)
+    return target
+
+
+def is_heif(fp) -> bool:
+    """Whether a file (path or binary file object) starts like a HEIF container (ISO BMFF `ftyp` box)."""
+    if isinstance(fp, (str, Path)):
+        with open(fp, "rb") as f:
+            head = f.read(12)
+    else:
+        fp.seek(0)
+        head = fp.read(12)
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
 def image_digest(image: Image.Image) -> str:
