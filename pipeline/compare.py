@@ -12,7 +12,7 @@ and FastV's).
 
 import copy
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,37 +38,81 @@ def checked_methods(session, methods) -> list:
         raise InputError("Choose at least one method to compare.")
     if "sgl" in methods and session.small is None:
         raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
-    if "manual" in methods and not session.state.picks.get(session.state.last_image_key):
+    if "manual" in methods and not any(session.state.picks.values()):
         raise InputError("Manual compares the patches picked on the map: pick some first (Method: Manual).")
     return list(dict.fromkeys(methods))
 
 
-def compare(session, methods: list | None = None, max_new_tokens: int | None = None) -> list:
-    """Re-answer the last question once per method from the same history (no KV cache; the session's
-    conversation and settings unchanged; the images compressed for a method join its compression
-    cache). Default: the session's method, VisionZip and Full. -> [(method, answer, TurnStats)]."""
+@dataclass
+class Progress:
+    """Where a running Compare is: method `index` (0-based) of `total`, its answer so far."""
+    method: str
+    index: int
+    total: int
+    answer: str = ""
+    done: list = field(default_factory=list)  # [(method, answer, TurnStats)] of the methods finished
+
+
+def compare_stream(session, methods: list | None = None, max_new_tokens: int | None = None,
+                   accepted: bool = False):
+    """`compare`, one method after another: yields a Progress at each method's start and with each piece of
+    its answer; returns the results. The session's Stop (`session.stop()`, from any thread or process)
+    ends it: inside a method's decode (that method's partial answer is its result, marked stopped) or
+    between methods (the rest do not run). The session counts as answering while it runs (memory.py).
+    `accepted`: the app accepted it earlier (ChatSession.accept), and a Stop since then cancels it."""
     from .session import ChatSession
     st = session.state
     if not st.turns:
         raise InputError("Ask a question first; then it can be compared across methods.")
     methods = checked_methods(session, methods)
+    if not accepted:
+        session.accept()
     results = []
-    for method in methods:
-        other_state = copy.copy(st)
-        other_state.session_id = uuid.uuid4().hex  # its own stop flag (and a private KV store)
-        other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
-        other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
-        other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
-        other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
-                            context_window=session.context_window, examples=session.examples)
-        other.set_method(method)
-        answer = other.ask(st.turns[-1].question)
-        for key, comp in other_state.compressions.items():  # what it compressed is kept for the maps
-            st.compressions.setdefault(key, comp)
-        results.append((method, answer, other.last_turn))
-    while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
-        st.compressions.popitem(last=False)
+    try:
+        for index, method in enumerate(methods):
+            if session.stop_flag.is_set():
+                break
+            other_state = copy.copy(st)
+            other_state.session_id = uuid.uuid4().hex  # a private KV store entry; Stop is the session's own
+            other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
+            other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
+            other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
+            other_state.last_turn = None
+            other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
+                                context_window=session.context_window, examples=session.examples,
+                                stop_flag=session.stop_flag)
+            other.set_method(method)
+            progress = Progress(method, index, len(methods), done=list(results))
+            yield progress
+            for delta in other.ask_stream(st.turns[-1].question, accepted=True):
+                progress.answer += delta
+                yield progress
+            for key, comp in other_state.compressions.items():  # what it compressed is kept for the maps
+                st.compressions.setdefault(key, comp)
+            if other.last_turn is None:  # stopped before it began
+                break
+            results.append((method, progress.answer, other.last_turn))
+            if other.last_turn.stopped:
+                break
+    finally:
+        while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
+            st.compressions.popitem(last=False)
+        session.stop_flag.clear()  # a Stop that came as it ended does not reach the next question
+        session.answering.clear()
     return results
+
+
+def compare(session, methods: list | None = None, max_new_tokens: int | None = None) -> list:
+    """Re-answer the last question once per method from the same history (no KV cache; the session's
+    conversation and settings unchanged; the images compressed for a method join its compression
+    cache). Default: the session's method, VisionZip and Full. -> [(method, answer, TurnStats)]; fewer
+    when a Stop ended it (the last one then says `stopped`)."""
+    stream = compare_stream(session, methods, max_new_tokens)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
 
 
 def compare_with_full(session, max_new_tokens: int | None = None) -> dict:
@@ -85,9 +129,9 @@ def kept_view(session, method: str, stats=None):
     key = session.state.last_image_key
     if key is None:
         return None
-    if method == "manual":
+    if method == "manual" and session.state.picks.get(key):
         return session.image(key), session.pick_view(key)
-    comp = session.compression(key, method=images_for(method, session.settings))
+    comp = session.compression(key, method=session.image_method(key, images_for(method, session.settings)))
     g = getattr(stats, "guidance", None)
     if method in ("fastv", "sgl") and g is not None and key in g.image_spans:
         start, end = g.image_spans[key]
@@ -131,8 +175,7 @@ def overlap(session, results: list) -> tuple:
         units = kept_units(session, method, stats)
         if units is not None:
             sets[method] = units
-            comp = session.compression(session.state.last_image_key, method=images_for(method, session.settings)) \
-                if method != "manual" else session.pick_view(session.state.last_image_key)
+            comp = kept_view(session, method, stats)[1]
             layouts[method] = [(c.grid, tuple(np.round(c.box, 1))) for c in comp.crops]
     names = list(sets)
     matrix = [[len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b])) if layouts[a] == layouts[b] else None
@@ -140,12 +183,17 @@ def overlap(session, results: list) -> tuple:
     return names, matrix
 
 
-def overlap_markdown(names: list, matrix: list) -> str:
+def overlap_markdown(names: list, matrix: list, compared: list = ()) -> str:
+    """The Jaccard table, and one line for the compared methods it leaves out (Pool, Full) and why."""
+    why = {"pool": "Pool keeps no patch as itself (its tokens are cell means)", "full": "Full keeps every patch"}
+    out = [why[m] for m in compared if m in why]
+    note = f"\n\n_Not in the overlap: {'; '.join(out)}._" if out else ""
     if len(names) < 2:
-        return "_The overlap of kept sets needs two methods that keep units as themselves (not Full, not Pool)._"
+        return "_The overlap of kept sets needs two methods that keep units as themselves (not Full, not Pool)._" \
+            if not out else f"_The overlap of kept sets needs two methods that keep units as themselves: {'; '.join(out)}._"
     head = "| kept overlap (Jaccard) | " + " | ".join(LABELS[n] for n in names) + " |\n|---|" + "---|" * len(names)
     rows = [f"| {LABELS[a]} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |"
             for a, row in zip(names, matrix)]
-    note = "\n\n— : different crops (the tile cap applies to compress-once methods, not to Full or FastV)." \
-        if any(v is None for row in matrix for v in row) else ""
+    if any(v is None for row in matrix for v in row):
+        note = "\n\n— : different crops (the tile cap applies to compress-once methods, not to Full or FastV)." + note
     return "\n".join([head] + rows) + note

@@ -53,8 +53,11 @@ class Compression:
         share = 100 * self.num_tokens / self.full_tokens
         if self.method == "full":
             return f"all {self.num_tokens} visual tokens (no compression)"
+        if self.method == "manual" and not self.num_tokens:
+            return "no patches picked on this image: Manual sends it as VisionZip's choice (click patches to pick your own)"
         if self.method == "manual":
-            return f"{self.num_tokens} patches picked by hand = {self.num_tokens} of {self.full_tokens} visual tokens " \
+            patches = "patch" if self.num_tokens == 1 else "patches"
+            return f"{self.num_tokens} {patches} picked by hand = {self.num_tokens} of {self.full_tokens} visual tokens " \
                    f"({share:.0f}%)"
         if self.method != "visionzip":
             crops = f" in {len(self.crops)} crops" if len(self.crops) > 1 else ""
@@ -132,6 +135,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         raise InputError(f"Unknown compression method {method!r}.")
     if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
+    if selection_from is None:
+        check_not_above_full(family, prepared.crops, method, dominant, contextual, picks, len(full_map))
     out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
     offset = 1 if family.has_cls else 0
     crops, selected, projected, token_map = [], [], [], []
@@ -185,6 +190,29 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)
+
+
+def check_not_above_full(family, crops: list, method: str, dominant: int, contextual: int, picks, full: int):
+    """A compress-once method never sends more visual tokens for an image than Full sends for it: Full packs
+    anyres tiles into fewer tokens than crops x units (OneVision pools its tiles; NeXT unpads them), so a
+    large per-crop budget can exceed it. -> InputError with both numbers and the budget that fits."""
+    if method == "manual":
+        sent = sum(len(set(picks.get(i, ()))) for i in range(len(crops)))
+    else:
+        units = [c.grid[0] * c.grid[1] for c in crops]
+        if any(dominant + contextual > u + family.has_cls for u in units):
+            return  # larger than a crop itself: the selection says so, in those terms
+        sent = sum(sum(family.budget(dominant, contextual, u)) for u in units)
+    if sent <= full:
+        return
+    where = f" ({len(crops)} crops)" if len(crops) > 1 else ""
+    if method == "manual":
+        raise InputError(f"{sent:,} patches are picked on this image{where}, more visual tokens than the {full:,} "
+                         f"that Full sends for it. Unpick some (at most {full:,}), or choose Full.")
+    fits = full // len(crops)
+    raise InputError(f"{LABELS[method]} at {dominant}+{contextual} tokens per crop would send {sent:,} visual tokens "
+                     f"for this image{where}, more than the {full:,} that Full sends for it. A budget of at most "
+                     f"{fits} per crop fits (dominant + contextual); or choose Full.")
 
 
 def encode_distinct(family, model, prepared, with_stats: bool) -> VisionOutput:

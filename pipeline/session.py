@@ -20,6 +20,7 @@ first and ranks the visual tokens).
 import os
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +41,37 @@ from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
 
 MAX_QUESTION_CHARS = int(os.environ.get("ZIPCHAT_MAX_QUESTION_CHARS", 8000))
+MANUAL_NO_PICKS = ("Pick at least one patch on the map: Manual sends exactly the patches you pick (or start from "
+                   "VisionZip's choice). An image of the conversation without picks is sent as VisionZip's choice.")
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
                   "dropped and it starts over. Please upload the image again.")
+
+
+INVISIBLE = {"\u034f", "\u115f", "\u1160", "\u2800", "\u3164", "\uffa0"}  # fillers and blanks outside Cf
+
+
+def checked_question(question, allow_empty: bool = False) -> str:
+    """A question as it will be asked (stripped), or an InputError a person can act on: text that is not
+    valid Unicode (a lone surrogate), too long, or empty. A question made only of invisible characters
+    (spaces, zero-width spaces, word joiners, a BOM: format characters) is empty. `allow_empty`: '' then."""
+    if question is None and allow_empty:
+        return ""
+    if not isinstance(question, str):
+        raise InputError("Please type a question.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"The question contains a character that is not valid text (U+{ord(question[e.start]):04X}, "
+                         "half of a surrogate pair). Please type it again.") from None
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"The question is {len(question):,} characters long; the limit is "
+                         f"{MAX_QUESTION_CHARS:,}. Please shorten it.")
+    if all(ch.isspace() or ch in INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp", "Co")
+           for ch in question):
+        if allow_empty:
+            return ""
+        raise InputError("Please type a question.")
+    return question.strip()
 
 
 @dataclass
@@ -59,6 +89,7 @@ class TurnStats:
     decode_tok_per_s: float = 0.0
     cache_reused: bool = False  # part of the KV cache of earlier turns was reused
     images_encoded: int = 0  # images encoded/compressed for this turn (0: compressed images reused)
+    images_ahead: int = 0  # images whose compression this turn took from the example cache (compressed at launch)
     kv_cache_bytes: int = 0
     stopped: bool = False  # generation was cancelled
     dropped_turns: int = 0  # oldest turns left out to fit the context window, in all
@@ -90,7 +121,7 @@ class ChatSession:
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
                  max_tiles: int = 0, edge_fill: float = 0.75, examples=None, fastv_layer: int = 2,
-                 fastv_keep_ratio: float | None = None):
+                 fastv_keep_ratio: float | None = None, stop_flag: StopFlag | None = None):
         self.vlm = vlm
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
@@ -101,7 +132,8 @@ class ChatSession:
         self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
         self._lock = threading.Lock()
         self._lanes = {}
-        self._encoded = [0, 0.0]  # images encoded since the last turn, and the seconds it took
+        self._encoded = [0, 0.0, 0]  # since the last turn: images encoded, the seconds it took, examples taken
+        self._ahead_s = 0.0  # seconds prepare_turn spent on the next turn's images
         if small is not None:
             check_pair(small, vlm)
         if state is None:
@@ -114,7 +146,7 @@ class ChatSession:
         elif state.model != vlm.name or state.small != (small.name if small else None):
             raise ValueError(f"this state belongs to {state.model} (+ {state.small}), not {vlm.name}")
         self.state = state
-        self.stop_flag = StopFlag(state.session_id)
+        self.stop_flag = stop_flag or StopFlag(state.session_id)  # (Compare's sessions share their parent's)
         self.answering = AnsweringFlag(state.session_id)  # seen by other processes (the app's next message)
 
     @classmethod
@@ -153,9 +185,17 @@ class ChatSession:
         prunes inside the model: its images are "full"; SGL's are `sgl_tokens`)."""
         return images_for(self.settings.method, self.settings)
 
+    def image_method(self, key: str, method: str | None = None) -> str:
+        """How image `key` is encoded for `method` (default: the current one): as itself, except that the
+        manual method sends an image without picks as VisionZip's choice (an earlier image of the
+        conversation, say, that nobody picked patches on)."""
+        method = method or self.visual_method
+        return "visionzip" if method == "manual" and not self.state.picks.get(key) else method
+
     def _method_key(self, key: str, method: str | None = None):
         s = self.settings
-        return method_key(method or self.visual_method, s.dominant, s.contextual, s.max_tiles, self.state.picks.get(key))
+        return method_key(self.image_method(key, method), s.dominant, s.contextual, s.max_tiles,
+                          self.state.picks.get(key))
 
     def reset(self):
         """Forget the conversation, images and caches (the settings stay)."""
@@ -192,22 +232,62 @@ class ChatSession:
         the next turn). Nothing changes if the image is refused. The conversation keeps it no larger
         than the model can use (the same tiles and crops: Family.compact_size)."""
         self.check_images()
-        image = load_image(image, fit=self.vlm.family.compact_size)
-        key = image_digest(image)
-        self.state.images[key] = np.asarray(image)  # uint8 (H, W, 3): 3 bytes a pixel (PIL holds RGB in 4)
+        key = self._keep(image)
         comp = self.compression(key) if compress else None
         self.state.pending.append(key)
         self.state.last_image_key = key
         return comp
 
+    def add_images(self, images, names=None) -> list:
+        """`add_image` (without encoding) for several images, all or none: when one is refused, none is
+        added, and the InputError says why for each refused one (`names`: what to call them). -> keys."""
+        self.check_images()
+        keys = self._keep_all(images, names)
+        self.state.pending += keys
+        self.state.last_image_key = keys[-1] if keys else self.state.last_image_key
+        return keys
+
+    def _keep_all(self, images, names=None) -> list:
+        images, st = list(images), self.state
+        before, keys, refused = set(st.images), [], []
+        for i, image in enumerate(images):
+            try:
+                keys.append(self._keep(image))
+            except InputError as e:
+                name = names[i] if names else f"image {i + 1}"
+                refused.append(str(e) if name in str(e) or len(images) == 1 else f"{name}: {e}")
+        if refused:
+            for key in set(st.images) - before:
+                del st.images[key]
+            raise InputError(" ".join(refused))
+        return keys
+
+    def _keep(self, image) -> str:
+        image = load_image(image, fit=self.vlm.family.compact_size)
+        key = image_digest(image)
+        self.state.images[key] = np.asarray(image)  # uint8 (H, W, 3): 3 bytes a pixel (PIL holds RGB in 4)
+        return key
+
+    def add_past_turn(self, question: str, answer: str, images=()):
+        """Record a turn that was answered earlier (a conversation rebuilt from what a page still shows,
+        after the server lost it): its images are checked and kept as `add_image` keeps them, and encoded
+        when a turn needs them; no model runs. Images waiting for a question (`add_image`) join this turn
+        first. Nothing changes if an image is refused."""
+        self.check_images()
+        st = self.state
+        keys = self._keep_all(images)
+        st.turns.append(Turn(question=checked_question(question), images=st.pending + keys, answer=str(answer)))
+        st.pending = []
+        st.last_image_key = keys[-1] if keys else st.last_image_key
+
     def image(self, key: str) -> Image.Image:
         """The kept image `key` as a PIL image (the state keeps its pixels as a uint8 array)."""
         return Image.fromarray(self.state.images[key])
 
-    def current_view(self, compress: bool = True):
-        """(PIL image, Compression for the current method) of the latest image, or None. Without
-        `compress`, None also when that compression is not cached yet."""
-        key = self.state.last_image_key
+    def current_view(self, compress: bool = True, key: str | None = None):
+        """(PIL image, Compression for the current method) of image `key` (default: the latest), or None.
+        Without `compress`, None also when that compression is not cached yet."""
+        key = key if key in self.state.images else self.state.last_image_key
         if key is None:
             return None
         if self.settings.method == "manual":  # the picks drawn on VisionZip's crops: no model runs for a click
@@ -245,7 +325,7 @@ class ChatSession:
         encoded once. The manual method's maps are drawn on VisionZip's (`method="visionzip"`)."""
         st = self.state
         vlm = self.vlm if lane == "large" else self.small
-        method = method or self.visual_method
+        method = self.image_method(key, method)
         ck = (key, self._method_key(key, method), vlm.name)
         if ck in st.compressions:
             st.compressions.move_to_end(ck)
@@ -254,6 +334,7 @@ class ChatSession:
         ahead = self.examples.get(vlm.name, key, ck[1]) if self.examples is not None and lane == "large" else None
         if ahead is not None:  # an example image, compressed when the app started: nothing to encode
             st.compressions[ck] = ahead
+            self._encoded[2] += 1
             return ahead
         if lane == "large":
             with vlm.encode_lock:
@@ -281,11 +362,7 @@ class ChatSession:
         `accepted`: the question was accepted earlier (`accept`), and a Stop since then cancels it before
         it starts (no turn is recorded); otherwise this call accepts it."""
         self.check_images()
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("Please type a question.")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise InputError(f"The question is {len(question):,} characters long; the limit is "
-                             f"{MAX_QUESTION_CHARS:,}. Please shorten it.")
+        question = checked_question(question)
         if not self._lock.acquire(blocking=False):
             raise InputError("An answer is still being generated in this session; stop it or wait.")
         try:
@@ -294,10 +371,18 @@ class ChatSession:
             if self.stop_flag.is_set():  # stopped while waiting for its turn: nothing to answer
                 self.stop_flag.clear()
                 return
-            yield from self._turn(question.strip())
+            yield from self._turn(question)
         finally:
             self.answering.clear()
             self._lock.release()
+
+    def prepare_turn(self):
+        """Encode the images waiting for the next question now (an app draws their map before the answer
+        streams); the next turn reuses them, and their time counts in its time to first token."""
+        start = time.perf_counter()
+        for key in self.state.pending:
+            self.compression(key)
+        self._ahead_s += time.perf_counter() - start
 
     def lane(self, name: str) -> Lane:
         """The KV-cache lane of the "large" or "small" model for this turn, checked out of the store."""
@@ -314,16 +399,19 @@ class ChatSession:
 
     def _turn(self, question: str):
         st, vlm = self.state, self.vlm
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - self._ahead_s  # (images encoded ahead by prepare_turn count in its time)
+        self._ahead_s = 0.0
         turn = Turn(question=question, images=list(st.pending))
+        if self.settings.method == "manual" and st.images and not any(st.picks.get(k) for k in st.images):
+            raise InputError(MANUAL_NO_PICKS)
         plan = self.plan(turn)  # compresses the images it needs; may drop the oldest turns
-        (images_encoded, encode_s), self._encoded = self._encoded, [0, 0.0]
+        (images_encoded, encode_s, images_ahead), self._encoded = self._encoded, [0, 0.0, 0]
         comps = plan.compressions
         stats = TurnStats(
             method=self.settings.method, model_used=vlm.name,
             visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
             prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids), encode_s=encode_s,
-            images_encoded=images_encoded, dropped_turns=plan.window_start,
+            images_encoded=images_encoded, images_ahead=images_ahead, dropped_turns=plan.window_start,
             dropped_now=plan.window_start - st.window_start, context_window=self.context_window,
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
@@ -472,11 +560,12 @@ class ChatSession:
         return list(generated)
 
     # ---- SGL and FastV (their turns are in methods/) ----------------------------------------------------
-    def guidance_view(self):
-        """(PIL image, its Compression, per-token importance, per-token kept mask) of the latest
-        image for the last SGL or FastV turn, while the method is still that one with the same tokens, or
-        None. No model runs here."""
-        t, key = self.state.last_turn, self.state.last_image_key
+    def guidance_view(self, key: str | None = None):
+        """(PIL image, its Compression, per-token importance, per-token kept mask) of image `key` (default:
+        the latest) for the last SGL or FastV turn, while the method is still that one with the same
+        tokens, or None. No model runs here."""
+        t = self.state.last_turn
+        key = key if key in self.state.images else self.state.last_image_key
         if (t is None or t.guidance is None or key not in t.guidance.image_spans
                 or self.settings.method != t.guidance.source or not self.cached(key)):
             return None

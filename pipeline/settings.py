@@ -60,7 +60,7 @@ def changed(s: Settings, family, has_small: bool, method: str, dominant=None, co
     max_new_tokens = s.max_new_tokens if max_new_tokens is None else checked(
         "max new tokens", max_new_tokens, 1, 1_000_000, integer=True)
     temperature = s.sampling.temperature if temperature is None else checked("temperature", temperature, 0, 5)
-    top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)
+    top_p = s.sampling.top_p if top_p is None else checked("top-p", top_p, 0, 1)  # (Sampling refuses 0)
     max_tiles = s.max_tiles if max_tiles is None else checked("max tiles", max_tiles, 0, 100, integer=True)
     new = replace(s, method=method, dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
                   prune_layer=prune_layer, early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,

@@ -8,12 +8,17 @@ configs (families/); this module trains the shared byte-level tokenizer and save
 """
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .errors import ModelUnavailable
 from .families import FAMILIES
 
 TINY_VERSION = 3  # bump when a tiny model's recipe changes, so caches are rebuilt
@@ -38,12 +43,50 @@ def tiny_cache_dir() -> Path:
 
 
 def ensure_tiny_model(name: str) -> Path:
-    """Build `name` once into the cache directory and return that directory."""
+    """Build `name` once into the cache directory and return that directory. Where the cache cannot be
+    written (read-only, full), it is built in a temporary directory instead, with a message saying which
+    directory failed and why; a half-written build never stays behind. Neither works: ModelUnavailable."""
     path = tiny_cache_dir() / name
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
+    try:
+        return build_tiny_model(name, path)
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"zipchat-{os.getuid()}" / f"tiny-v{TINY_VERSION}" / name
+        print(f"[zipchat] Cannot write the tiny model '{name}' to {path.parent} ({reason(e)}); building it in "
+              f"{fallback.parent} instead. Set ZIPCHAT_CACHE to a writable directory to keep it.", file=sys.stderr)
+    if (fallback / "config.json").is_file() and (fallback / "tokenizer.json").is_file():
+        return fallback
+    try:
+        return build_tiny_model(name, fallback)
+    except OSError as e:
+        raise ModelUnavailable(f"Cannot build the tiny model '{name}': neither {path.parent} nor {fallback.parent} "
+                               f"can be written ({reason(e)}). Free some disk space, or set ZIPCHAT_CACHE to a "
+                               "writable directory.") from None
+
+
+def reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def build_tiny_model(name: str, path: Path) -> Path:
+    """Build `name` into `path` (written in a temporary sibling, renamed when whole). Any failure to write
+    (no space, read-only, a file in the way) is an OSError, and the partial directory is removed."""
     family, spec = TINY_SPECS[name]
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_model(family, spec, tmp)
+        if not path.exists():
+            tmp.rename(path)  # atomic: a half-written model is never seen by another process
+    except SafetensorError as e:  # how safetensors reports a full disk or an unwritable file
+        raise OSError(str(e)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_tiny_model(family, spec: dict, tmp: Path):
     tokenizer = build_tokenizer(family)
     vocab = (len(tokenizer) + 63) // 64 * 64
     text = dict(
@@ -60,9 +103,6 @@ def ensure_tiny_model(name: str) -> Path:
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    if not path.exists():
-        tmp.rename(path)  # atomic: a half-written model is never seen by another process
-    return path
 
 
 def build_tokenizer(family) -> PreTrainedTokenizerFast:

@@ -4,13 +4,12 @@ follow-up with its image still in context."""
 
 import io
 import json
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ChatSession, InputError
+from pipeline import ChatSession, InputError, Sampling
 from pipeline.heatmap import VIEWS, render_map
 
 
@@ -69,6 +68,14 @@ SESSION_CASES = [
     ("negative early exit", lambda s: s.set_method("visionzip", early_exit=-1), "between 0 and 2"),
     ("max new tokens 0", lambda s: s.set_method("visionzip", max_new_tokens=0), "between 1 and"),
     ("temperature as text", lambda s: s.set_method("visionzip", temperature="hot"), "must be a number"),
+    ("top-p 0", lambda s: s.set_method("visionzip", top_p=0), "top-p must be above 0"),
+    ("top-p 0 in a Sampling", lambda s: ChatSession(s.vlm, sampling=Sampling(top_p=0)), "top-p must be above 0"),
+    ("temperature NaN in a Sampling", lambda s: Sampling(temperature=float("nan")), "finite number"),
+    ("only invisible characters", lambda s: s.ask("\u200b\ufeff\u2060 \u200d\u00ad\u3164"), "type a question"),
+    ("a lone surrogate", lambda s: s.ask("why \ud800?"), "not valid text"),
+    ("a pick on crop 99", lambda s: s.toggle_pick(99, 0), "crop must be between 0 and 0"),
+    ("a pick past the grid", lambda s: s.toggle_pick(0, 10_000), "unit must be between 0 and 575"),
+    ("picks that are not a dict", lambda s: s.set_picks([1, 2]), "picks are"),
     ("boolean budget", lambda s: s.set_method("visionzip", True, 10), "must be a number"),
     # inputs that must simply work
     ("<image> typed in a question", lambda s: s.ask("What is <image> this <image>?"), None),
@@ -77,6 +84,8 @@ SESSION_CASES = [
     ("RGBA + 16-bit + palette images", lambda s: [s.add_image(Image.new(m, (50, 40))) for m in ("RGBA", "I;16", "P")], None),
     ("animated GIF", lambda s: s.add_image(animated_gif()), None),
     ("1x1 image", lambda s: s.add_image(Image.new("RGB", (1, 1), "red")), None),
+    ("temperature 1e-40 (greedy)", lambda s: (s.set_method("visionzip", temperature=1e-40), s.ask("Hi?")), None),
+    ("temperature 5e-324 (greedy)", lambda s: (s.set_method("visionzip", temperature=5e-324), s.ask("Hi?")), None),
 ]
 
 
@@ -191,8 +200,48 @@ def test_a_question_that_cannot_fit_is_refused(tiny_llava, photo):
     assert s.ask("What is this?") and s.last_turn.visual_tokens == 64
 
 
+def test_temperatures_below_the_floor_are_greedy(tiny_llava, photo):
+    answers = []
+    for temperature in (0.0, 1e-40, 5e-324, 1e-4):
+        s = ChatSession(tiny_llava, method="visionzip", max_new_tokens=8, stop_at_eos=False)
+        s.set_method("visionzip", temperature=temperature)
+        s.add_image(photo)
+        answers.append(s.ask("What is it?"))
+    assert len(set(answers)) == 1 and answers[0]
+
+
+@pytest.mark.parametrize("model", ["tiny-ov-small", "tiny-next"])
+def test_budgets_that_would_send_more_than_full_are_refused(model, request, photo):
+    """Full packs anyres tiles into fewer tokens than crops x units, so a per-crop budget the sliders allow
+    can exceed it: every compress-once method is refused with both numbers and the budget that fits."""
+    vlm = request.getfixturevalue({"tiny-ov-small": "tiny_ov", "tiny-next": "tiny_next"}[model])
+    s = ChatSession(vlm, method="full", max_new_tokens=3)
+    full = s.add_image(photo).num_tokens
+    s.ask("What is it?")
+    crops = len(s.current_view()[1].crops)
+    units = vlm.family.units_per_crop
+    assert crops * (units - 1) > full  # (the case: OneVision 3 x 728 > 1,836)
+    for method in ("visionzip", "divprune", "vispruner", "random", "pool"):
+        s.set_method(method, units - 1 - (0 if method != "visionzip" else 100), 0 if method != "visionzip" else 100)
+        with pytest.raises(InputError, match=rf"would send {crops * (units - 1):,} visual tokens .* more than the "
+                                             rf"{full:,} that Full sends for it\. A budget of at most {full // crops} "
+                                             "per crop fits"):
+            s.ask("And now?")
+        assert len(s.state.turns) == 1  # nothing changed
+    s.set_method("manual", 54, 10)
+    s.set_picks({i: range(units - (1 if vlm.family.has_cls else 0)) for i in range(crops)})
+    with pytest.raises(InputError, match=rf"patches are picked on this image \({crops} crops\), more visual tokens "
+                                         rf"than the {full:,}"):
+        s.ask("And now?")
+    fits = full // crops  # the largest budget that fits answers, and sends at most what Full does
+    s.set_method("visionzip", fits - 10, 10)
+    s.ask("And now?")
+    assert full >= s.last_turn.visual_tokens == crops * fits
+
+
 # ---- the same through the app's public events -----------------------------------------------------
 gradio = pytest.importorskip("gradio")
+from tests.appclient import post  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,15 +252,6 @@ def url(tiny_llava):
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
     yield local_url
     demo.close()
-
-
-def post(url: str, api: str, body: str) -> list:
-    """A raw "Use via API" call (JSON the Python client would refuse to send, e.g. NaN)."""
-    req = urllib.request.Request(url + f"gradio_api/call/{api}", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
-    event = json.loads(urllib.request.urlopen(req).read())["event_id"]
-    lines = urllib.request.urlopen(url + f"gradio_api/call/{api}/{event}").read().decode().splitlines()
-    return json.loads(lines[lines.index("event: complete") + 1][len("data: "):])
 
 
 GOOD = ["VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False]
@@ -258,6 +298,37 @@ def test_nan_through_the_raw_api(url):
     data = post(url, "settings_dominant", '{"data": ["kept", "VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0, 16, 0.0, '
                                           '0.9, 2, 0.5]}')
     assert data  # no state yet: nothing to change, and no crash
+
+
+def test_a_lone_surrogate_through_the_http_queue_leaves_the_session_working(url):
+    """JSON can carry half a surrogate pair, which no UTF-8 encoder can write back: refused before any state
+    changes, and the conversation is not left 'still answering'."""
+    from gradio_client import Client
+    settings = GOOD + [0, 16, 0.0, 0.9, 2, 0.5]
+    data = post(url, "add_message", json.dumps({"data": [[], {"text": "why \ud800?", "files": []}, *settings]}))
+    assert "not valid text" in data[0][-1]["content"][0]["text"]
+    # the same surrogate in an earlier message of the history is repaired, not sent back (a 500 otherwise)
+    history = [{"role": "user", "content": [{"type": "text", "text": "old \ud800 question"}]}]
+    data = post(url, "add_message", json.dumps({"data": [history, {"text": "fine now", "files": []}, *settings]}))
+    assert data[0][0]["content"][0]["text"] == "old \ufffd question"
+    from tests.appclient import CAT, send, stat
+    history, stats, _, _ = send(Client(url, verbose=False), [], "What is this?", [CAT])
+    assert stat(stats, "visual tokens to the LLM") == "64 of 576"
+
+
+def test_sampling_extremes_through_the_api(url):
+    from gradio_client import Client
+    from tests.appclient import CAT, VISIONZIP, send, stat, texts
+    c = Client(url, verbose=False)
+    for temperature in (1e-40, 5e-324):
+        history, stats, _, _ = send(c, [], "What is this?", [CAT], settings=VISIONZIP + (0, 4, temperature, 0.9))
+        assert "RuntimeError" not in texts(history)[-1][1] and stat(stats, "decode").startswith("4 tokens")
+    try:
+        history = c.predict([], {"text": "hi", "files": []}, *VISIONZIP, 0, 4, 1.0, 0.0, api_name="/add_message")[0]
+    except Exception as e:  # Gradio's own slider check (top-p's minimum is 0.05)
+        assert "less than minimum" in str(e)
+    else:
+        assert "top-p must be above 0" in texts(history)[-1][1]
 
 
 def test_settings_endpoint_refuses_and_keeps_the_old_budget(url):

@@ -59,3 +59,40 @@ def test_sampling_controls(tiny_llava, photo):
         s.add_image(photo)
         answers.setdefault(temperature, []).append(s.ask("What is it?"))
     assert answers[1.5][0] == answers[1.5][1] != answers[0.0][0]
+
+
+def test_a_second_image_keeps_manual_working(tiny_ov_large, photo, photo2):
+    """Picks on any image of the conversation; an image without picks goes as VisionZip's choice."""
+    s = ChatSession(tiny_ov_large, method="manual", max_new_tokens=3)
+    first = s.add_image(photo, compress=False) or s.state.last_image_key
+    n = s.picks_from_visionzip()
+    s.ask("What is it?")
+    assert s.last_turn.visual_tokens == n
+    second = s.add_image(photo2, compress=False) or s.state.last_image_key
+    s.ask("And this one?")  # the new image has no picks: it is sent as VisionZip's choice, the first as picked
+    zip_second = s.compression(second, method="visionzip")
+    assert s.last_turn.visual_tokens == n + zip_second.num_tokens
+    assert "as VisionZip's choice" in s.current_view(key=second)[1].caption()
+    before = {c: set(u) for c, u in s.state.picks[first].items()}
+    cols = s.compression(first, method="visionzip").crops[0].grid[1]
+    picked = s.toggle_pick(0, 3, radius=1, key=first)  # picks on the earlier image change only its tokens
+    block = {r * cols + c for r in (0, 1) for c in (2, 3, 4)}  # (row 0: the block is cut at the edge)
+    crop0 = before[0] - block if 3 in before[0] else before[0] | block
+    assert {c: set(u) for c, u in s.state.picks[first].items()} == {**before, 0: crop0} and second not in s.state.picks
+    assert picked == n - len(before[0]) + len(crop0) != n
+    s.set_picks({0: [1, 2, 3]}, key=second)
+    s.ask("Both again?")
+    assert s.last_turn.visual_tokens == picked + 3
+    results = compare(s, ["manual", "visionzip"])
+    assert [t.visual_tokens for _, _, t in results] == [picked + 3, s.compression(first, method="visionzip").num_tokens
+                                                        + zip_second.num_tokens]
+
+
+def test_manual_without_any_picks_says_so(tiny_llava, photo, photo2):
+    s = ChatSession(tiny_llava, method="manual", max_new_tokens=3)
+    s.add_image(photo, compress=False)
+    s.add_image(photo2, compress=False)
+    with pytest.raises(InputError, match="Pick at least one patch on the map"):
+        s.ask("What are they?")
+    with pytest.raises(InputError, match="That image is not in this conversation"):
+        s.toggle_pick(0, 0, key="not-a-key")

@@ -7,6 +7,16 @@ from ..errors import InputError
 from ..settings import checked
 
 
+def image_key(session, key: str | None) -> str:
+    """The image a pick is about: `key`, or the latest image; an InputError when there is none."""
+    key = key or session.state.last_image_key
+    if key is None:
+        raise InputError("Upload an image first, then pick its patches.")
+    if key not in session.state.images:
+        raise InputError("That image is not in this conversation.")
+    return key
+
+
 def pick_view(session, key: str):
     """The manual picks of an image as a Compression to draw (picked units sent as themselves, the
     others not sent); its features are not the model's (use `compression` for those)."""
@@ -18,9 +28,9 @@ def pick_view(session, key: str):
 def set_picks(session, picks: dict, key: str | None = None):
     """The units the "manual" method sends for an image ({crop: [unit, ...]}; default: the latest
     image), checked against the image's crops as the maps show them."""
-    key = key or session.state.last_image_key
-    if key is None:
-        raise InputError("Upload an image first, then pick its patches.")
+    key = image_key(session, key)
+    if not isinstance(picks, dict):
+        raise InputError("The picks are {crop: [unit, ...]}, e.g. {0: [5, 17]}.")
     grids = [c.grid for c in session.compression(key, method="visionzip").crops]
     clean = {}
     for crop, units in (picks or {}).items():
@@ -33,8 +43,12 @@ def set_picks(session, picks: dict, key: str | None = None):
 def toggle_pick(session, crop: int, unit: int, radius: int = 0, key: str | None = None) -> int:
     """Pick (or unpick, if it is picked) a unit and the (2 radius + 1)^2 block around it.
     -> the number of units picked for the image."""
-    key = key or session.state.last_image_key
-    rows, cols = session.compression(key, method="visionzip").crops[crop].grid
+    key = image_key(session, key)
+    crops = session.compression(key, method="visionzip").crops
+    crop = checked("crop", crop, 0, len(crops) - 1, integer=True)
+    rows, cols = crops[crop].grid
+    unit = checked("unit", unit, 0, rows * cols - 1, integer=True)
+    radius = checked("brush radius", radius, 0, max(rows, cols), integer=True)
     r0, c0 = divmod(unit, cols)
     block = {r * cols + c for r in range(max(0, r0 - radius), min(rows, r0 + radius + 1))
              for c in range(max(0, c0 - radius), min(cols, c0 + radius + 1))}
@@ -47,7 +61,7 @@ def toggle_pick(session, crop: int, unit: int, radius: int = 0, key: str | None 
 
 def picks_from_visionzip(session, key: str | None = None) -> int:
     """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
-    key = key or session.state.last_image_key
+    key = image_key(session, key)
     comp = session.compression(key, method="visionzip")
     session.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
                     for i, c in enumerate(comp.crops)}, key)
