@@ -11,6 +11,7 @@ process. KV caches live in a process-local store keyed by session: a speed-up on
 """
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -31,10 +32,18 @@ from pipeline.methods import METHODS  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
 from ui.handlers import Handlers, on_zero_gpu  # noqa: E402
 from ui.layout import build  # noqa: E402
+from ui.security import NoRemoteResources  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 log = logging.getLogger("zipchat")
 ASSETS = Path(__file__).resolve().parent / "assets"
 CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else None
+# the settings panel opens on a wide screen; on a phone it stays closed (open, it would cover the chat) until
+# its toggle is pressed
+PAGE_JS = """() => { if (window.innerWidth < 700) return;
+  const open = (tries) => { const b = document.querySelector('#settings:not(.open) .toggle-button');
+    if (b) b.click(); else if (tries > 0) setTimeout(() => open(tries - 1), 100); };
+  open(50); }"""
 demo = None  # the running app, once main() has built it (Gradio's reloader on a Space looks it up here)
 
 
@@ -85,8 +94,10 @@ def example_paths() -> list:
 
 def launch_options() -> dict:
     """What `python app.py` passes to launch(), besides host and port (tests launch with the same)."""
-    # show_error: an API call that Gradio's own input checks refuse gets their message, not a generic one
-    return dict(max_file_size="25mb", css=CSS, show_error=True)
+    # show_error: an API call that Gradio's own input checks refuse gets their message, not a generic one;
+    # the page loads images and media only from the app itself (ui/security.py: answers are model output)
+    return dict(max_file_size="25mb", css=CSS, js=PAGE_JS, show_error=True,
+                app_kwargs={"middleware": [Middleware(NoRemoteResources)]})
 
 
 def main(argv=None):
@@ -123,12 +134,16 @@ def main(argv=None):
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
+    prepare_space_reloader()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[zipchat] %(message)s"))
     log.addHandler(handler)  # zipchat's own messages; the libraries keep their defaults (no request lines)
     log.setLevel(logging.INFO)
-    vlm, small, banner = load_models(args.model or default_preset(), args.small_model, dtype=args.dtype,
-                                     device_map=args.device_map)
+    try:
+        vlm, small, banner = load_models(args.model or default_preset(), args.small_model, dtype=args.dtype,
+                                         device_map=args.device_map)
+    except ModelUnavailable as e:  # (no weights, and not even a tiny model could be built: say why, no traceback)
+        parser.exit(1, f"[zipchat] {e}\n")
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
     examples = None if args.no_warm_examples else ExampleCache()
@@ -146,6 +161,22 @@ def main(argv=None):
         threading.Thread(target=examples.warm, args=(vlm, example_paths(), args.method),
                          kwargs={"max_tiles": max_tiles}, daemon=True, name="warm-examples").start()
     demo.block_thread()
+
+
+def prepare_space_reloader():
+    """On a Space (SYSTEM=spaces with a SPACE_ID), Gradio 6.31 starts the `spaces` package's reload server in a
+    thread at launch, and importing it scans every live object of the process for code (its vendored
+    `codefind`), holding the GIL for seconds: 5.6 s here before the models load, 9.3 s after (a 2-core AVX2
+    EPYC). Launch meanwhile asks the app's own page once, with a 3 s timeout, and exits with "When localhost
+    is not accessible, a shareable link must be created" when it is slow: the Space never starts. So the
+    scan runs first, here, before the models load (the heap is smaller then); the reload server later
+    finds it done."""
+    if os.environ.get("SYSTEM") != "spaces" or not os.environ.get("SPACE_ID") or spaces is None:
+        return
+    try:
+        importlib.import_module("spaces.reloading.server")  # (the scan happens at this import)
+    except ImportError:  # a `spaces` without the reloader (older, or the tests' ZeroGPU stand-in)
+        pass
 
 
 def quiet_leaked_event_loops(unraisable):

@@ -1,23 +1,27 @@
 """Maps of a Compression drawn on its image, and what a click on a map points at.
 
-Views (`VIEWS`), all on one canvas with every crop at its place on the photo (the whole image above;
-anyres tiles below it, with the processor's padding cut off):
+Views (`VIEWS`), all on one canvas with every crop at its place on the photo (the whole image, and the
+anyres tiles beside or below it, whichever keeps the canvas closer to a screen's shape; the processor's
+padding cut off; each tile numbered as the readout names it):
 - kept: the photo; the patches the LLM receives as themselves (dominant, picked by a pruning method or
-  by hand) clear, every other patch faded towards white, each contextual token's target ringed;
+  by hand) clear, every other patch faded towards white, each contextual token's target ringed (a legend
+  below says so);
 - groups: the tokens that stand for several units (VisionZip's contextual groups, Pool's cells), one
   colour each over the photo, with a legend "token k merged n" ("pooled n");
-- scores: the attention VisionZip (and VisPruner) select by, over the photo, with a colour bar;
+- scores: the attention VisionZip (and VisPruner) select by, over the photo, with a colour bar below;
 - importance: after an SGL or FastV turn, the small model's importance (SGL) or the last prompt token's
   attention in layer K - 1 (FastV), the tokens the large model keeps outlined.
 Work is per patch in numpy, upsampled with NEAREST; a panel is up to 900x600 pixels so a patch is
-several pixels, and very thin images are stretched to a readable height.
+several pixels, and very thin images are stretched to a readable height. A click's patch can be marked.
 """
+
+import functools
 
 from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 VIEWS = ("kept", "groups", "scores", "importance")
 FADE = 0.7  # share of white over a patch the LLM does not receive as itself
@@ -25,9 +29,27 @@ TINT = 0.5  # share of a group's colour over its patches
 PANEL_HEIGHT = 600  # at most, pixels: a 384 px tile of 27 patches gets 17 pixels a patch
 MAX_WIDTH = 900  # of a panel; the panels are stacked (whole image above the tiles) to fit a page's column
 MIN_SIDE = 48  # a panel is at least this many pixels on its short side (thin images are stretched)
-GAP, TITLE = 12, 18
+GAP, TITLE = 12, 26
+DISPLAY_WIDTH = 650  # pixels a page usually gives the map: text is drawn large enough to read there
+SCREEN_ASPECT = 1.5  # width / height of the space a map usually gets: panels go side by side or stacked to near it
 TARGET = (255, 140, 0)  # ring on a contextual token's target patch
 KEPT_OUTLINE = (255, 255, 255)
+MARK = (255, 0, 200)  # the clicked patch
+TEXT = (40, 40, 40)
+
+
+def text_scale(width: float) -> float:
+    """How much larger than its nominal size text is drawn on a canvas `width` wide (shown DISPLAY_WIDTH wide)."""
+    return max(1.0, width / DISPLAY_WIDTH)
+
+
+@functools.lru_cache(maxsize=32)
+def font(size: int):
+    """Pillow's built-in font at a readable size (a bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
 
 
 def group_colours(n: int) -> np.ndarray:
@@ -50,18 +72,36 @@ class Panel:
         return max(1, round((x1 - x0) * self.scale[0])), max(1, round((y1 - y0) * self.scale[1]))
 
 
-def layout(comp) -> list:
-    """The panels of a Compression's canvas: one for a single crop; else one for the crop(s) showing the
-    whole image (LLaVA's base image, InternVL's thumbnail) and one for the tiles. A single tile may cover
-    the whole image too (a small square on OneVision): it still gets its own panel."""
+def whole_crop(comp) -> int | None:
+    """The crop that shows the whole image (LLaVA's base image, InternVL's thumbnail), when there are tiles."""
     h, w = comp.image_size
     if len(comp.crops) == 1:
+        return None
+    return next((i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)), 0)
+
+
+def crop_names(comp) -> list:
+    """How the map and the readout name each crop: "image" alone, else "whole image" and "tile k"
+    (numbered from 1 in the order the LLM receives them)."""
+    whole = whole_crop(comp)
+    if whole is None:
+        return ["image"]
+    tiles = iter(range(1, len(comp.crops)))
+    return ["whole image" if i == whole else f"tile {next(tiles)}" for i in range(len(comp.crops))]
+
+
+def layout(comp) -> list:
+    """The panels of a Compression's canvas: one for a single crop; else one for the crop(s) showing the
+    whole image and one for the tiles, side by side or stacked, whichever canvas is nearer SCREEN_ASPECT. A
+    single tile may cover the whole image too (a small square on OneVision): it still gets its own panel."""
+    h, w = comp.image_size
+    whole = whole_crop(comp)
+    if whole is None:
         groups = [("image", [0])]
     else:
-        whole = next((i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)), 0)
         tiles = [i for i in range(len(comp.crops)) if i != whole]
         groups = [("whole image", [whole]), (f"{len(tiles)} tile{'s' * (len(tiles) > 1)}", tiles)]
-    panels, y = [], TITLE
+    sized = []
     for title, idx in groups:
         boxes = [comp.crops[i].box for i in idx]
         region = (max(0.0, min(b[0] for b in boxes)), max(0.0, min(b[1] for b in boxes)),
@@ -69,10 +109,17 @@ def layout(comp) -> list:
         rw, rh = region[2] - region[0], region[3] - region[1]
         s = min(PANEL_HEIGHT / rh, MAX_WIDTH / rw)
         sx, sy = max(s, MIN_SIDE / rw), max(s, MIN_SIDE / rh)  # stretch a very thin image to be seen
-        panel = Panel(title, idx, region, (0, y), (sx, sy))
-        panels.append(panel)
-        y += panel.size[1] + GAP + TITLE
-    return panels
+        sized.append(Panel(title, idx, region, (0, 0), (sx, sy)))
+    if len(sized) == 1:
+        a = sized[0]
+        return [Panel(a.title, a.crops, a.region, (0, round(TITLE * text_scale(a.size[0]))), a.scale)]
+    (a, b) = sized
+    wide = (a.size[0] + GAP + b.size[0], TITLE + max(a.size[1], b.size[1]))
+    tall = (max(a.size[0], b.size[0]), 2 * TITLE + GAP + a.size[1] + b.size[1])
+    side_by_side = abs(np.log(wide[0] / wide[1] / SCREEN_ASPECT)) <= abs(np.log(tall[0] / tall[1] / SCREEN_ASPECT))
+    title = round(TITLE * text_scale(wide[0] if side_by_side else tall[0]))  # (the title rows grow with the text)
+    second = (a.size[0] + GAP, title) if side_by_side else (0, 2 * title + GAP + a.size[1])
+    return [Panel(a.title, a.crops, a.region, (0, title), a.scale), Panel(b.title, b.crops, b.region, second, b.scale)]
 
 
 def unit_rects(panel: Panel, crop) -> np.ndarray:
@@ -89,13 +136,15 @@ def unit_rects(panel: Panel, crop) -> np.ndarray:
     return rect
 
 
-def render_map(image: Image.Image, comp, view: str = "kept", importance=None, kept=None) -> Image.Image:
+def render_map(image: Image.Image, comp, view: str = "kept", importance=None, kept=None, mark=None,
+               source: str = "SGL") -> Image.Image:
     """One view of a Compression (see VIEWS). `importance`, `kept`: per visual token of this image
-    (SGL's guidance), for the "importance" view."""
+    (SGL's or FastV's guidance: `source`), for the "importance" view. `mark`: (crop, unit) of a clicked
+    patch, outlined."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}")
     panels = layout(comp)
-    width = max(p.size[0] for p in panels)
+    width = max(p.origin[0] + p.size[0] for p in panels)
     height = max(p.origin[1] + p.size[1] for p in panels)
     photo = np.full((height, width, 3), 255.0, dtype=np.float32)
     for p in panels:
@@ -116,20 +165,27 @@ def render_map(image: Image.Image, comp, view: str = "kept", importance=None, ke
         else:
             values = comp.per_patch(np.asarray(importance, dtype=np.float64))
             outline = [np.nan_to_num(k) > 0.5 for k in comp.per_patch(np.asarray(kept, dtype=np.float64))]
+        label = f"{source} importance" if view == "importance" else "score (attention)"
         canvas, bar = _values(photo, comp, panels, values, "viridis" if view == "importance" else "inferno",
-                              outline)
+                              outline, label)
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
+    k = text_scale(width)
+    title = round(TITLE * k)
     for p in panels:
-        draw.text((p.origin[0] + 2, p.origin[1] - TITLE + 3), p.title, fill=(60, 60, 60))
+        draw.text((p.origin[0] + 2, p.origin[1] - title + round(4 * k)), p.title, fill=TEXT, font=font(round(16 * k)))
+    _tile_numbers(draw, comp, panels, k)
     if view == "kept" or view == "groups":
         _rings(draw, comp, panels)
     if view == "importance" and outline is not None:
         _outlines(draw, comp, panels, outline)
-    if bar is not None:
-        out = _beside(out, bar)
-    if legend is not None:
-        out = _below(out, legend)
+    if mark is not None:
+        _mark(draw, comp, panels, *mark, width=max(3, round(3 * k)))
+    if view == "kept":
+        legend = _kept_legend(comp, out.width, k)
+    for below in (bar, legend):
+        if below is not None:
+            out = _below(out, below)
     return out
 
 
@@ -140,19 +196,19 @@ def group_count(crop) -> int:
 
 def _paint(target: np.ndarray, comp, panels, per_unit) -> np.ndarray:
     """Paint a per-unit array (rows, cols, k) of every crop into the canvas (NEAREST), clipped to each
-    panel's photo. -> (H, W, k) array, NaN where no unit was painted."""
+    panel's photo. -> (H, W, k) array, NaN where no unit was painted. Each crop's edges are rounded once, so
+    neighbouring tiles meet without a gap."""
     k = per_unit(0).shape[-1]
     out = np.full(target.shape[:2] + (k,), np.nan, dtype=np.float32)
     for p in panels:
         (ox, oy), (pw, ph) = p.origin, p.size
         for i in p.crops:
             rect = unit_rects(p, comp.crops[i])
-            x0, y0, x1, y1 = rect[0, 0, 0], rect[0, 0, 1], rect[-1, -1, 2], rect[-1, -1, 3]
-            w, h = max(1, round(x1 - x0)), max(1, round(y1 - y0))
+            cx0, cy0, cx1, cy1 = (round(v) for v in (rect[0, 0, 0], rect[0, 0, 1], rect[-1, -1, 2], rect[-1, -1, 3]))
+            w, h = max(1, cx1 - cx0), max(1, cy1 - cy0)
             values = per_unit(i).astype(np.float32)  # (rows, cols, k)
             up = np.stack([np.asarray(Image.fromarray(values[..., j], mode="F").resize((w, h), Image.NEAREST))
                            for j in range(k)], -1)
-            cx0, cy0 = round(x0), round(y0)
             dx0, dy0 = max(ox, cx0), max(oy, cy0)
             dx1, dy1 = min(ox + pw, cx0 + w), min(oy + ph, cy0 + h)
             if dx1 > dx0 and dy1 > dy0:
@@ -181,17 +237,19 @@ def _groups(photo, comp, panels):
     painted = _paint(photo, comp, panels, tint)
     has = np.isfinite(painted[..., :1])
     canvas = np.where(has, (1 - TINT) * photo + TINT * np.nan_to_num(painted), photo)
+    k = text_scale(canvas.shape[1])
     entries = []
     verb = "pooled" if comp.method == "pool" else "merged"
+    names = crop_names(comp)
     for i, c in enumerate(comp.crops):
         for g in range(group_count(c)):
             token = int(np.flatnonzero((comp.token_map[:, 0] == i) & (comp.token_map[:, 2] == g))[0])
             entries.append((colours[g % len(colours)], f"token {token} {verb} {int((c.groups == g).sum())}"
-                            + (f" (crop {i})" if len(comp.crops) > 1 else "")))
-    return canvas, _legend(entries, canvas.shape[1])
+                            + (f" ({names[i]})" if len(comp.crops) > 1 else "")))
+    return canvas, _legend(entries, canvas.shape[1], k)
 
 
-def _values(photo, comp, panels, values, cmap, outline):
+def _values(photo, comp, panels, values, cmap, outline, label):
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
     vmin, vmax = (float(finite.min()), float(np.percentile(finite, 99.5))) if finite.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1e-9
@@ -205,7 +263,7 @@ def _values(photo, comp, panels, values, cmap, outline):
     painted = _paint(photo, comp, panels, heat)
     has = np.isfinite(painted[..., :1])
     canvas = np.where(has, 0.35 * photo + 0.65 * np.nan_to_num(painted), photo * 0.5 + 127)
-    return canvas, _colour_bar(lut, vmin, vmax, canvas.shape[0], "importance" if cmap == "viridis" else "score")
+    return canvas, _colour_bar(lut, vmin, vmax, canvas.shape[1], label, text_scale(canvas.shape[1]))
 
 
 def _rings(draw, comp, panels):
@@ -231,29 +289,81 @@ def _outlines(draw, comp, panels, masks):
                 draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=KEPT_OUTLINE, width=1)
 
 
-def _colour_bar(lut, vmin, vmax, height, label):
-    bar_w, pad = 16, 6
-    height = max(height, 96)  # readable beside a very flat panel
-    bar = Image.new("RGB", (bar_w + 80, height), (255, 255, 255))
-    grad = lut[::-1][np.linspace(0, 255, height - 2 * pad - TITLE).astype(int)]
-    bar.paste(Image.fromarray(np.repeat(grad[:, None, :], bar_w, axis=1).astype(np.uint8)), (pad, pad + TITLE))
+def _colour_bar(lut, vmin, vmax, width, label, k=1.0):
+    """A horizontal colour bar under the map (clear of the buttons a page puts in its top corner):
+    label, the low end, the gradient, the high end."""
+    width = max(width, 360)
+    f, pad, bar_h = font(round(14 * k)), round(8 * k), round(14 * k)
+    bar = Image.new("RGB", (width, bar_h + 2 * pad + round(4 * k)), (255, 255, 255))
     draw = ImageDraw.Draw(bar)
-    draw.text((bar_w + 2 * pad, pad + TITLE), f"{vmax:.3g}", fill=(0, 0, 0))
-    draw.text((bar_w + 2 * pad, height - pad - 12), f"{vmin:.3g}", fill=(0, 0, 0))
-    draw.text((pad, 3), label, fill=(0, 0, 0))
+    low, high = f"{vmin:.3g}", f"{vmax:.3g}"
+    x = pad + draw.textlength(label, font=f) + 12
+    draw.text((pad, pad - 1), label, fill=TEXT, font=f)
+    draw.text((x, pad - 1), low, fill=TEXT, font=f)
+    x0 = x + draw.textlength(low, font=f) + 6
+    x1 = width - pad - draw.textlength(high, font=f) - 6
+    if x1 > x0 + 20:
+        grad = lut[np.linspace(0, 255, int(x1 - x0)).astype(int)]
+        bar.paste(Image.fromarray(np.repeat(grad[None], bar_h, axis=0).astype(np.uint8)), (int(x0), pad))
+    draw.text((x1 + 6, pad - 1), high, fill=TEXT, font=f)
     return bar
 
 
-def _legend(entries, width, row_h=16, col_w=190):
+def _legend(entries, width, k=1.0, col_w=230):
+    """Swatch-and-text entries in columns; `k`: the text scale. An entry's colour None draws a ring."""
+    row_h, col_w, f = round(20 * k), round(col_w * k), font(round(14 * k))
     cols = max(1, width // col_w)
     rows = (len(entries) + cols - 1) // cols
-    legend = Image.new("RGB", (max(width, col_w), 6 + rows * row_h), (255, 255, 255))
+    legend = Image.new("RGB", (max(width, col_w), round(8 * k) + rows * row_h), (255, 255, 255))
     draw = ImageDraw.Draw(legend)
     for n, (colour, text) in enumerate(entries):
-        x, y = (n % cols) * col_w + 4, 4 + (n // cols) * row_h
-        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(v) for v in colour))
-        draw.text((x + 14, y), text, fill=(0, 0, 0))
+        x, y = (n % cols) * col_w + round(6 * k), round(4 * k) + (n // cols) * row_h
+        swatch = [x, y + round(3 * k), x + round(12 * k), y + round(15 * k)]
+        if colour is None:
+            draw.ellipse(swatch, outline=TARGET, width=max(2, round(2 * k)))
+        else:
+            draw.rectangle(swatch, fill=tuple(int(v) for v in colour), outline=(150, 150, 150))
+        draw.text((x + round(18 * k), y + round(k)), text, fill=TEXT, font=f)
     return legend
+
+
+def _kept_legend(comp, width, k=1.0):
+    """What the kept view's marks mean, for this method."""
+    if comp.method == "full":
+        return None
+    grey = int(255 - FADE * 127)
+    entries = [((255, 255, 255), "clear: sent as itself" if comp.method != "manual" else "clear: picked, sent"),
+               ((grey, grey, grey), "faded: not sent as itself" + (" (merged or dropped)" if comp.method == "visionzip"
+                                                                  else ""))]
+    if any(len(c.targets) for c in comp.crops):
+        entries.append((None, "ring: a contextual token's target"))
+    return _legend(entries, width, k, col_w=310)
+
+
+def _tile_numbers(draw, comp, panels, k=1.0):
+    """Each tile's number in its corner, as the readout names it ("tile 2")."""
+    names = crop_names(comp)
+    if len(names) < 2:
+        return
+    for p in panels:
+        if len(p.crops) < 2 and names[p.crops[0]] == "whole image":
+            continue
+        for i in p.crops:
+            x0, y0 = unit_rects(p, comp.crops[i])[0, 0, :2]
+            x0, y0 = max(x0, p.origin[0]), max(y0, p.origin[1])
+            label, f = names[i].split()[-1], font(round(14 * k))
+            w = draw.textlength(label, font=f)
+            draw.rectangle([x0 + 2, y0 + 2, x0 + w + round(8 * k), y0 + round(20 * k)], fill=(255, 255, 255))
+            draw.text((x0 + round(5 * k), y0 + round(3 * k)), label, fill=TEXT, font=f)
+
+
+def _mark(draw, comp, panels, crop: int, unit: int, width: int = 3):
+    """A bold outline round the clicked patch (in every panel that draws its crop)."""
+    for p in panels:
+        if crop in p.crops:
+            c = comp.crops[crop]
+            x0, y0, x1, y1 = unit_rects(p, c)[divmod(int(unit), c.grid[1])]
+            draw.rectangle([x0 - width + 1, y0 - width + 1, x1 + width - 2, y1 + width - 2], outline=MARK, width=width)
 
 
 def _beside(a, b):
@@ -286,11 +396,12 @@ def hit(comp, x: float, y: float):
     return None
 
 
-def describe(comp, crop: int, unit: int, importance=None) -> str:
-    """What one unit of a map is: the token it is (or joined), its score and rank."""
+def describe(comp, crop: int, unit: int, importance=None, source: str = "SGL") -> str:
+    """What one unit of a map is: the token it is (or joined), its score and rank; `importance` (per
+    visual token) is `source`'s (SGL's small model, or FastV's layer K - 1 attention)."""
     c = comp.crops[crop]
     rows, cols = c.grid
-    where = (f"crop {crop}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
+    where = (f"{crop_names(comp)[crop]}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
     group = int(c.groups[unit])
     if comp.method == "full":
         what = "sent as itself (all tokens)"
@@ -300,11 +411,11 @@ def describe(comp, crop: int, unit: int, importance=None) -> str:
     elif group == -2:
         what = "not sent (not picked)" if comp.method == "manual" else "not sent"
     elif comp.method == "pool":
-        what = f"pooled token {group} of this crop (the mean of its cell's {int((c.groups == group).sum())} units)"
+        what = f"pooled token {group} of {crop_phrase(comp, crop)} (the mean of its cell's {int((c.groups == group).sum())} units)"
     else:
         merged = int((c.groups == group).sum())
         role = "its target" if group < len(c.targets) and c.targets[group] == unit else "merged into it"
-        what = f"contextual token {group} of this crop ({merged} units; {role})"
+        what = f"contextual token {group} of {crop_phrase(comp, crop)} ({merged} units; {role})"
     text = f"**{where}**: {what}"
     if c.scores is not None:
         rank = int((c.scores > c.scores[unit]).sum()) + 1
@@ -312,5 +423,11 @@ def describe(comp, crop: int, unit: int, importance=None) -> str:
     if importance is not None:
         value = comp.per_patch(np.asarray(importance, dtype=np.float64))[crop][unit]
         if np.isfinite(value):
-            text += f"; SGL importance {value:.4g}"
+            text += f"; {source} importance {value:.4g}"
     return text
+
+
+def crop_phrase(comp, crop: int) -> str:
+    """"this image", "the whole image" or "tile 2"."""
+    name = crop_names(comp)[crop]
+    return {"image": "this image", "whole image": "the whole image"}.get(name, name)

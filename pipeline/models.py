@@ -71,15 +71,26 @@ class VLM:
     @cached_property
     def banned_ids(self) -> frozenset:
         """Ids generation never emits: control tokens that are not stop tokens (image placeholders,
-        chat markers, BOS, padding) and embedding rows past the tokenizer's vocabulary."""
+        chat markers, BOS, padding) and embedding rows past the tokenizer's vocabulary. A random-weight
+        model (the tiny twins, the -arch presets) also never emits a token that is not whole, printable
+        text (a lone byte of a UTF-8 character, a control character): its answers are random words, not
+        U+FFFD marks. A real checkpoint is never restricted so."""
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        return frozenset((control_ids(self.tokenizer) | {self.image_token_id} | set(range(len(self.tokenizer), vocab)))
-                         - self.stop_ids)
+        banned = control_ids(self.tokenizer) | {self.image_token_id} | set(range(len(self.tokenizer), vocab))
+        if self.is_tiny:
+            banned |= {i for i in range(len(self.tokenizer)) if not printable(self.tokenizer.decode([i]))}
+        return frozenset(banned - self.stop_ids)
 
     @property
     def context_window(self) -> int:
         """Positions the language model was trained for (prompt + answer)."""
         return int(self.language_model.config.max_position_embeddings)
+
+
+def printable(text: str) -> bool:
+    """Whole characters a person can read: no U+FFFD (a partial UTF-8 sequence) and no control character
+    but newline and tab."""
+    return "\ufffd" not in text and all(ch in "\n\t" or ch.isprintable() for ch in text)
 
 
 def default_preset() -> str:

@@ -1,11 +1,14 @@
 """Driving the app the way a browser or an API user does: gradio_client calls, and `python app.py`
 started as a separate process (with the environment a Space gives it)."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from gradio_client import handle_file
 
@@ -37,9 +40,25 @@ def send(client, history, text, files=(), settings=VISIONZIP, view="kept"):
     return history, stats, shown, caption
 
 
+def compare_rows(table: str) -> dict:
+    """Compare's table -> {method label: [its cells]} in table order."""
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    return {r[0]: r[1:] for r in rows[1:] if r[0] != "method"}
+
+
 def stat(stats: str, row: str) -> str:
     """The value of one row of the stats table."""
     return stats.split(f"| {row} | ")[1].split(" |")[0]
+
+
+def post(url: str, api: str, body: str) -> list:
+    """A raw "Use via API" call through Gradio's HTTP queue: JSON the Python client would refuse to send
+    (NaN, half a surrogate pair) or would rewrite (a file part the client would upload). -> its outputs."""
+    req = urllib.request.Request(url + f"gradio_api/call/{api}", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(req).read())["event_id"]
+    lines = urllib.request.urlopen(url + f"gradio_api/call/{api}/{event}").read().decode().splitlines()
+    return json.loads(lines[lines.index("event: complete") + 1][len("data: "):])
 
 
 def free_port() -> int:
@@ -64,7 +83,7 @@ class AppProcess:
         else:
             self.log = open(os.devnull, "w") if not os.environ.get("ZIPCHAT_TEST_LOG") else sys.stderr
         self.process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)  # (its workers: one group)
         self.url = f"http://127.0.0.1:{self.port}/"
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -79,8 +98,13 @@ class AppProcess:
         raise RuntimeError("app.py did not start listening")
 
     def close(self):
+        """Stop the app and every process it started (ZeroGPU's workers are forked from it)."""
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers left behind
+        except (ProcessLookupError, PermissionError):
+            pass

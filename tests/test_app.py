@@ -8,7 +8,7 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
-from tests.appclient import CAT, VISIONZIP, resend, send, stat, texts  # noqa: E402
+from tests.appclient import CAT, VISIONZIP, compare_rows, resend, send, stat, texts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,11 @@ def test_compare(url, method):
     table, answers, maps, overlap = c.predict(api_name="/compare")  # called as before this had a method choice
     assert len(maps) == 2 and "kept overlap" not in overlap  # (Full has no kept set of its own)
     if method == "VisionZip":
-        assert "| visual tokens | 64 | 576 |" in table and "| | visionzip | full |" in table
-        assert answers.startswith("**visionzip:**") and "\n\n**full:**" in answers
+        assert [(m, cells[0]) for m, cells in compare_rows(table).items()] == [("VisionZip", "64"), ("Full", "576")]
+        assert answers.startswith("**VisionZip:**") and "\n\n**Full:**" in answers
     else:  # Full against Full would compare nothing: it compares with VisionZip instead
-        assert "| visual tokens | 576 | 64 |" in table and "| | full | visionzip |" in table
-        assert answers.startswith("**full:**") and "\n\n**visionzip:**" in answers
+        assert [(m, cells[0]) for m, cells in compare_rows(table).items()] == [("Full", "576"), ("VisionZip", "64")]
+        assert answers.startswith("**Full:**") and "\n\n**VisionZip:**" in answers
 
 
 def test_compare_any_set_of_methods(url):
@@ -74,15 +74,17 @@ def test_compare_any_set_of_methods(url):
     send(c, [], "What is it?", [CAT], settings=VISIONZIP)
     chosen = ["visionzip", "divprune", "vispruner", "random", "pool", "fastv", "full"]
     table, answers, maps, overlap = c.predict(chosen, api_name="/compare")
-    assert "| | visionzip | divprune | vispruner | random | pool | fastv | full |" in table
-    assert "| visual tokens | 64 | 64 | 64 | 64 | 64 | 288 from layer 1 (576 below) | 576 |" in table
+    rows = compare_rows(table)
+    assert list(rows) == ["VisionZip", "DivPrune", "VisPruner", "Random", "Pool", "FastV", "Full"]
+    assert [cells[0] for cells in rows.values()] == ["64"] * 5 + ["288 from layer 1 (576 below)", "576"]
     assert [m["caption"].split(":")[0] for m in maps] == ["VisionZip", "DivPrune", "VisPruner", "Random", "Pool",
                                                           "FastV", "Full"]
-    assert all(answers.count(f"**{m}:**") == 1 for m in ("visionzip", "divprune", "fastv", "full"))
+    assert all(answers.count(f"**{m}:**") == 1 for m in ("VisionZip", "DivPrune", "FastV", "Full"))
     rows = [r for r in overlap.splitlines() if r.startswith("| ")]
     assert rows[0].split(" | ")[1:] == ["VisionZip", "DivPrune", "VisPruner", "Random", "FastV |"]
     matrix = [r.strip("| ").split(" | ")[1:] for r in rows[1:]]
-    assert [matrix[i][i] for i in range(5)] == ["1.00"] * 5 and "Pool" not in overlap
+    assert [matrix[i][i] for i in range(5)] == ["1.00"] * 5 and not any(r.startswith("| Pool") for r in rows)
+    assert "Not in the overlap: Pool keeps no patch as itself" in overlap and "Full keeps every patch" in overlap
     assert all(matrix[i][j] == matrix[j][i] for i in range(5) for j in range(5))
     for bad in (["nope"], ["sgl"], "visionzip"):  # (no small model here: no SGL)
         try:
@@ -146,7 +148,7 @@ def test_sgl_turns_show_guidance(sgl_url):
     history, stats, _, _ = send(c, history, "And now?", settings=sgl[:5] + (True, 0.0, False))
     assert stat(stats, "SGL: answered by") == "tiny-ov-small (early exit)" and stat(stats, "SGL: large model") == "not run"
     table, answers, maps, overlap = c.predict(api_name="/compare")
-    assert "| | sgl | visionzip | full |" in table and answers.startswith("**sgl:**")
+    assert list(compare_rows(table)) == ["SGL", "VisionZip", "Full"] and answers.startswith("**SGL:**")
     assert "| SGL |" in overlap and "| VisionZip |" in overlap
 
 
@@ -198,6 +200,6 @@ def test_a_handler_runs_alone_without_a_server(tiny_llava):
     *_, last = h.respond(history, state, "kept")
     history, state, stats, shown, caption, _ = last
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and "64 of 576" in caption and shown is not None
-    table, answers, maps, overlap = h.compare_answers(state, ["divprune", "pool", "full"])
-    assert "| | divprune | pool | full |" in table and len(maps) == 3 and answers.count("**") == 6
+    *_, (table, answers, maps, overlap) = h.compare_answers(state, ["divprune", "pool", "full"])  # (it streams)
+    assert list(compare_rows(table)) == ["DivPrune", "Pool", "Full"] and len(maps) == 3 and answers.count("**") == 6
     assert "needs two methods" in overlap  # DivPrune alone keeps units as themselves here

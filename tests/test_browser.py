@@ -41,6 +41,15 @@ def map_image(page):
     return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
 
 
+def click_map(page, fx: float, fy: float):
+    """Click the map at a fraction (fx, fy) of its picture (the picture is fitted inside its box, centred)."""
+    b = page.locator("#map img").bounding_box()
+    w, h = page.locator("#map img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    scale = min(b["width"] / w, b["height"] / h, 1)
+    x0, y0 = (b["width"] - w * scale) / 2, (b["height"] - h * scale) / 2
+    page.locator("#map img").click(position={"x": x0 + fx * w * scale, "y": y0 + fy * h * scale})
+
+
 def wait_for_new_map(page, old_src):
     page.wait_for_function("(old) => { const i = document.querySelector('#map img'); return i && i.src !== old; }",
                            arg=old_src, timeout=60_000)
@@ -59,6 +68,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             page = browser.new_page(viewport={"width": 1500, "height": 1000})  # a laptop screen
             page.goto(url)
             page.wait_for_selector("#textbox textarea", timeout=30_000)
+            page.wait_for_selector("#settings.open", timeout=10_000)  # (the settings panel opens on a wide screen)
             assert "Offline demo" in page.locator("#offline-banner").inner_text()
             assert not page.locator("#stop").is_visible()  # Stop shows only while an answer streams
             page.set_input_files("#textbox input[type=file]", str(ROOT / "assets" / "chelsea.png"))
@@ -75,7 +85,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             assert page.locator("#chatbot .message.bot").last.inner_text().strip()
             assert page.locator("#chatbot img").count() >= 1  # the uploaded photo in the conversation
             box = page.locator("#map img").bounding_box()
-            assert box["width"] > 600  # one canvas, the whole image and the tiles side by side
+            assert box["width"] > 400 and box["height"] < 560  # one canvas, the whole image and the tiles, in view
             # the kept view shows the photo where tokens are kept, faded elsewhere (same model, same picture)
             shown = np.asarray(map_image(page), dtype=np.float32)
             comp = encode_image(tiny_ov_large, photo, "visionzip")
@@ -92,12 +102,13 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
                 if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
                     name = {"Groups (merged / pooled)": "groups", "Scores": "scores", "Kept tokens": "kept"}[view]
                     page.locator("#map").screenshot(path=str(ROOT / "docs" / f"map-{name}.png"))
-            page.locator("#map img").click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.25})
+            click_map(page, 0.2, 0.3)
             page.wait_for_function("() => /row \\d+, column \\d+/.test(document.querySelector('#patch-info').innerText)",
                                    timeout=30_000)
             assert "score" in page.locator("#patch-info").inner_text()
             # SGL with both models on VisionZip tokens: the importance view appears
             page.locator("#method label", has_text="SGL").click()
+            page.get_by_text("SGL: a small model guides the large one").click()  # (its settings: closed)
             page.locator("#sgl_zip input").check()
             page.wait_for_timeout(800)
             ask(page, "And what colour is it?")
@@ -106,7 +117,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             wait_until_textbox_is_back(page)
             assert "192 of 1836" in page.locator("#stats").inner_text()
             old = page.locator("#map img").get_attribute("src")
-            page.locator("#view label", has_text="Importance (SGL / FastV)").click()
+            page.locator("#view label", has_text="Importance (SGL)").click()
             wait_for_new_map(page, old)
             # manual: start from VisionZip's picks, add a patch by clicking, ask: exactly those tokens are sent
             page.locator("#method label", has_text="Manual").click()
@@ -115,7 +126,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             page.wait_for_function("() => /^\\d+ patches picked/.test(document.querySelector('#patch-info').innerText)",
                                    timeout=30_000)
             before = int(page.locator("#patch-info").inner_text().split()[0])
-            page.locator("#map img").click(position={"x": box["width"] * 0.25, "y": box["height"] * 0.6})
+            click_map(page, 0.25, 0.6)
             page.wait_for_function("(old) => { const m = /^(\\d+) patches picked/.exec("
                                    "document.querySelector('#patch-info').innerText); return m && +m[1] !== old; }",
                                    arg=before, timeout=30_000)
@@ -126,11 +137,14 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
                                    timeout=60_000)
             wait_until_textbox_is_back(page)
             assert f"{picked} of 1836" in page.locator("#stats").inner_text()
+            page.get_by_role("tab", name="Compare").click()
             page.locator("#compare").click()
-            page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('manual')",
+            page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('Manual')",
+                                   timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('first token')",
                                    timeout=60_000)
             table = page.locator("#compare-table").inner_text()
-            assert "visionzip" in table and "full" in table
+            assert "VisionZip" in table and "Full" in table
             shot = tmp_path / "screenshot.png"
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
@@ -150,15 +164,16 @@ def test_compare_three_methods(url, tmp_path):
         page.wait_for_function("() => document.querySelector('#stats').innerText.includes('time to first token')",
                                timeout=60_000)
         wait_until_textbox_is_back(page)
+        page.get_by_role("tab", name="Compare").click()
         for label in ("VisionZip", "DivPrune", "FastV"):
             page.locator("#compare-methods label", has_text=label).click()
         page.locator("#compare").click()
         page.wait_for_function("() => document.querySelector('#compare-overlap').innerText.includes('Jaccard')",
                                timeout=90_000)
-        table = page.locator("#compare-table").inner_text()
-        assert re.search(r"visionzip\s+divprune\s+fastv", table), table
+        rows = [r.split("\t")[0] for r in page.locator("#compare-table tbody tr").all_inner_texts()]
+        assert rows == ["VisionZip", "DivPrune", "FastV"], rows
         answers = page.locator("#compare-answers").inner_text()
-        assert all(f"{m}:" in answers for m in ("visionzip", "divprune", "fastv"))
+        assert all(f"{m}:" in answers for m in ("VisionZip", "DivPrune", "FastV"))
         maps = page.locator("#compare-maps img")
         page.wait_for_function("() => document.querySelectorAll('#compare-maps img').length >= 3", timeout=30_000)
         assert maps.count() == 3
@@ -186,6 +201,8 @@ def open_page(url, width, height):
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
             page.wait_for_selector("#textbox textarea", timeout=30_000)
+            if width >= 700:
+                page.wait_for_selector("#settings.open", timeout=10_000)  # (opens on a wide screen)
             yield page
         finally:
             browser.close()
@@ -254,6 +271,7 @@ def test_each_family_answers_in_the_browser(large, small, tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1250})
                 page.goto(url)
                 page.wait_for_selector("#textbox textarea", timeout=30_000)
+                page.wait_for_selector("#settings.open", timeout=10_000)
                 assert large in page.locator("body").inner_text()  # the model line
                 upload_and_ask(page)
                 page.wait_for_selector("#map img", timeout=60_000)

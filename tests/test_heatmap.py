@@ -77,7 +77,7 @@ def test_pool_groups_view_tints_each_cell(tiny_llava, photo):
     faded = [(kept[y, x], original[oy, ox]) for i, u, x, y, ox, oy in centres(comp, photo)]
     got, want = np.array(faded).transpose(1, 0, 2)
     np.testing.assert_allclose(got.mean(0), (want * (1 - FADE) + 255 * FADE).mean(0), rtol=0.05)
-    assert "pooled token 0 of this crop (the mean of its cell's 9 units)" in describe(comp, 0, 0)
+    assert "pooled token 0 of this image (the mean of its cell's 9 units)" in describe(comp, 0, 0)
 
 
 def test_scores_view_is_bright_where_the_score_is_high(tiny_llava, photo):
@@ -87,7 +87,9 @@ def test_scores_view_is_bright_where_the_score_is_high(tiny_llava, photo):
     order = [u for u in np.argsort(comp.crops[0].scores) if u in spots]
     brightness = [shown[spots[u][1], spots[u][0]].sum() for u in order[:3] + order[-3:]]
     assert max(brightness[:3]) < min(brightness[3:])  # inferno: high scores are bright
-    assert shown.shape[1] > layout(comp)[0].size[0] + 40  # colour bar beside the map
+    panel = layout(comp)[0]
+    assert shown.shape[0] > panel.origin[1] + panel.size[1] + 20  # the colour bar under the map (clear of the
+    # buttons a page puts in its top corner)
 
 
 def test_full_method_draws_the_crops_unmarked(tiny_ov, photo):
@@ -145,5 +147,5 @@ def test_describe_says_what_a_patch_is(tiny_llava, photo):
     joined = int(np.flatnonzero(crop.groups == 3)[-1])
     assert "dominant: sent as itself" in describe(comp, 0, dom)
     text = describe(comp, 0, joined)
-    assert f"contextual token 3 of this crop ({int((crop.groups == 3).sum())} units" in text
+    assert f"contextual token 3 of this image ({int((crop.groups == 3).sum())} units" in text
     assert f"rank {int((crop.scores > crop.scores[joined]).sum()) + 1} of 576" in text

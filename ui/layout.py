@@ -7,8 +7,11 @@ import gradio as gr
 from pipeline.methods import LABELS
 
 from .handlers import Handlers
-from .text import IN_LLM_NOTE, METHOD_NAMES, NO_IMAGE, VIEW_NAMES, format_stats
+from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, METHOD_NAMES, NO_IMAGE, VIEW_NAMES, format_stats
 
+MODEL = "model"  # the concurrency group of the events that run a model
+CHAT_HEIGHT = 560  # pixels at most; the page's style sheet fits it to the screen (assets/style.css)
+MAP_HEIGHT = "min(48vh, 560px)"  # the map fits the first screen with its readout and stats under it
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
 
 
@@ -31,118 +34,133 @@ class MapClick(gr.EventData):
 
 
 def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
+    """The page: the settings in a side panel; the chat beside the map (with its readout and the turn's
+    stats right under it) and Compare, as tabs of the right column; on a phone the columns stack, chat
+    first."""
     vlm, small = h.vlm, h.small
-    with gr.Blocks(title="zipchat", delete_cache=(1800, 3600)) as demo:
-        gr.Markdown("# zipchat\nChat about an image while seeing which visual tokens the language model gets. "
-                    "**VisionZip** keeps the few that matter (dominant tokens by attention, the rest merged into "
-                    "contextual tokens); DivPrune, VisPruner, FastV, Random and Pool are there to compare (Compare, "
-                    f"below the chat). The map on the right shows what is kept. Model: `{vlm.describe()}`.")
+    with gr.Blocks(title="zipchat", delete_cache=(1800, 3600), fill_width=True) as demo:
+        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget)
+        available = [label for label, m in METHOD_NAMES.items() if m != "sgl" or small is not None]
+        with gr.Sidebar(open=False, width=330, elem_id="settings"):  # (opened on wide screens: app.PAGE_JS)
+            gr.Markdown("### Settings", elem_id="settings-title")
+            method = gr.Radio(available, value=LABELS[h.method_default], elem_id="method",
+                              label="Visual tokens (Manual: pick patches on the map)")
+            budget = gr.Radio([64, 128, 192], value=64, elem_id="budget",
+                              label="Budget per crop (dominant + contextual; DivPrune, VisPruner, Random and Pool "
+                                    "send the same total)")
+            units = vlm.family.units_per_crop - 1  # the largest budget below a whole crop
+            dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
+                              label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
+            contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
+            tiles = Slider(0, 36, value=h.max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
+                           label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is faster on a "
+                                 "CPU; Full, FastV and SGL always use all)")
+            gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
+            layers = len(vlm.language_model.layers)
+            with gr.Accordion("FastV: the model prunes by its own attention", open=h.method_default == "fastv"):
+                fastv_layer = Slider(1, max(2, layers - 1), value=2, step=1, elem_id="fastv_layer",
+                                     label=f"K: visual tokens kept from layer K on (1 to {layers - 1} of {layers} "
+                                           f"layers; larger is taken as {layers - 1})")
+                fastv_keep = Slider(0.01, 1.0, value=0.5, step=0.01, elem_id="fastv_keep_ratio",
+                                    label="keep ratio (visual tokens)")
+            sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
+                        "part-way through its layers, or is skipped when the small model is confident."
+                        if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
+            with gr.Accordion("SGL: a small model guides the large one", open=h.method_default == "sgl"):
+                gr.Markdown(sgl_note, elem_classes=["note"])
+                keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
+                                    interactive=small is not None, elem_id="keep_ratio")
+                prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
+                                     interactive=small is not None, elem_id="prune_layer")
+                exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None, elem_id="exit_on")
+                threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
+                                   interactive=small is not None, elem_id="threshold")
+                sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
+                                      interactive=small is not None, elem_id="sgl_zip")
+            with gr.Accordion("Generation", open=False, elem_id="generation"):
+                new_tokens = Slider(1, max(2048, h.max_new_tokens), value=h.max_new_tokens, step=1,
+                                    label="max new tokens", elem_id="max_new_tokens")
+                temperature = Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
+                                     label="temperature (0: greedy, so Compare is deterministic)")
+                top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top_p")
+            gr.Markdown(ABOUT, elem_classes=["note"])
+        gr.Markdown(f"## zipchat <span class='model-line'>· `{vlm.describe()}` · the map shows which visual tokens "
+                    "the language model gets</span>", elem_id="header")
         if banner:
             gr.Markdown(banner, elem_id="offline-banner", elem_classes=["banner"])
-        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget)
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id="chatbot", height=480, buttons=["copy"])
-                textbox = gr.MultimodalTextbox(
-                    file_types=["image"], file_count="multiple", sources=["upload"], elem_id="textbox",
-                    placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
-                with gr.Row():
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False)
-                    clear_btn = gr.Button("Clear", elem_id="clear")
-                    compare_btn = gr.Button("Compare", elem_id="compare")
-                available = [label for label, m in METHOD_NAMES.items() if m != "sgl" or small is not None]
-                compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
-                    [(label, METHOD_NAMES[label]) for label in available], value=[], elem_id="compare-methods",
-                    label="Compare: methods to answer the last question again (none checked: this chat's method, "
-                          "VisionZip and Full)")
-                with gr.Accordion("Method", open=True):
-                    method = gr.Radio(available, value=LABELS[h.method_default], elem_id="method",
-                                      label="Visual tokens (Manual: pick patches on the map)")
-                    budget = gr.Radio([64, 128, 192], value=64, elem_id="budget",
-                                      label="Budget per crop (dominant + contextual; DivPrune, VisPruner, Random and "
-                                            "Pool send the same total)")
-                    with gr.Row():
-                        units = vlm.family.units_per_crop - 1  # the largest budget below a whole crop
-                        dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
-                                          label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
-                        contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
-                    tiles = Slider(0, 36, value=h.max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
-                                   label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is "
-                                         "faster on a CPU; Full, FastV and SGL always use all)")
-                    gr.Markdown(IN_LLM_NOTE)
-                layers = len(vlm.language_model.layers)
-                with gr.Accordion("FastV: the model prunes by its own attention", open=False):
-                    with gr.Row():
-                        fastv_layer = Slider(1, max(2, layers - 1), value=2, step=1, elem_id="fastv_layer",
-                                             label=f"K: visual tokens kept from layer K on (1 to {layers - 1} of "
-                                                   f"{layers} layers; larger is taken as {layers - 1})")
-                        fastv_keep = Slider(0.01, 1.0, value=0.5, step=0.01, elem_id="fastv_keep_ratio",
-                                            label="keep ratio (visual tokens)")
-                sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
-                            "part-way through its layers, or is skipped when the small model is confident."
-                            if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
-                with gr.Accordion("SGL: a small model guides the large one", open=small is not None):
-                    gr.Markdown(sgl_note)
-                    with gr.Row():
-                        keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
-                                            interactive=small is not None, elem_id="keep_ratio")
-                        prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
-                                             interactive=small is not None, elem_id="prune_layer")
-                    with gr.Row():
-                        exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None,
-                                              elem_id="exit_on")
-                        threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
-                                           interactive=small is not None, elem_id="threshold")
-                        sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
-                                              interactive=small is not None, elem_id="sgl_zip")
-                with gr.Accordion("Generation", open=False):
-                    new_tokens = Slider(1, max(2048, h.max_new_tokens), value=h.max_new_tokens, step=1,
-                                        label="max new tokens", elem_id="max_new_tokens")
-                    with gr.Row():
-                        temperature = Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
-                                             label="temperature (0: greedy, so Compare is deterministic)")
-                        top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top_p")
-            with gr.Column(scale=4):
-                view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"], value="kept",
-                                label="Map", elem_id="view")
-                caption = gr.Markdown(NO_IMAGE, elem_id="caption")
-                map_image = gr.Image(label="Click a patch: what it is", type="pil", interactive=False,
-                                     elem_id="map", buttons=["fullscreen", "download"])
-                info = gr.Markdown("", elem_id="patch-info")
-                with gr.Row(visible=h.method_default == "manual", elem_id="pick-row") as pick_row:
-                    radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)", elem_id="radius")
-                    from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
-                    no_picks = gr.Button("Clear picks", elem_id="clear-picks")
-                stats = gr.Markdown(format_stats(None), elem_id="stats")
-        with gr.Row():
-            compare_table = gr.Markdown(elem_id="compare-table")
-            compare_answers_md = gr.Markdown(elem_id="compare-answers")
-        compare_maps = gr.Gallery(label="Compare: the tokens each method kept (clear) of the latest image",
-                                  columns=5, height=420, elem_id="compare-maps", object_fit="contain",
-                                  buttons=["fullscreen", "download"])
-        compare_overlap = gr.Markdown(elem_id="compare-overlap")
-        examples = json.loads(gallery_file.read_text())
-        gr.Examples([[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}] for e in examples],
-                    inputs=[textbox], label="Examples")
+        with gr.Row(elem_id="main", equal_height=False):
+            with gr.Column(scale=4, min_width=320, elem_id="chat-column"):
+                examples = json.loads(gallery_file.read_text())
+                chatbot = gr.Chatbot(elem_id="chatbot", height=CHAT_HEIGHT, buttons=["copy"], show_label=False,
+                                     placeholder=CHAT_PLACEHOLDER if h.examples is None else CHAT_PLACEHOLDER_FAST,
+                                     examples=[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}
+                                               for e in examples])
+                textbox = gr.MultimodalTextbox(  # (browsers do not call iPhone photos images: HEIC is named)
+                    file_types=["image", ".heic", ".heif"], file_count="multiple", sources=["upload"],
+                    elem_id="textbox", placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
+                with gr.Row(elem_id="chat-buttons"):
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False, min_width=80)
+                    clear_btn = gr.Button("Clear", elem_id="clear", min_width=80)
+            with gr.Column(scale=6, min_width=320, elem_id="map-column"):
+                with gr.Tabs(elem_id="right-tabs"):
+                    with gr.Tab("Map", id="map-tab", elem_id="map-tab"):
+                        with gr.Row(elem_id="map-controls"):
+                            view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
+                                            value="kept", show_label=False, elem_id="view")
+                            map_choice = gr.Radio([], show_label=False, visible=False, elem_id="map-image")
+                        caption = gr.Markdown(NO_IMAGE, elem_id="caption")
+                        map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
+                                             height=MAP_HEIGHT, buttons=["fullscreen", "download"])
+                        info = gr.Markdown("", elem_id="patch-info")
+                        with gr.Row(visible=h.method_default == "manual", elem_id="pick-row") as pick_row:
+                            radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)",
+                                            elem_id="radius")
+                            from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
+                            no_picks = gr.Button("Clear picks", elem_id="clear-picks")
+                        stats = gr.Markdown(format_stats(None), elem_id="stats")
+                    with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
+                        compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
+                            [(label, METHOD_NAMES[label]) for label in available], value=[], elem_id="compare-methods",
+                            label="Answer the last question again with (none checked: this chat's method, VisionZip "
+                                  "and Full)")
+                        compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+                        compare_table = gr.Markdown(elem_id="compare-table")
+                        compare_answers_md = gr.Markdown(elem_id="compare-answers")
+                        compare_maps = gr.Gallery(label="The tokens each method kept (clear) of the latest image",
+                                                  show_label=False, columns=3, height="auto", elem_id="compare-maps",
+                                                  object_fit="contain", allow_preview=True,
+                                                  buttons=["fullscreen", "download"])
+                        compare_overlap = gr.Markdown(elem_id="compare-overlap")
 
         # new inputs go last: positional API callers of older versions keep working
         settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles,
                     new_tokens, temperature, top_p, fastv_layer, fastv_keep]
         maps = [map_image, caption, view]
-        submitted = textbox.submit(h.add_message, [chatbot, textbox, state, *settings],
-                                   [chatbot, textbox, state, stop_btn], queue=False, api_name="add_message")
-        answering = submitted.then(h.respond, [chatbot, state, view], [chatbot, state, stats, *maps], api_name="respond")
-        # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
-        # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
-        answering.then(h.finish, state, [textbox, stop_btn], api_name=False)
-        for event in (submitted, answering):
-            event.failure(h.finish, state, [textbox, stop_btn], api_name=False)
+        def answer(trigger, api: bool):
+            """A message, then its answer: after Enter in the textbox, or after an example picked in the chat."""
+            submitted = trigger(h.add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state, stop_btn],
+                                queue=False, api_name="add_message" if api else False)
+            # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
+            answering = submitted.then(h.respond, [chatbot, state, view], [chatbot, state, stats, *maps],
+                                       api_name="respond" if api else False, concurrency_id=MODEL)
+            # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
+            # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
+            answering.then(h.finish, state, [textbox, stop_btn], api_name=False)
+            answering.then(h.image_choices, state, map_choice, queue=False, api_name=False)
+            for event in (submitted, answering):
+                event.failure(h.finish, state, [textbox, stop_btn], api_name=False)
+        answer(textbox.submit, api=True)
+        picked = chatbot.example_select(h.use_example, None, textbox, queue=False, api_name=False)
+        answer(picked.then, api=False)
+        method.change(lambda: "", None, info, queue=False, api_name=False)  # the readout follows the method
         stop_btn.click(h.stop, state, None, queue=False, api_name="stop")
         budget.change(h.pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
         for control in settings:
             control.change(h.apply_settings, [state, view, *settings], [state, *maps, pick_row],
-                           api_name=f"settings_{control.elem_id}")
+                           api_name=f"settings_{control.elem_id}", concurrency_id=MODEL)
         view.change(h.show_view, [state, view], [map_image, caption], queue=False, api_name="view")
+        map_choice.input(h.show_image, [state, map_choice, view], [state, map_image, caption, view, info],
+                         api_name="map_image", concurrency_id=MODEL)
 
         def click_map(state, view, radius, evt: MapClick):  # (Gradio reads the event type off this signature)
             return h.click_map(state, view, radius, evt)
@@ -151,9 +169,15 @@ def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
                        api_name="picks_visionzip")
         no_picks.click(lambda s: h.set_picks(s, False), state, [state, map_image, caption, info],
                        api_name="picks_clear")
-        compare_btn.click(h.compare_answers, [state, compare_methods],
-                          [compare_table, compare_answers_md, compare_maps, compare_overlap], api_name="compare")
+        compare_started = compare_btn.click(h.start_compare, state, [state, textbox, stop_btn], queue=False,
+                                            api_name=False)  # (gr.Error while answering: nothing more runs)
+        comparing = compare_started.success(h.compare_answers, [state, compare_methods],
+                                            [compare_table, compare_answers_md, compare_maps, compare_overlap],
+                                            api_name="compare", concurrency_id=MODEL)
+        comparing.then(h.finish_compare, state, [textbox, stop_btn], api_name=False)
+        comparing.failure(h.finish_compare, state, [textbox, stop_btn], api_name=False)
         clear_btn.click(h.clear, state, [chatbot, state, textbox, map_image, caption, view, stats, info, compare_table,
                                          compare_answers_md, stop_btn, compare_maps, compare_overlap],
-                        queue=False, api_name="clear")
+                        queue=False, api_name="clear").then(h.image_choices, state, map_choice, queue=False,
+                                                            api_name=False)
     return demo

@@ -5,18 +5,34 @@ from pipeline.methods import LABELS
 
 METHOD_NAMES = {label: method for method, label in LABELS.items()}  # UI label -> method name
 VIEW_NAMES = {"kept": "Kept tokens", "groups": "Groups (merged / pooled)", "scores": "Scores",
-              "importance": "Importance (SGL / FastV)"}
+              "importance": "Importance"}  # (the importance view names its method: "Importance (FastV)")
 NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
 STILL_ANSWERING = "An answer is still being generated in this conversation: wait for it (or press Stop), then send again."
+CONVERSATION_LOST = ("The server restarted (or this conversation was idle for over an hour), and the image shown above "
+                     "is no longer on it, so this question was not answered. Attach the image again and send your "
+                     "question: the conversation starts anew from here.")
+ANSWERING = "_Answering… the stats follow when the answer ends._"
+CHAT_PLACEHOLDER = "**Attach a photo (the clip) and ask about it**, or try an example:"
+CHAT_PLACEHOLDER_FAST = "**Attach a photo (the clip) and ask about it**, or try an example (compressed at launch: fast):"
+ABOUT = ("**How it works.** **VisionZip** keeps the few visual tokens that matter: dominant tokens by attention, the "
+         "rest merged into contextual tokens, once per image. DivPrune, VisPruner, FastV, Random and Pool are there to "
+         "compare (the Compare tab); Manual sends the patches you pick on the map. Settings apply from the next "
+         "question.")
 IN_LLM_NOTE = ("FastV and SGL prune inside the language model, per question: they do not compress the image once, "
                "and the large model's KV cache is rebuilt every turn.")
 
 
 def format_stats(t) -> str:
+    """The turn's numbers, two to a row (they sit under the map)."""
     if t is None:
         return "_Ask a question to see timings._"
     reuse = "yes" if t.cache_reused else "no"
-    image = "re-used (compressed once)" if t.visual_tokens and not t.images_encoded else f"{t.images_encoded} encoded"
+    if t.images_ahead and not t.images_encoded:
+        image = "compressed at launch (an example)"
+    elif t.visual_tokens and not t.images_encoded:
+        image = "re-used (compressed once)"
+    else:
+        image = f"{t.images_encoded} encoded" + (f", {t.images_ahead} compressed at launch" if t.images_ahead else "")
     rows = [
         ("model", f"{t.model_used} ({t.method})"),
         ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}"),
@@ -48,20 +64,39 @@ def format_stats(t) -> str:
                                  + (", its KV cache reused" if t.timings.get("small_cache_reused") else "")),
             ("SGL: large model", f"{ms['large_s']:.0f} ms" if "large_s" in ms else "not run"),
         ]
-    return "| turn stat | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    pairs = [rows[i:i + 2] for i in range(0, len(rows), 2)]
+    return "| turn stat | value | turn stat | value |\n|---|---|---|---|\n" + "\n".join(
+        "| " + " | ".join(f"{k} | {v}" for k, v in pair) + (" | |" if len(pair) == 1 else "") + " |" for pair in pairs)
+
+
+COMPARE_COLUMNS = [  # (header, value of a TurnStats); on a phone each row stacks, its cells labelled (style.css)
+    ("visual tokens", lambda t: t.visual_tokens if t.guidance is None or t.early_exit
+     else f"{len(t.guidance.kept)} from layer {t.guidance.prune_layer} ({t.visual_tokens} below)"),
+    ("prompt tokens", lambda t: t.prompt_tokens),
+    ("first token", lambda t: f"{t.ttft_s * 1000:.0f} ms"),
+    ("encode", lambda t: f"{t.encode_s * 1000:.0f} ms"),
+    ("prefill", lambda t: f"{t.prefill_s * 1000:.0f} ms"),
+    ("decode", lambda t: f"{t.decode_tok_per_s:.1f} tok/s" + (" (stopped)" if t.stopped else ""))]
 
 
 def format_compare(results: list) -> str:
-    """Markdown table, one column per method: [(method, answer, TurnStats)]."""
-    rows = [("visual tokens", lambda t: t.visual_tokens if t.guidance is None or t.early_exit
-             else f"{len(t.guidance.kept)} from layer {t.guidance.prune_layer} ({t.visual_tokens} below)"),
-            ("prompt tokens", lambda t: t.prompt_tokens),
-            ("time to first token", lambda t: f"{t.ttft_s * 1000:.0f} ms"),
-            ("image encode + compress", lambda t: f"{t.encode_s * 1000:.0f} ms"),
-            ("prefill", lambda t: f"{t.prefill_s * 1000:.0f} ms"),
-            ("decode", lambda t: f"{t.decode_tok_per_s:.1f} tok/s")]
-    head = "| | " + " | ".join(m for m, _, _ in results) + " |\n|---|" + "---|" * len(results) + "\n"
-    return head + "\n".join(f"| {name} | " + " | ".join(str(f(t)) for _, _, t in results) + " |" for name, f in rows)
+    """Markdown table, one row per method, named as the page names it: [(method, answer, TurnStats)]."""
+    head = "| method | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |\n|---|" + "---|" * len(COMPARE_COLUMNS)
+    return head + "\n" + "\n".join(f"| {LABELS[m]} | " + " | ".join(str(f(t)) for _, f in COMPARE_COLUMNS) + " |"
+                                    for m, _, t in results)
+
+
+def format_progress(p) -> str:
+    """A running Compare: which method answers, of how many, and which are done."""
+    done = ", ".join(LABELS[m] for m, _, _ in p.done)
+    return (f"**Compare: {LABELS[p.method]} answering, {p.index + 1} of {p.total}**"
+            + (f" (done: {done})" if done else "") + " — Stop ends it.")
+
+
+def progress_answers(p) -> str:
+    """The answers of a running Compare so far, the current one as it streams."""
+    answers = [(m, a) for m, a, _ in p.done] + [(p.method, p.answer + " …")]
+    return "\n\n".join(f"**{LABELS[m]}:** {a}" for m, a in answers)
 
 
 def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip,
@@ -102,6 +137,11 @@ def compare_choices(methods: list) -> list:
         else:
             raise InputError(f"Unknown method {m!r}. Choose from: {', '.join(METHOD_NAMES)}.")
     return names
+
+
+def picks_text(picked: int, image: str) -> str:
+    """"12 patches picked on image 2 of 3." """
+    return f"{picked} patch{'es' * (picked != 1)} picked on {image}."
 
 
 def checked_radius(radius):
