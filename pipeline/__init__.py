@@ -9,10 +9,10 @@ from .errors import InputError, ModelUnavailable
 from .generate import Sampling
 from .kvstore import KVStore
 from .models import PRESETS, SGL_PAIRS, VLM, load_vlm
-from .compare import compare, compare_with_full
+from .compare import compare, compare_stream, compare_with_full
 from .session import ChatSession, TurnStats
 from .state import ChatState, Settings, Turn
 
 __all__ = ["ChatSession", "ChatState", "Compression", "CropInfo", "InputError", "KVStore", "ModelUnavailable",
-           "PRESETS", "SGL_PAIRS", "Sampling", "Settings", "Turn", "TurnStats", "VLM", "compare", "compare_with_full",
-           "encode_image", "load_vlm"]
+           "PRESETS", "SGL_PAIRS", "Sampling", "Settings", "Turn", "TurnStats", "VLM", "compare", "compare_stream",
+           "compare_with_full", "encode_image", "load_vlm"]

@@ -145,10 +145,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
                                    timeout=60_000)
             table = page.locator("#compare-table").inner_text()
             assert "VisionZip" in table and "Full" in table
-            shot = tmp_path / "screenshot.png"
-            page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
-                shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+            page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)  # (docs: test_page_layout.py)
             error_then_keep_chatting(page)
         finally:
             browser.close()
@@ -184,11 +181,7 @@ def test_compare_three_methods(url, tmp_path):
             assert picture.width > 100 and len(set(picture.convert("L").getdata())) > 50
         overlap = page.locator("#compare-overlap").inner_text()
         assert "VisionZip" in overlap and "DivPrune" in overlap and "FastV" in overlap
-        page.locator("#compare-maps").scroll_into_view_if_needed()
-        shot = tmp_path / "compare.png"
-        page.screenshot(path=str(shot), full_page=True)
-        if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
-            shutil.copy(shot, ROOT / "docs" / "compare.png")
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)  # (docs: test_page_layout.py)
 
 
 @contextlib.contextmanager

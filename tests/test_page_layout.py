@@ -7,6 +7,8 @@ by its container. And the map arrives before the first word of the answer."""
 
 import contextlib
 import io
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +105,13 @@ def page_of(url, width, height, touch=False):
             browser.close()
 
 
+def shoot(page, tmp_path, name, doc, full_page=False):
+    """A screenshot; with ZIPCHAT_UPDATE_SCREENSHOT set, also the README's and docs' copy (docs/<doc>)."""
+    page.screenshot(path=str(tmp_path / name), full_page=full_page)
+    if os.environ.get("ZIPCHAT_UPDATE_SCREENSHOT"):
+        shutil.copy(tmp_path / name, ROOT / "docs" / doc)
+
+
 def map_picture(page):
     from PIL import Image
     return Image.open(io.BytesIO(page.request.get(page.locator("#map img").get_attribute("src")).body())).convert("RGB")
@@ -133,7 +142,7 @@ def test_desktop_first_screen(url, tmp_path):
         assert box(page, "#settings")["x"] + box(page, "#settings")["width"] <= box(page, "#chat-column")["x"] + 1
         assert page.evaluate(TOO_WIDE, 0) == []
         assert page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / "desktop.png"))
+        shoot(page, tmp_path, "desktop.png", "screenshot.png")
         # Compare: in the right column, its results right under its button, its progress while it runs
         page.get_by_role("tab", name="Compare").click()
         for label in ("VisionZip", "DivPrune", "Pool", "Full"):
@@ -154,7 +163,7 @@ def test_desktop_first_screen(url, tmp_path):
             image = caption.locator("xpath=preceding-sibling::*//img | preceding-sibling::img").first
             assert caption.bounding_box()["y"] >= image.bounding_box()["y"] + image.bounding_box()["height"] - 1
         assert page.evaluate(TOO_WIDE, 0) == [] and page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / "desktop-compare.png"))
+        shoot(page, tmp_path, "desktop-compare.png", "compare.png")
 
 
 def test_phone_first_screen(url, tmp_path):
@@ -176,7 +185,7 @@ def test_phone_first_screen(url, tmp_path):
         assert 0 <= tabs["y"] - (chat["y"] + chat["height"]) < 60  # the map right after the chat
         assert page.evaluate(TOO_WIDE, 390) == []
         assert page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        shoot(page, tmp_path, "phone.png", "phone.png")
         page.get_by_role("tab", name="Compare").tap()
         for label in ("VisionZip", "DivPrune", "Random", "Full"):
             page.locator("#compare-methods label", has_text=label).tap()
@@ -186,7 +195,7 @@ def test_phone_first_screen(url, tmp_path):
             b = cell.bounding_box()
             assert b["width"] > 40 and b["height"] < 40, (cell.inner_text(), b)
         assert page.evaluate(TOO_WIDE, 390) == [] and page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / "phone-compare.png"), full_page=True)
+        shoot(page, tmp_path, "phone-compare.png", "phone-compare.png", full_page=True)
 
 
 def test_the_map_comes_before_the_first_word(url):
