@@ -18,7 +18,7 @@ from gradio_client import Client  # noqa: E402
 
 def test_an_example_answers_without_encoding_and_the_same(tiny_ov_large):
     examples = ExampleCache()
-    examples.warm(tiny_ov_large, app.example_paths(), "visionzip", max_tiles=4)
+    examples.warm(tiny_ov_large, app.example_paths(), "visionzip", max_tiles=4, polite=False)
     assert len(examples) == 4 and examples.nbytes > 0
     answers = []
     for cache in (examples, None):
@@ -33,7 +33,8 @@ def test_an_example_answers_without_encoding_and_the_same(tiny_ov_large):
     assert s.last_turn.images_encoded == 1
 
 
-def test_the_warm_up_waits_while_a_person_is_answered(tiny_llava):
+def test_the_warm_up_waits_while_a_person_is_answered(tiny_llava, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPCHAT_STOP_DIR", str(tmp_path))  # only this test's flag: none another test left
     examples = ExampleCache()
     busy = AnsweringFlag("warmuptest0")
     busy.set()
@@ -56,8 +57,8 @@ def test_the_warm_up_waits_while_a_person_is_answered(tiny_llava):
 
 
 @pytest.mark.slow
-def test_the_app_compresses_the_examples_after_launch():
-    proc = AppProcess("--model", "tiny-llava", env={"ZIPCHAT_WARM_EXAMPLES": "1"})
+def test_the_app_compresses_the_examples_after_launch(tmp_path):
+    proc = AppProcess("--model", "tiny-llava", env={"ZIPCHAT_WARM_EXAMPLES": "1", "ZIPCHAT_STOP_DIR": str(tmp_path)})
     try:
         deadline = time.time() + 90
         while True:  # the warm-up runs in the background: an example soon needs no encode

@@ -78,7 +78,9 @@ def url(tiny_ov, tiny_ov_large):
     import app
     from pipeline.examples import ExampleCache
     examples = ExampleCache()
-    examples.warm(tiny_ov_large, app.example_paths(), "visionzip", max_tiles=4)
+    # polite=False: nobody is served yet, and an answering flag another test left (an add_message never
+    # followed by respond) would hold a polite warm-up for up to ANSWERING_AT_MOST_S
+    examples.warm(tiny_ov_large, app.example_paths(), "visionzip", max_tiles=4, polite=False)
     demo = app.build_demo(tiny_ov_large, banner="**Offline demo:** tiny random-weight models; answers are random "
                           "text until real weights are available.", max_new_tokens=24, small=tiny_ov,
                           examples=examples)
