@@ -26,7 +26,7 @@ except ImportError:
     spaces = None
 import gradio as gr  # noqa: E402
 
-from pipeline import SGL_PAIRS, ModelUnavailable, load_vlm  # noqa: E402
+from pipeline import SGL_PAIRS, InputError, ModelUnavailable, load_vlm  # noqa: E402
 from pipeline.examples import ExampleCache  # noqa: E402
 from pipeline.methods import METHODS  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
@@ -132,6 +132,13 @@ def main(argv=None):
                              "at low priority; $ZIPCHAT_WARM_EXAMPLES=0 turns it off too)")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
+    parser.add_argument("--engine", default=env("ZIPCHAT_ENGINE", "transformers"), choices=["transformers", "vllm"],
+                        help="what runs the language model for Full and the compress-once methods: zipchat's own "
+                             "decoder, or vLLM from zipchat's compressed embeddings (needs requirements-vllm.txt; "
+                             "FastV and SGL stay on transformers). Default: $ZIPCHAT_ENGINE, else transformers")
+    parser.add_argument("--vllm-url", default=env("ZIPCHAT_VLLM_URL"),
+                        help="a running vLLM server for --engine vllm (see docs/serving.md); default: "
+                             "$ZIPCHAT_VLLM_URL, else zipchat starts one on 127.0.0.1 for the model")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
     prepare_space_reloader()
@@ -146,10 +153,16 @@ def main(argv=None):
         parser.exit(1, f"[zipchat] {e}\n")
     if args.method == "sgl" and small is None:
         parser.error("--method sgl needs a small model (--small-model)")
+    options = {"stop_at_eos": False} if args.ignore_eos else {}
+    if args.engine == "vllm":
+        try:
+            options["engine"] = start_engine(vlm, args.vllm_url)
+        except (ModelUnavailable, InputError) as e:
+            parser.exit(1, f"[zipchat] {e}\n")
     examples = None if args.no_warm_examples else ExampleCache()
     max_tiles = args.max_tiles if args.max_tiles is not None else (4 if vlm.device.type == "cpu" else 0)
     built = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
-                       session_options={"stop_at_eos": False} if args.ignore_eos else None, max_tiles=max_tiles,
+                       session_options=options, max_tiles=max_tiles,
                        image_memory=args.image_memory << 20, examples=examples)
     built.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
     global demo
@@ -161,6 +174,31 @@ def main(argv=None):
         threading.Thread(target=examples.warm, args=(vlm, example_paths(), args.method),
                          kwargs={"max_tiles": max_tiles}, daemon=True, name="warm-examples").start()
     demo.block_thread()
+
+
+def start_engine(vlm, url: str | None):
+    """The vLLM engine for `vlm`: the server at `url`, or one zipchat starts for the model (stopped at exit)."""
+    from pipeline.engines.vllm_client import VLLMServer
+    from pipeline.engines.vllm_export import causal_lm_class
+    causal_lm_class(vlm)  # Qwen2.5-VL and unknown decoders: refused before anything starts
+    if url:
+        engine = VLLMServer(url)
+        log.info(f"vLLM engine: {url} serving {engine.model()}")
+        return engine
+    import atexit
+    from pipeline.engines.vllm_launch import LocalVLLM
+    from pipeline.tiny import tiny_cache_dir
+    head = vlm.language_model.config.hidden_size // vlm.language_model.config.num_attention_heads
+    if vlm.device.type == "cpu" and head < 32:
+        raise ModelUnavailable(f"{vlm.name}'s attention heads are {head} wide; vLLM's CPU kernels need 32 or more. "
+                               "Offline, use a tiny model made for it: --model tiny-ov-h32 (or tiny-llava-h32, "
+                               "tiny-internvl-h32).")
+    export = tiny_cache_dir().parent / "vllm" / vlm.name.replace("/", "--")
+    log.info(f"Starting a vLLM server for {vlm.name}'s language model (exported to {export}) ...")
+    server = LocalVLLM(vlm, export, log=str(export) + ".log")
+    atexit.register(server.stop)
+    log.info(f"vLLM engine: {server.engine.url}")
+    return server.engine
 
 
 def prepare_space_reloader():

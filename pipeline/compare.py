@@ -80,7 +80,7 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
             other_state.last_turn = None
             other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
                                 context_window=session.context_window, examples=session.examples,
-                                stop_flag=session.stop_flag)
+                                stop_flag=session.stop_flag, engine=session.engine)
             other.set_method(method)
             progress = Progress(method, index, len(methods), done=list(results))
             yield progress

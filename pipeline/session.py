@@ -30,6 +30,7 @@ from PIL import Image
 from .chat import Message
 from .compress import Compression, encode_image, method_key
 from .errors import InputError
+from .engines.vllm_answer import vllm_answer
 from .generate import Sampling, pick, suppress
 from .images import image_digest, load_image
 from .kvstore import KVStore, cache_nbytes
@@ -98,6 +99,8 @@ class TurnStats:
     early_exit: bool | None = None  # SGL: the small model's answer was used
     guidance: Guidance | None = None  # SGL: importance per visual token, kept indices, score
     device: str = ""
+    engine: str = "transformers"  # what ran the language model: zipchat's decoder, or "vllm"
+    engine_cached_tokens: int = 0  # vLLM: prompt tokens its prefix cache held
     dtype: str = ""
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
 
@@ -121,13 +124,16 @@ class ChatSession:
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
                  max_tiles: int = 0, edge_fill: float = 0.75, examples=None, fastv_layer: int = 2,
-                 fastv_keep_ratio: float | None = None, stop_flag: StopFlag | None = None):
+                 fastv_keep_ratio: float | None = None, stop_flag: StopFlag | None = None, engine=None):
         self.vlm = vlm
+        self.engine = engine  # None: zipchat's decoder; a VLLMServer (engines/): vLLM answers the compress-once methods
         self.small = small
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
         self.reuse_cache = reuse_cache
         self.kv = kv if kv is not None else KVStore()  # a private store unless the app shares one
         self.context_window = context_window or vlm.context_window
+        if engine is not None and engine.max_model_len():  # the server may hold fewer positions than the model
+            self.context_window = min(self.context_window, engine.max_model_len())
         self.edge_fill = edge_fill  # a turn that must drop turns drops down to this share of the window (see plan)
         self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
         self._lock = threading.Lock()
@@ -417,7 +423,8 @@ class ChatSession:
         )
         generated, finished, cancelled = [], False, False
         try:
-            answer_turn = ANSWER.get(self.settings.method, ChatSession.plain_answer)
+            answer_turn = ANSWER.get(self.settings.method) or (ChatSession.plain_answer if self.engine is None
+                                                                else vllm_answer)  # FastV, SGL: their own
             answer = yield from answer_turn(self, plan, stats, t0, generated)
             generated[:] = answer
             finished = True
@@ -543,21 +550,28 @@ class ChatSession:
                 if len(generated) == 1:
                     stats.ttft_s = time.perf_counter() - t0
                     decode_start = time.perf_counter()
-                text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and text.startswith(text_so_far):  # wait for whole characters
-                    delta, text_so_far = text[len(text_so_far):], text
-                    if delta:
-                        yield delta
+                delta, text_so_far = self.text_delta(vlm, generated, text_so_far)
+                if delta:
+                    yield delta
             if len(generated) >= budget or self.stop_flag.is_set():
                 break
             logits = step(token)
         if stream:
-            text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
-            if text.startswith(text_so_far) and len(text) > len(text_so_far):  # flush a held-back tail
-                yield text[len(text_so_far):]
+            delta, text_so_far = self.text_delta(vlm, generated, text_so_far, final=True)
+            if delta:  # a held-back tail
+                yield delta
             if decode_start is not None and len(generated) > 1:
                 stats.decode_tok_per_s = (len(generated) - 1) / max(time.perf_counter() - decode_start, 1e-9)
         return list(generated)
+
+    @staticmethod
+    def text_delta(vlm, generated: list, text_so_far: str, final: bool = False) -> tuple:
+        """-> (new text, text so far) after the answer ids `generated`: text is held back while it ends in
+        part of a character (U+FFFD), unless `final`."""
+        text = vlm.tokenizer.decode(generated, skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and text.startswith(text_so_far) and len(text) > len(text_so_far):
+            return text[len(text_so_far):], text
+        return "", text_so_far
 
     # ---- SGL and FastV (their turns are in methods/) ----------------------------------------------------
     def guidance_view(self, key: str | None = None):

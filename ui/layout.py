@@ -7,7 +7,7 @@ import gradio as gr
 from pipeline.methods import LABELS
 
 from .handlers import Handlers
-from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, METHOD_NAMES, NO_IMAGE, VIEW_NAMES, format_stats
+from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, METHOD_NAMES, VLLM_NOTE, NO_IMAGE, VIEW_NAMES, format_stats
 
 MODEL = "model"  # the concurrency group of the events that run a model
 CHAT_HEIGHT = 560  # pixels at most; the page's style sheet fits it to the screen (assets/style.css)
@@ -56,6 +56,8 @@ def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
                            label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is faster on a "
                                  "CPU; Full, FastV and SGL always use all)")
             gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
+            if h.options.get("engine") is not None:  # --engine vllm
+                gr.Markdown(VLLM_NOTE, elem_classes=["note"], elem_id="engine-note")
             layers = len(vlm.language_model.layers)
             with gr.Accordion("FastV: the model prunes by its own attention", open=h.method_default == "fastv"):
                 fastv_layer = Slider(1, max(2, layers - 1), value=2, step=1, elem_id="fastv_layer",

@@ -20,6 +20,9 @@ ABOUT = ("**How it works.** **VisionZip** keeps the few visual tokens that matte
          "question.")
 IN_LLM_NOTE = ("FastV and SGL prune inside the language model, per question: they do not compress the image once, "
                "and the large model's KV cache is rebuilt every turn.")
+VLLM_NOTE = ("**Engine: vLLM.** Full, VisionZip, DivPrune, VisPruner, Random, Pool and Manual answer through vLLM from "
+             "zipchat's compressed embeddings (batched with everyone's questions, prefix-cached). FastV and SGL prune "
+             "inside the language model, so they answer on zipchat's own (transformers) engine, one at a time.")
 
 
 def format_stats(t) -> str:
@@ -45,6 +48,9 @@ def format_stats(t) -> str:
         ("image", image),
         ("device", f"{t.device}, {t.dtype}"),
     ]
+    if getattr(t, "engine", "transformers") == "vllm":  # (states pickled before engines had no field)
+        rows[7] = ("KV cache reused (vLLM prefix cache)", f"{reuse}: {t.engine_cached_tokens} prompt tokens")
+        rows[9] = ("engine", f"vLLM (the image encoded on {t.device}, {t.dtype})")
     if t.dropped_turns:
         rows.append(("context window", f"{t.context_window} tokens: this turn dropped {t.dropped_now} turn(s) "
                                        f"({t.dropped_turns} in all)"))

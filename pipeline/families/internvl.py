@@ -53,7 +53,8 @@ class InternVL(Family):
     sgl_pairs = {"internvl3-8b": "internvl3-1b", "internvl3-14b": "internvl3-1b",
                  "tiny-internvl-large": "tiny-internvl-small"}
     tiny = {"tiny-internvl-small": dict(vision_layers=3, text_hidden=64, text_layers=2, text_heads=4),
-            "tiny-internvl-large": dict(vision_layers=3, text_hidden=128, text_layers=4, text_heads=8)}
+            "tiny-internvl-large": dict(vision_layers=3, text_hidden=128, text_layers=4, text_heads=8),
+            "tiny-internvl-h32": dict(vision_layers=3, text_hidden=64, text_layers=2, text_heads=2)}  # head size 32: vLLM
     arch = {"internvl3-1b-arch": (INTERNVIT_300M, QWEN25_05B), "internvl3-8b-arch": (INTERNVIT_300M, QWEN25_7B),
             "internvl3-14b-arch": (INTERNVIT_300M, QWEN25_14B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")

@@ -41,7 +41,8 @@ class Llava(LlavaStyle):
     stop_strings = ("</s>",)
     presets = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf"}
     sgl_pairs = {"llava-1.5-13b": "llava-1.5-7b"}
-    tiny = {"tiny-llava": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4)}
+    tiny = {"tiny-llava": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=4),
+            "tiny-llava-h32": dict(vision_layers=4, text_hidden=64, text_layers=2, text_heads=2)}  # head size 32: vLLM's CPU kernels
     tiny_vision = dict(image_size=336, projection_dim=64, initializer_factor=4.0)
     arch = {"llava-1.5-7b-arch": (CLIP_L_336, VICUNA_7B), "llava-1.5-13b-arch": (CLIP_L_336, VICUNA_13B)}
     tiny_special_tokens = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")

@@ -43,7 +43,8 @@ class OneVision(AnyresStyle):
                "llava-ov-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
     sgl_pairs = {"llava-ov-7b": "llava-ov-0.5b", "tiny-ov-large": "tiny-ov-small"}
     tiny = {"tiny-ov-small": dict(vision_layers=3, text_hidden=64, text_layers=2, text_heads=4),
-            "tiny-ov-large": dict(vision_layers=3, text_hidden=128, text_layers=4, text_heads=8)}
+            "tiny-ov-large": dict(vision_layers=3, text_hidden=128, text_layers=4, text_heads=8),
+            "tiny-ov-h32": dict(vision_layers=3, text_hidden=64, text_layers=2, text_heads=2)}  # head size 32: vLLM's CPU kernels
     tiny_vision = dict(image_size=384, vision_use_head=False)
     arch = {"llava-ov-0.5b-arch": (SIGLIP_SO400M, QWEN2_05B), "llava-ov-7b-arch": (SIGLIP_SO400M, QWEN2_7B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")

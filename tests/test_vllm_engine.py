@@ -1,0 +1,119 @@
+"""The vLLM engine against a real vLLM server (started here on 127.0.0.1, stopped after). Runs in the vLLM
+environment (requirements-vllm.txt); skipped where vLLM is not installed. float32 on both sides: greedy
+answers equal zipchat's own decoder token for token."""
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("vllm")
+
+from pipeline import InputError, load_vlm  # noqa: E402
+from pipeline.engines.vllm_launch import LocalVLLM  # noqa: E402
+from pipeline.session import ChatSession  # noqa: E402
+
+TWINS = ["tiny-llava-h32", "tiny-ov-h32", "tiny-internvl-h32"]
+QUESTIONS = ["What is in the image?", "What colour is it?"]
+
+
+@pytest.fixture(scope="module", params=TWINS)
+def served(request, tmp_path_factory):
+    vlm = load_vlm(request.param, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("vllm")
+    server = LocalVLLM(vlm, root / vlm.name, max_model_len=8192, log=root / "server.log")
+    yield vlm, server.engine
+    server.stop()
+
+
+def images():
+    return [Image.new("RGB", (500, 380), (200, 30, 40)), Image.radial_gradient("L").convert("RGB").resize((300, 420))]
+
+
+def conversation(vlm, engine, method="visionzip", tokens=16):
+    """Two images, two turns each -> (answers, stats)."""
+    session = ChatSession(vlm, method=method, max_new_tokens=tokens, engine=engine)
+    answers, stats = [], []
+    for image in images():
+        session.add_image(image)
+        for q in QUESTIONS:
+            answers.append("".join(session.ask_stream(q)))
+            stats.append(session.last_turn)
+    return answers, stats
+
+
+@pytest.mark.parametrize("method", ["visionzip", "full", "divprune"])
+def test_greedy_answers_equal_the_transformers_engine(served, method):
+    vlm, engine = served
+    expected, _ = conversation(vlm, None, method)
+    got, stats = conversation(vlm, engine, method)
+    assert got == expected and all(got)
+    assert all(t.engine == "vllm" for t in stats)
+    # turn 2 on the same image: the first turn's blocks (the image's embeddings included) come from vLLM's cache
+    assert stats[1].engine_cached_tokens >= 32 and stats[1].cache_reused
+    assert stats[1].prefill_tokens < stats[1].prompt_tokens
+
+
+def test_streams_token_by_token_and_stops(served):
+    vlm, engine = served
+    session = ChatSession(vlm, method="visionzip", max_new_tokens=40, stop_at_eos=False, engine=engine)
+    session.add_image(images()[0])
+    deltas = []
+    for delta in session.ask_stream("Describe it."):
+        deltas.append(delta)
+        if len(deltas) == 3:
+            session.stop()
+    t = session.last_turn
+    assert t.stopped and 3 <= t.new_tokens <= 4 and len(deltas) <= 4
+    full = ChatSession(vlm, method="visionzip", max_new_tokens=40, stop_at_eos=False)
+    full.add_image(images()[0])
+    assert full.ask("Describe it.").startswith("".join(deltas))  # the partial answer is the answer's beginning
+    assert session.ask("And now?")  # the session goes on after a Stop
+
+
+def test_the_window_is_the_servers(served):
+    vlm, engine = served
+    session = ChatSession(vlm, engine=engine)
+    assert session.context_window == engine.max_model_len() == 8192 < vlm.context_window
+
+
+def test_eight_concurrent_sessions_are_isolated(served):
+    vlm, engine = served
+    colours = [(255 * (i & 1), 255 * (i >> 1 & 1), 255 * (i >> 2 & 1)) for i in range(8)]
+    def ask(colour, engine):
+        s = ChatSession(vlm, method="visionzip", max_new_tokens=12, engine=engine)
+        s.add_image(Image.new("RGB", (400, 300), colour))
+        return [s.ask(q) for q in QUESTIONS]
+    sequential = [ask(c, None) for c in colours]
+    results = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(colours[i], engine))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == sequential
+
+
+def test_bad_embeddings_never_reach_the_engine(served):
+    vlm, engine = served
+    session = ChatSession(vlm, method="visionzip", max_new_tokens=8, engine=engine)
+    comp = session.add_image(images()[0])
+    good = comp.features
+    comp.features = torch.where(torch.arange(len(good))[:, None] == 5, float("nan"), good)
+    with pytest.raises(InputError, match="NaN"):
+        session.ask("Hi")
+    comp.features = good[:, :-1]
+    with pytest.raises(InputError, match="shape"):
+        session.ask("Hi")
+    comp.features = good
+    assert session.ask("Hi")  # nothing was recorded, the session answers
+    assert len(session.state.turns) == 1
+
+
+def test_fastv_stays_on_transformers(served):
+    vlm, engine = served
+    session = ChatSession(vlm, method="fastv", max_new_tokens=8, engine=engine)
+    session.add_image(images()[0])
+    session.ask("Hi")
+    assert session.last_turn.engine == "transformers"
