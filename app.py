@@ -75,17 +75,19 @@ def load_models(name: str, small_name: str | None = "auto", dtype=None, device_m
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
                small=None, session_options: dict | None = None, max_tiles: int | None = None,
-               image_memory: int = 1 << 30, examples: ExampleCache | None = None) -> gr.Blocks:
+               image_memory: int = 1 << 30, examples: ExampleCache | None = None, answers_at_once: int = 1
+               ) -> gr.Blocks:
     """The page on these models. `max_tiles`: the tiles per image the compress-once methods encode by
     default (tiling families): 4 (base + up to 2x2) on a CPU, where the vision encoder dominates the first
     answer; 0 (the checkpoint's own) on a GPU. `image_memory`: bytes of images and compressed features all
     conversations keep together (memory.py). `examples`: the example images compressed ahead
-    (examples.py); on ZeroGPU the first answer in each worker fills it, after the person's answer."""
+    (examples.py); on ZeroGPU the first answer in each worker fills it, after the person's answer.
+    `answers_at_once`: answers run together (the vLLM engine batches them; zipchat's decoder: 1)."""
     if max_tiles is None:
         max_tiles = 4 if vlm.device.type == "cpu" else 0
     handlers = Handlers(vlm, small, max_new_tokens, method_default, session_options, max_tiles, image_memory,
                         examples, example_paths())
-    return build(handlers, banner, ASSETS / "examples.json")
+    return build(handlers, banner, ASSETS / "examples.json", answers_at_once)
 
 
 def example_paths() -> list:
@@ -139,6 +141,9 @@ def main(argv=None):
     parser.add_argument("--vllm-url", default=env("ZIPCHAT_VLLM_URL"),
                         help="a running vLLM server for --engine vllm (see docs/serving.md); default: "
                              "$ZIPCHAT_VLLM_URL, else zipchat starts one on 127.0.0.1 for the model")
+    parser.add_argument("--answers-at-once", type=int, default=int(env("ZIPCHAT_ANSWERS_AT_ONCE") or 16),
+                        help="--engine vllm: answers (and Compares) that run together, batched by vLLM; more wait "
+                             "in line (default: $ZIPCHAT_ANSWERS_AT_ONCE, else 16). zipchat's own decoder: always 1")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
     args = parser.parse_args(argv)
     prepare_space_reloader()
@@ -163,7 +168,8 @@ def main(argv=None):
     max_tiles = args.max_tiles if args.max_tiles is not None else (4 if vlm.device.type == "cpu" else 0)
     built = build_demo(vlm, banner, args.max_new_tokens, args.method, small=small,
                        session_options=options, max_tiles=max_tiles,
-                       image_memory=args.image_memory << 20, examples=examples)
+                       image_memory=args.image_memory << 20, examples=examples,
+                       answers_at_once=max(1, args.answers_at_once) if "engine" in options else 1)
     built.queue(default_concurrency_limit=1)  # one GPU: one generation at a time, others wait in line
     global demo
     demo = built  # where Gradio's reloader on a Space looks for the app (else it logs that it did not find it)

@@ -9,6 +9,7 @@ bandwidth), both measured at start.
     python -m pipeline.bench            # CPU rows 1-6, 10-24 (about an hour on 2 cores)
     python -m pipeline.bench --quick    # half-width/half-depth shapes, fewer repeats (< 3 minutes)
     python -m pipeline.bench --device cuda   # rows 1-14, 18-24 on a GPU (bf16)
+    python -m pipeline.bench --rows 25,26,27 # vLLM serving, in the vLLM environment (bench_serving.py)
 """
 
 import argparse
@@ -807,6 +808,9 @@ def main(argv=None):
     add(chosen(lambda: row_selection(args, clock), ("21", "22")))
     add(chosen(lambda: row_equal_budget_prefill(args, clock, hw, arch("llava-ov-0.5b-arch", args)), ("23",)))
     add(chosen(lambda: row_in_llm_first_turn(args, clock, hw), ("24",)))
+    if any(w.rstrip("abcd") in {"25", "26", "27"} for w in wanted):  # vLLM serving (bench_serving.py)
+        from .bench_serving import serving_rows
+        add(serving_rows(args, arch, Row, wanted))
     rows.sort(key=lambda r: (int("".join(ch for ch in r.id if ch.isdigit())), r.id))
 
     import transformers

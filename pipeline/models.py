@@ -41,6 +41,9 @@ class VLM:
     # held around an image encode: the tower's score captures are set up per call on its modules, so the
     # example warm-up (examples.py) and a turn never encode at the same time
     encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # held around an answer on zipchat's decoder when the app answers several requests at once (the vLLM
+    # engine): FastV's and SGL's hooks are set up per answer on the language model's modules
+    answer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def language_model(self):

@@ -422,9 +422,14 @@ class ChatSession:
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
         generated, finished, cancelled = [], False, False
+        answer_turn = ANSWER.get(self.settings.method) or (ChatSession.plain_answer if self.engine is None
+                                                            else vllm_answer)  # FastV, SGL: their own
+        # with an engine the app answers several requests at once: zipchat's decoder still answers one at a time
+        # (a plain Lock: Gradio may resume this generator on another thread)
+        one_at_a_time = vlm.answer_lock if self.engine is not None and answer_turn is not vllm_answer else None
+        if one_at_a_time is not None:
+            one_at_a_time.acquire()
         try:
-            answer_turn = ANSWER.get(self.settings.method) or (ChatSession.plain_answer if self.engine is None
-                                                                else vllm_answer)  # FastV, SGL: their own
             answer = yield from answer_turn(self, plan, stats, t0, generated)
             generated[:] = answer
             finished = True
@@ -432,6 +437,8 @@ class ChatSession:
             finished = cancelled = True
             raise
         finally:
+            if one_at_a_time is not None:
+                one_at_a_time.release()
             lane = self._lanes.get("large")
             stats.kv_cache_bytes = cache_nbytes(lane.cache) if lane else 0
             self._return_lanes()

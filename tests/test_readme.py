@@ -30,3 +30,10 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
+
+
+def test_ci_builds_the_vllm_environment_as_the_readme_says():
+    install = re.search(r"```bash\n(pip install torch==\S+ -r requirements-vllm.txt .*?) && python app.py", README).group(1)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install in ci.replace("\n    ", "\n").splitlines()
+    assert "python -m pytest -q tests/test_vllm_engine.py" in ci and "python -m pytest -q tests/test_vllm_engine.py" in README

@@ -117,3 +117,48 @@ def test_fastv_stays_on_transformers(served):
     session.add_image(images()[0])
     session.ask("Hi")
     assert session.last_turn.engine == "transformers"
+
+
+def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
+    """`python app.py --engine vllm` (it starts its own vLLM server): a conversation in Chromium streams its
+    answers from vLLM, says so, and turn 2 hits vLLM's prefix cache; two API clients answered together get
+    what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from tests.appclient import CAT, AppProcess, send, stat, texts
+    from tests.test_browser import CHROMIUM, ask, open_page, upload_and_ask, wait_until_textbox_is_back  # noqa: F401
+
+    app = AppProcess("--engine", "vllm", "--model", "tiny-ov-h32", "--max-new-tokens", "24", timeout=600,
+                     log=tmp_path / "app.log")
+    try:
+        with open_page(app.url, 1500, 1000) as page:
+            assert "Engine: vLLM" in page.locator("#engine-note").inner_text()
+            stats = page.locator("#stats")
+            upload_and_ask(page, "What is it?")
+            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('vLLM (the image')",
+                                   timeout=120_000)
+            wait_until_textbox_is_back(page)
+            assert page.locator("#chatbot .message.bot").last.inner_text().strip()
+            ask(page, "And its colour?")
+            page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length >= 2 && "
+                                   "!document.querySelector('#textbox textarea').disabled", timeout=120_000)
+            page.wait_for_function("() => /prefix cache\\)\\s*yes: [1-9]/.test(document.querySelector('#stats')"
+                                   ".innerText)", timeout=30_000)
+            assert "vLLM" in stats.inner_text()
+            page.screenshot(path=str(tmp_path / "vllm.png"))
+
+        def conversation(_):
+            client = Client(app.url, verbose=False)
+            history, stats, *_ = send(client, [], "What is in the image?", [CAT])
+            history, stats2, *_ = send(client, history, "What colour is it?")
+            return texts(history), stat(stats, "engine"), stat(stats2, "KV cache reused (vLLM prefix cache)")
+        alone = conversation(0)
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(conversation, range(2)))
+        assert [t[0] for t in together] == [alone[0], alone[0]]  # (how much the cache held differs: not compared)
+        for answers, engine, cache in [alone, *together]:
+            assert engine.startswith("vLLM") and cache.startswith("yes")
+    finally:
+        app.close()

@@ -10,6 +10,7 @@ from .handlers import Handlers
 from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, METHOD_NAMES, VLLM_NOTE, NO_IMAGE, VIEW_NAMES, format_stats
 
 MODEL = "model"  # the concurrency group of the events that run a model
+ANSWERS = "answers"  # --engine vllm: answers and Compares, several at once (the engine batches them)
 CHAT_HEIGHT = 560  # pixels at most; the page's style sheet fits it to the screen (assets/style.css)
 MAP_HEIGHT = "min(48vh, 560px)"  # the map fits the first screen with its readout and stats under it
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
@@ -33,11 +34,14 @@ class MapClick(gr.EventData):
         return self._data.get("index") if isinstance(self._data, dict) else None
 
 
-def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
+def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 1) -> gr.Blocks:
     """The page: the settings in a side panel; the chat beside the map (with its readout and the turn's
     stats right under it) and Compare, as tabs of the right column; on a phone the columns stack, chat
-    first."""
+    first. `answers_at_once` > 1 (an engine that batches): that many answers and Compares run together; the
+    other model events (settings, the map's image) stay one at a time, and the encodes take the model's lock."""
     vlm, small = h.vlm, h.small
+    answers = dict(concurrency_id=MODEL) if answers_at_once <= 1 else dict(concurrency_id=ANSWERS,
+                                                                          concurrency_limit=answers_at_once)
     with gr.Blocks(title="zipchat", delete_cache=(1800, 3600), fill_width=True) as demo:
         state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget)
         available = [label for label, m in METHOD_NAMES.items() if m != "sgl" or small is not None]
@@ -144,7 +148,7 @@ def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
                                 queue=False, api_name="add_message" if api else False)
             # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
             answering = submitted.then(h.respond, [chatbot, state, view], [chatbot, state, stats, *maps],
-                                       api_name="respond" if api else False, concurrency_id=MODEL)
+                                       api_name="respond" if api else False, **answers)
             # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
             # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
             answering.then(h.finish, state, [textbox, stop_btn], api_name=False)
@@ -175,7 +179,7 @@ def build(h: Handlers, banner: str | None, gallery_file) -> gr.Blocks:
                                             api_name=False)  # (gr.Error while answering: nothing more runs)
         comparing = compare_started.success(h.compare_answers, [state, compare_methods],
                                             [compare_table, compare_answers_md, compare_maps, compare_overlap],
-                                            api_name="compare", concurrency_id=MODEL)
+                                            api_name="compare", **answers)
         comparing.then(h.finish_compare, state, [textbox, stop_btn], api_name=False)
         comparing.failure(h.finish_compare, state, [textbox, stop_btn], api_name=False)
         clear_btn.click(h.clear, state, [chatbot, state, textbox, map_image, caption, view, stats, info, compare_table,

@@ -49,6 +49,7 @@ def format_stats(t) -> str:
         ("device", f"{t.device}, {t.dtype}"),
     ]
     if getattr(t, "engine", "transformers") == "vllm":  # (states pickled before engines had no field)
+        rows[5] = ("prefill", "on vLLM (inside the time to first token)")
         rows[7] = ("KV cache reused (vLLM prefix cache)", f"{reuse}: {t.engine_cached_tokens} prompt tokens")
         rows[9] = ("engine", f"vLLM (the image encoded on {t.device}, {t.dtype})")
     if t.dropped_turns:
