@@ -95,6 +95,23 @@ def test_eight_concurrent_sessions_are_isolated(served):
     assert results == sequential
 
 
+def test_fastv_answers_asked_together_equal_sequential_ones(served):
+    """The app answers several requests at once on this engine: FastV's hooks on the shared language model
+    must not see another answer's layers (the model's answer lock keeps zipchat's decoder one at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    vlm, engine = served
+
+    def ask(colour):
+        s = ChatSession(vlm, method="fastv", max_new_tokens=8, engine=engine)
+        s.add_image(Image.new("RGB", (400, 300), colour))
+        return s.ask("Hi"), s.last_turn.engine
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    sequential = [ask(c) for c in colours]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, colours)) == sequential
+    assert {e for _, e in sequential} == {"transformers"}
+
+
 def test_bad_embeddings_never_reach_the_engine(served):
     vlm, engine = served
     session = ChatSession(vlm, method="visionzip", max_new_tokens=8, engine=engine)
