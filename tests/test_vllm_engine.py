@@ -136,6 +136,7 @@ def test_fastv_stays_on_transformers(served):
     assert session.last_turn.engine == "transformers"
 
 
+@pytest.mark.browser
 def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
     """`python app.py --engine vllm` (it starts its own vLLM server): a conversation in Chromium streams its
     answers from vLLM, says so, and turn 2 hits vLLM's prefix cache; two API clients answered together get
