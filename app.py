@@ -28,7 +28,7 @@ import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, InputError, ModelUnavailable, load_vlm  # noqa: E402
 from pipeline.examples import ExampleCache  # noqa: E402
-from pipeline.methods import METHODS  # noqa: E402
+from pipeline.methods import registry  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
 from ui.handlers import Handlers, on_zero_gpu  # noqa: E402
 from ui.layout import build  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv=None):
                         help="small model for SGL; 'auto' picks the preset's partner (llava-ov-7b -> llava-ov-0.5b), "
                              "'' disables SGL (default: $ZIPCHAT_SMALL_MODEL, else auto)")
     parser.add_argument("--method", default=env("ZIPCHAT_METHOD", "visionzip"),
-                        choices=list(METHODS))
+                        choices=list(registry.names()))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; Spaces set 0.0.0.0)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
@@ -156,8 +156,8 @@ def main(argv=None):
                                          device_map=args.device_map)
     except ModelUnavailable as e:  # (no weights, and not even a tiny model could be built: say why, no traceback)
         parser.exit(1, f"[zipchat] {e}\n")
-    if args.method == "sgl" and small is None:
-        parser.error("--method sgl needs a small model (--small-model)")
+    if registry.get(args.method).needs_small and small is None:
+        parser.error(f"--method {args.method} needs a small model (--small-model)")
     options = {"stop_at_eos": False} if args.ignore_eos else {}
     if args.engine == "vllm":
         try:

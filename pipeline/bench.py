@@ -621,7 +621,7 @@ def row_selection(args, clock) -> list:
     """21-22: each compress-once method's selection (with the projection it needs) over the vision
     encode it follows, on CLIP-L/336 (LLaVA-1.5-7B: projector to 4096) and SigLIP-so400m (OneVision-0.5B,
     a 384 px image: base + 1 tile). DivPrune and Pool project every unit (DESIGN: on P)."""
-    from .methods import COMPRESS_ONCE, SELECT
+    from .methods import registry
     from .methods.base import CropInput
     rows = []
     for row_id, preset, image in (("21", "llava-1.5-7b-arch", Image.open(ASSETS / "chelsea.png").convert("RGB")),
@@ -637,7 +637,7 @@ def row_selection(args, clock) -> list:
             def run():
                 for i, crop in enumerate(prepared.crops):
                     d, c = family.budget(54, 10, out.units.shape[1] - offset)
-                    picked = SELECT[method](CropInput(
+                    picked = registry.get(method).pick(CropInput(
                         units=out.units[i], scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls,
                         grid=crop.grid, dominant=d, contextual=c, seed=i,
                         project=lambda u: family.project(model, u[None])[0], project_parts=family.project_parts(model)))
@@ -647,9 +647,9 @@ def row_selection(args, clock) -> list:
 
         encode = torch.inference_mode()(lambda: family.encode(model, prepared, with_stats=True))
         targets = {"divprune": "<= 0.08"}
-        for k, method in enumerate(COMPRESS_ONCE):
+        for k, method in enumerate(registry.of_kind(registry.COMPRESS_ONCE)):
             ta, tb = side_by_side(clock, selection(method), encode, args.repeats)
-            rows.append(Row(f"{row_id}{'abcde'[k]}", f"{method} selection / vision encode, {preset} "
+            rows.append(Row(f"{row_id}{chr(ord('a') + k)}", f"{method} selection / vision encode, {preset} "
                             f"({len(prepared.crops)} crop{'s' * (len(prepared.crops) > 1)})", f"{method} selection",
                             "encode to the feature layer (+ scores)", ta, tb, target=targets.get(method, "<= 0.03")))
     return rows

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from .errors import InputError
-from .methods import COMPRESS_ONCE
+from .methods import registry
 from .models import PRESETS, load_vlm
 from .session import ChatSession
 
@@ -16,7 +16,8 @@ def main(argv=None) -> int:
     ask.add_argument("questions", nargs="+", help="one question per turn")
     ask.add_argument("--model", default="tiny-llava", help=f"preset ({', '.join(PRESETS)}), hub id or directory")
     ask.add_argument("--image", help="image file (omit for a text-only chat)")
-    ask.add_argument("--method", default="visionzip", choices=["full", *COMPRESS_ONCE, "fastv"])
+    ask.add_argument("--method", default="visionzip", help="(methods with a small model or picks by hand: the app)",
+                     choices=[m.name for m in registry.all_methods() if not m.needs_small and m.kind != registry.MANUAL])
     ask.add_argument("--dominant", type=int, default=54)
     ask.add_argument("--contextual", type=int, default=10)
     ask.add_argument("--max-new-tokens", type=int, default=64)

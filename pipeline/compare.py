@@ -3,9 +3,9 @@ side; what each method kept, as a small map, and how much the kept sets overlap.
 
 "Kept" (for the maps and the overlap): the units sent as themselves (`CropInfo.kept`: VisionZip's
 dominant units, the pruning methods' picks, the manual picks), plus VisionZip's contextual targets in
-the overlap; FastV and SGL keep the visual tokens their large model kept in the compared turn (a merged
-token counts as its target unit). Pool keeps no unit as itself and Full keeps all: both are left out of
-the overlap. Overlap = Jaccard |A & B| / |A | B| over (crop, unit) of the latest image, between methods
+the overlap; the in-LLM methods (FastV, SGL) keep the visual tokens their large model kept in the
+compared turn (a merged token counts as its target unit). A method whose record has no kept set (Pool
+keeps no unit as itself, Full keeps all) is left out of the overlap. Overlap = Jaccard |A & B| / |A | B| over (crop, unit) of the latest image, between methods
 that cut it into the same crops (a tile cap makes the compress-once methods' crops differ from Full's
 and FastV's).
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .compress import units_view
 from .errors import InputError
-from .methods import HAS_KEPT_SET, LABELS, METHODS, images_for
+from .methods import registry
+from .methods.base import units_view
 
 
 def default_methods(method: str) -> list:
@@ -31,15 +31,20 @@ def checked_methods(session, methods) -> list:
         return default_methods(session.settings.method)
     if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
         raise InputError("Compare takes a list of method names, e.g. ['visionzip', 'divprune', 'full'].")
-    unknown = [m for m in methods if m not in METHODS]
+    known = registry.names()
+    unknown = [m for m in methods if not isinstance(m, str) or m not in known]
     if unknown:
-        raise InputError(f"Unknown method(s) {', '.join(map(repr, unknown))}. Choose from: {', '.join(METHODS)}.")
+        raise InputError(f"Unknown method(s) {', '.join(map(repr, unknown))}. Choose from: {', '.join(known)}.")
     if not methods:
         raise InputError("Choose at least one method to compare.")
-    if "sgl" in methods and session.small is None:
-        raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
-    if "manual" in methods and not any(session.state.picks.values()):
-        raise InputError("Manual compares the patches picked on the map: pick some first (Method: Manual).")
+    records = [registry.get(m) for m in methods]
+    for m in records:
+        if m.needs_small and session.small is None:
+            raise InputError(f"{m.label} needs a small model: start with a small model (e.g. --small-model "
+                             "llava-ov-0.5b).")
+        if m.kind == registry.MANUAL and not any(session.state.picks.values()):
+            raise InputError(f"{m.label} compares the patches picked on the map: pick some first "
+                             f"(Method: {m.label}).")
     return list(dict.fromkeys(methods))
 
 
@@ -118,7 +123,7 @@ def compare(session, methods: list | None = None, max_new_tokens: int | None = N
 def compare_with_full(session, max_new_tokens: int | None = None) -> dict:
     """{method: (answer, TurnStats)} for the session's method and the full model (see `compare`)."""
     method = session.settings.method
-    methods = ["full", "visionzip"] if method == "full" else [method, "full"]
+    methods = ["full", "visionzip"] if registry.get(method).kind == registry.FULL else [method, "full"]
     return {m: (a, t) for m, a, t in compare(session, methods, max_new_tokens=max_new_tokens)}
 
 
@@ -129,11 +134,12 @@ def kept_view(session, method: str, stats=None):
     key = session.state.last_image_key
     if key is None:
         return None
-    if method == "manual" and session.state.picks.get(key):
+    record = registry.get(method)
+    if record.kind == registry.MANUAL and session.state.picks.get(key):
         return session.image(key), session.pick_view(key)
-    comp = session.compression(key, method=session.image_method(key, images_for(method, session.settings)))
+    comp = session.compression(key, method=session.image_method(key, record.encodes(session.settings)))
     g = getattr(stats, "guidance", None)
-    if method in ("fastv", "sgl") and g is not None and key in g.image_spans:
+    if record.kind == registry.IN_LLM and g is not None and key in g.image_spans:
         start, end = g.image_spans[key]
         kept = np.zeros(len(g.importance), dtype=bool)
         kept[g.kept] = True
@@ -155,11 +161,11 @@ def tokens_view(comp, kept_tokens: np.ndarray, method: str):
 
 def kept_units(session, method: str, stats=None) -> set | None:
     """{(crop, unit)} a method kept of the latest image (see the module's note), or None (Pool, Full)."""
-    key = session.state.last_image_key
-    if method not in HAS_KEPT_SET or key is None:
+    key, record = session.state.last_image_key, registry.get(method)
+    if not record.kept_set or key is None:
         return None
-    if method in ("fastv", "sgl"):  # the tokens kept: a merged token counts as its target
-        comp, g = session.compression(key, method=images_for(method, session.settings)), stats.guidance
+    if record.kind == registry.IN_LLM:  # the tokens kept: a merged token counts as its target
+        comp, g = session.compression(key, method=record.encodes(session.settings)), stats.guidance
         start, end = g.image_spans[key]
         rows = comp.token_map[g.kept[(g.kept >= start) & (g.kept < end)] - start]
         return {(int(crop), int(patch)) for crop, patch, _ in rows if patch >= 0}
@@ -185,14 +191,14 @@ def overlap(session, results: list) -> tuple:
 
 def overlap_markdown(names: list, matrix: list, compared: list = ()) -> str:
     """The Jaccard table, and one line for the compared methods it leaves out (Pool, Full) and why."""
-    why = {"pool": "Pool keeps no patch as itself (its tokens are cell means)", "full": "Full keeps every patch"}
-    out = [why[m] for m in compared if m in why]
+    out = [registry.get(m).not_in_overlap for m in compared if registry.get(m).not_in_overlap]
     note = f"\n\n_Not in the overlap: {'; '.join(out)}._" if out else ""
     if len(names) < 2:
         return "_The overlap of kept sets needs two methods that keep units as themselves (not Full, not Pool)._" \
             if not out else f"_The overlap of kept sets needs two methods that keep units as themselves: {'; '.join(out)}._"
-    head = "| kept overlap (Jaccard) | " + " | ".join(LABELS[n] for n in names) + " |\n|---|" + "---|" * len(names)
-    rows = [f"| {LABELS[a]} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |"
+    head = "| kept overlap (Jaccard) | " + " | ".join(registry.label(n) for n in names) + " |\n|---|" \
+        + "---|" * len(names)
+    rows = [f"| {registry.label(a)} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |"
             for a, row in zip(names, matrix)]
     if any(v is None for row in matrix for v in row):
         note = "\n\n— : different crops (the tile cap applies to compress-once methods, not to Full or FastV)." + note

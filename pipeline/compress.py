@@ -10,7 +10,7 @@ from .errors import InputError
 from .families import VisionOutput
 from .families.base import distinct_crops
 from .images import image_digest
-from .methods import COMPRESS_ONCE, LABELS, SELECT
+from .methods import registry
 from .methods.base import CropInput
 from .methods.visionzip import gather
 
@@ -34,7 +34,7 @@ class CropInfo:
 
 @dataclass
 class Compression:
-    method: str  # "full", a compress-once method (methods/__init__.py), or "manual"
+    method: str  # a registered method of kind full, compress-once or manual (methods/registry.py)
     dominant_budget: int
     contextual_budget: int
     num_tokens: int  # visual tokens the LLM sees for this image
@@ -50,32 +50,15 @@ class Compression:
         return self.features.numel() * self.features.element_size()
 
     def caption(self) -> str:
+        """What the map shows, in a line: the method's own caption (registry.Method.caption), or
+        "Label: n <its tokens> in k crops = n of N visual tokens (p%)"."""
+        method = registry.get(self.method)
+        if method.caption is not None:
+            return method.caption(self)
         share = 100 * self.num_tokens / self.full_tokens
-        if self.method == "full":
-            return f"all {self.num_tokens} visual tokens (no compression)"
-        if self.method == "manual" and not self.num_tokens:
-            return "no patches picked on this image: Manual sends it as VisionZip's choice (click patches to pick your own)"
-        if self.method == "manual":
-            patches = "patch" if self.num_tokens == 1 else "patches"
-            return f"{self.num_tokens} {patches} picked by hand = {self.num_tokens} of {self.full_tokens} visual tokens " \
-                   f"({share:.0f}%)"
-        if self.method != "visionzip":
-            crops = f" in {len(self.crops)} crops" if len(self.crops) > 1 else ""
-            what = {"pool": "pooled cells (cell means)", "divprune": "diverse patches (max-min distance)",
-                    "vispruner": "patches (important by attention, then diverse)",
-                    "random": "random patches (seeded by the image)"}.get(self.method, "patches")
-            return (f"{LABELS.get(self.method, self.method)}: {self.num_tokens} {what}{crops} = {self.num_tokens} of "
-                    f"{self.full_tokens} visual tokens ({share:.0f}%)")
-        kept = {(len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops}
-        if kept == {(self.dominant_budget, self.contextual_budget)}:
-            per_crop = f"{self.dominant_budget} dominant + {self.contextual_budget} contextual"
-            crops = f" x {len(self.crops)} crops" if len(self.crops) > 1 else ""
-        else:  # a share of each image's units (dynamic resolution)
-            d, c = (sum(k) for k in zip(*((len(c.dominant) + c.includes_cls, len(c.targets)) for c in self.crops)))
-            per_crop = (f"{d} dominant + {c} contextual (the {self.dominant_budget}+{self.contextual_budget} "
-                        "per 576 share)")
-            crops = ""
-        return f"{per_crop}{crops} = {self.num_tokens} of {self.full_tokens} visual tokens ({share:.0f}%)"
+        crops = f" in {len(self.crops)} crops" if len(self.crops) > 1 else ""
+        return (f"{method.label}: {self.num_tokens} {method.words.tokens}{crops} = {self.num_tokens} of "
+                f"{self.full_tokens} visual tokens ({share:.0f}%)")
 
     def per_patch(self, values: np.ndarray) -> list:
         """Spread one value per visual token onto every crop's patches (contextual tokens cover their
@@ -89,26 +72,14 @@ class Compression:
         return out
 
 
-def units_view(comp: Compression, units: list, method: str, num_tokens: int | None = None) -> Compression:
-    """`comp` as drawn for a method that sends exactly `units` (per crop: patch indices) as themselves and
-    no other unit (the manual picks; FastV's and SGL's kept tokens). For the maps: its features are not
-    the model's. `num_tokens`: the tokens the method sends, where they are not one per unit."""
-    crops = []
-    for c, picked in zip(comp.crops, units):
-        picked = np.array(sorted(picked), dtype=np.int64)
-        groups = np.full(c.grid[0] * c.grid[1], -2)  # -2: not sent
-        groups[picked] = -1
-        crops.append(replace(c, dominant=picked, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
-    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
-    return replace(comp, method=method, crops=crops, token_map=token_map, features=comp.features[:0],
-                   num_tokens=len(token_map) if num_tokens is None else num_tokens)
-
-
 def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None) -> tuple:
-    if method == "full":
-        return ("full",)
-    if method == "manual":  # picks: {crop: units} of one image
-        return ("manual", max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
+    """What a compression depends on, beside the image and the model: the method and its budget (Full: none;
+    Manual: the picks, {crop: units} of one image)."""
+    kind = registry.get(method).kind
+    if kind == registry.FULL:
+        return (method,)
+    if kind == registry.MANUAL:
+        return (method, max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
     return (method, dominant, contextual, max_tiles)
 
 
@@ -116,24 +87,27 @@ def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, 
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
                  selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None
                  ) -> Compression:
-    """PIL image -> Compression. `method` "full" keeps every token exactly as transformers does.
+    """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as
+    transformers sends them), compress-once (its `pick` per crop) or manual.
     `selection_from`: reuse another model's VisionZip selection (same units and groups) on this
     model's features, so that two models of an SGL pair see the same tokens. `max_tiles` (> 0) caps
     the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would.
-    `method` "manual": exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order."""
+    A manual method: exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
+    kind = registry.get(method).kind
+    if kind not in (registry.FULL, registry.COMPRESS_ONCE, registry.MANUAL):
+        raise InputError(f"{registry.label(method)} does not compress an image once (it prunes inside the model).")
     full_map = family.full_token_map(model, family.layout(image))  # what the LLM would see without compression
-    prepared = family.prepare(image, max_tiles if method != "full" and max_tiles else None)
-    if method == "full":
+    prepared = family.prepare(image, max_tiles if kind != registry.FULL and max_tiles else None)
+    if kind == registry.FULL:
         features = family.encode_full(model, prepared)
         crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
                           None, np.zeros(0, int)) for c in prepared.crops]
         return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                            features, time.perf_counter() - start, full_map)
-    if method not in COMPRESS_ONCE + ("manual",):
-        raise InputError(f"Unknown compression method {method!r}.")
-    if method == "manual" and not any(picks.get(i) for i in range(len(prepared.crops))):
+    manual = kind == registry.MANUAL
+    if manual and not any(picks.get(i) for i in range(len(prepared.crops))):
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
     if selection_from is None:
         check_not_above_full(family, prepared.crops, method, dominant, contextual, picks, len(full_map))
@@ -144,7 +118,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     parts = family.project_parts(model)
     for i, crop in enumerate(prepared.crops):
         x = out.units[i]  # (U, C)
-        if method == "manual":
+        if manual:
             units = np.array(sorted(set(picks.get(i, ()))), dtype=np.int64)
             groups = np.full(crop.grid[0] * crop.grid[1], -2)  # -2: not sent
             groups[units] = -1
@@ -158,7 +132,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             continue
         if selection_from is None:
             d, c = family.budget(dominant, contextual, x.shape[0] - offset)
-            picked = SELECT[method](CropInput(
+            picked = registry.get(method).pick(CropInput(
                 units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
                 contextual=c, seed=seed + i, project=lambda u: family.project(model, u[None])[0],
                 project_parts=parts))
@@ -183,7 +157,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])
             crop_map, selected[-1] = [crop_map[k] for k in order], selected[-1][torch.tensor(order)]
         token_map += crop_map
-    if method == "manual" or any(projected) or len({len(s) for s in selected}) > 1:
+    if manual or any(projected) or len({len(s) for s in selected}) > 1:
         features = torch.cat([s if done else family.project(model, s[None])[0] for s, done in zip(selected, projected)])
     else:  # the same budget in every crop: one batched projection
         features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
@@ -196,7 +170,8 @@ def check_not_above_full(family, crops: list, method: str, dominant: int, contex
     """A compress-once method never sends more visual tokens for an image than Full sends for it: Full packs
     anyres tiles into fewer tokens than crops x units (OneVision pools its tiles; NeXT unpads them), so a
     large per-crop budget can exceed it. -> InputError with both numbers and the budget that fits."""
-    if method == "manual":
+    manual = registry.get(method).kind == registry.MANUAL
+    if manual:
         sent = sum(len(set(picks.get(i, ()))) for i in range(len(crops)))
     else:
         units = [c.grid[0] * c.grid[1] for c in crops]
@@ -206,11 +181,11 @@ def check_not_above_full(family, crops: list, method: str, dominant: int, contex
     if sent <= full:
         return
     where = f" ({len(crops)} crops)" if len(crops) > 1 else ""
-    if method == "manual":
+    if manual:
         raise InputError(f"{sent:,} patches are picked on this image{where}, more visual tokens than the {full:,} "
                          f"that Full sends for it. Unpick some (at most {full:,}), or choose Full.")
     fits = full // len(crops)
-    raise InputError(f"{LABELS[method]} at {dominant}+{contextual} tokens per crop would send {sent:,} visual tokens "
+    raise InputError(f"{registry.label(method)} at {dominant}+{contextual} tokens per crop would send {sent:,} visual tokens "
                      f"for this image{where}, more than the {full:,} that Full sends for it. A budget of at most "
                      f"{fits} per crop fits (dominant + contextual); or choose Full.")
 

@@ -13,7 +13,7 @@ import threading
 import time
 
 from .compress import encode_image, method_key
-from .methods import COMPRESS_ONCE
+from .methods import registry
 from .images import image_digest, load_image
 from .stopflag import answering_now
 
@@ -41,10 +41,11 @@ class ExampleCache:
         a time under the model's encode lock; `polite`: first wait while any conversation is answering (a
         background thread; not inside a GPU call that queued questions wait for). `stop` ends it between
         images."""
-        if method == "fastv":  # FastV prunes per question, on the full tokens
-            method = "full"
-        if method not in ("full",) + COMPRESS_ONCE:  # SGL's and Manual's tokens depend on the question or the picks
-            method = "visionzip"
+        record = registry.get(method)
+        if isinstance(record.images, str):  # an in-LLM method on fixed tokens (FastV prunes Full's per question)
+            method = record.images
+        elif record.kind not in (registry.FULL, registry.COMPRESS_ONCE):  # SGL's tokens are a setting, Manual's
+            method = "visionzip"  # depend on the picks: VisionZip's, the app's default, are the likeliest asked for
         for path in paths:
             while polite and answering_now() and not (stop is not None and stop.is_set()):
                 time.sleep(0.2)  # a person first

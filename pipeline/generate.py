@@ -6,29 +6,11 @@ We call the decoder (`model.model.language_model`) and `lm_head` directly instea
 
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from .errors import InputError
-
-
-MIN_TEMPERATURE = 1e-3  # below this a temperature is greedy: logits / 1e-40 overflow to inf, softmax to nan
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
-    top_p: float = 0.9  # in (0, 1]
-    seed: int = 0
-
-    def __post_init__(self):  # (dataclasses.replace runs this too: no Sampling exists that `pick` fails on)
-        from .settings import checked
-        self.temperature = checked("temperature", self.temperature, 0, 5)
-        self.top_p = checked("top-p", self.top_p, 0, 1)
-        if self.top_p <= 0:
-            raise InputError("The top-p must be above 0 (the share of probability mass sampled from, at most 1).")
+from .config import MIN_TEMPERATURE, Sampling
 
 
 def new_cache(vlm) -> DynamicCache:

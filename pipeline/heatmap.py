@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
+from .methods import registry
+
 VIEWS = ("kept", "groups", "scores", "importance")
 FADE = 0.7  # share of white over a patch the LLM does not receive as itself
 TINT = 0.5  # share of a group's colour over its patches
@@ -220,7 +222,7 @@ def _kept(photo, comp, panels):
     def faded(i):
         c = comp.crops[i]
         return (c.groups.reshape(c.grid) != -1).astype(np.float32)[..., None]  # 1: not sent as itself
-    if comp.method == "full":
+    if registry.get(comp.method).kind == registry.FULL:
         return photo
     fade = np.nan_to_num(_paint(photo, comp, panels, faded))
     return photo * (1 - FADE * fade) + 255 * FADE * fade
@@ -239,7 +241,7 @@ def _groups(photo, comp, panels):
     canvas = np.where(has, (1 - TINT) * photo + TINT * np.nan_to_num(painted), photo)
     k = text_scale(canvas.shape[1])
     entries = []
-    verb = "pooled" if comp.method == "pool" else "merged"
+    verb = registry.get(comp.method).words.merged
     names = crop_names(comp)
     for i, c in enumerate(comp.crops):
         for g in range(group_count(c)):
@@ -329,12 +331,11 @@ def _legend(entries, width, k=1.0, col_w=230):
 
 def _kept_legend(comp, width, k=1.0):
     """What the kept view's marks mean, for this method."""
-    if comp.method == "full":
+    method = registry.get(comp.method)
+    if method.kind == registry.FULL:
         return None
     grey = int(255 - FADE * 127)
-    entries = [((255, 255, 255), "clear: sent as itself" if comp.method != "manual" else "clear: picked, sent"),
-               ((grey, grey, grey), "faded: not sent as itself" + (" (merged or dropped)" if comp.method == "visionzip"
-                                                                  else ""))]
+    entries = [((255, 255, 255), method.words.clear), ((grey, grey, grey), method.words.faded)]
     if any(len(c.targets) for c in comp.crops):
         entries.append((None, "ring: a contextual token's target"))
     return _legend(entries, width, k, col_w=310)
@@ -402,15 +403,14 @@ def describe(comp, crop: int, unit: int, importance=None, source: str = "SGL") -
     c = comp.crops[crop]
     rows, cols = c.grid
     where = (f"{crop_names(comp)[crop]}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
-    group = int(c.groups[unit])
-    if comp.method == "full":
-        what = "sent as itself (all tokens)"
+    group, method = int(c.groups[unit]), registry.get(comp.method)
+    if method.kind == registry.FULL:
+        what = method.words.kept
     elif group == -1:
-        kind = {"manual": "picked", "visionzip": "dominant"}.get(comp.method, "kept")
-        what = f"{kind}: sent as itself"
+        what = f"{method.words.kept}: sent as itself"
     elif group == -2:
-        what = "not sent (not picked)" if comp.method == "manual" else "not sent"
-    elif comp.method == "pool":
+        what = method.words.not_sent
+    elif method.words.merged == "pooled":
         what = f"pooled token {group} of {crop_phrase(comp, crop)} (the mean of its cell's {int((c.groups == group).sum())} units)"
     else:
         merged = int((c.groups == group).sum())

@@ -11,10 +11,10 @@ longest prefix the cache still matches and prefills the rest: normally the lates
 new question. Caches live in a process-local KVStore keyed by session (kvstore.py); where there is
 none (a new ZeroGPU worker) the turn prefills the conversation once.
 
-How images become visual tokens is the method's (methods/): the compress-once methods run at
-`compression`, once per image; "fastv" and "sgl" answer through their own turn function, which prunes
-inside the language model (methods/fastv.py, methods/sgl.py: a small model with its own lane answers
-first and ranks the visual tokens).
+How images become visual tokens is the method's (methods/, one Method record each): the compress-once
+methods run at `compression`, once per image; the in-LLM methods (FastV, SGL) answer through their own
+turn function, which prunes inside the language model (methods/fastv.py, methods/sgl.py: a small model
+with its own lane answers first and ranks the visual tokens).
 """
 
 import os
@@ -30,14 +30,16 @@ from PIL import Image
 from .chat import Message
 from .compress import Compression, encode_image, method_key
 from .errors import InputError
+from .config import UNSET, Sampling
 from .engines.vllm_answer import vllm_answer
-from .generate import Sampling, pick, suppress
+from .generate import pick, suppress
 from .images import image_digest, load_image
 from .kvstore import KVStore, cache_nbytes
 from .lane import Lane, Unit
-from .methods import ANSWER, images_for, manual
-from .methods.sgl import Guidance, check_pair
-from .settings import UNSET, changed
+from .methods import manual, registry
+from .methods.capture import Guidance
+from .methods.sgl import check_pair
+from .settings import changed
 from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
 
@@ -186,17 +188,23 @@ class ChatSession:
                                       fastv_keep_ratio=fastv_keep_ratio)
 
     @property
+    def method(self) -> registry.Method:
+        """The current method's record (methods/registry.py)."""
+        return registry.get(self.settings.method)
+
+    @property
     def visual_method(self) -> str:
-        """How images are encoded for the LLM(s): "full", a compress-once method, or "manual" (FastV
-        prunes inside the model: its images are "full"; SGL's are `sgl_tokens`)."""
-        return images_for(self.settings.method, self.settings)
+        """How images are encoded for the LLM(s): Full, a compress-once method, or Manual (the in-LLM
+        methods encode theirs as their record says: FastV's as Full, SGL's as its `sgl_tokens`)."""
+        return self.method.encodes(self.settings)
 
     def image_method(self, key: str, method: str | None = None) -> str:
-        """How image `key` is encoded for `method` (default: the current one): as itself, except that the
-        manual method sends an image without picks as VisionZip's choice (an earlier image of the
-        conversation, say, that nobody picked patches on)."""
+        """How image `key` is encoded for `method` (default: the current one): as itself, except that a
+        manual method sends an image without picks as its fallback (VisionZip's choice: an earlier image
+        of the conversation, say, that nobody picked patches on)."""
         method = method or self.visual_method
-        return "visionzip" if method == "manual" and not self.state.picks.get(key) else method
+        fallback = registry.get(method).fallback
+        return fallback if fallback and not self.state.picks.get(key) else method
 
     def _method_key(self, key: str, method: str | None = None):
         s = self.settings
@@ -296,8 +304,8 @@ class ChatSession:
         key = key if key in self.state.images else self.state.last_image_key
         if key is None:
             return None
-        if self.settings.method == "manual":  # the picks drawn on VisionZip's crops: no model runs for a click
-            if not (compress or self.cached(key, method="visionzip")):
+        if self.method.kind == registry.MANUAL:  # the picks drawn on the fallback's crops: no model runs for a click
+            if not (compress or self.cached(key, method=self.method.fallback)):
                 return None
             return self.image(key), self.pick_view(key)
         if not (compress or self.cached(key)):
@@ -346,8 +354,9 @@ class ChatSession:
             with vlm.encode_lock:
                 comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
                                     max_tiles=s.max_tiles, picks=st.picks.get(key, {}))
-        else:  # the small model sees the same tokens: with VisionZip, the large model's selection
-            selection = self.compression(key, method=method) if method == "visionzip" else None
+        else:  # the small model sees the same tokens: with a compress-once method, the large model's selection
+            selection = self.compression(key, method=method) if registry.get(method).kind == registry.COMPRESS_ONCE \
+                else None
             with vlm.encode_lock:
                 comp = encode_image(vlm, self.image(key), method, s.dominant, s.contextual,
                                     selection_from=selection, max_tiles=s.max_tiles)
@@ -408,7 +417,7 @@ class ChatSession:
         t0 = time.perf_counter() - self._ahead_s  # (images encoded ahead by prepare_turn count in its time)
         self._ahead_s = 0.0
         turn = Turn(question=question, images=list(st.pending))
-        if self.settings.method == "manual" and st.images and not any(st.picks.get(k) for k in st.images):
+        if self.method.kind == registry.MANUAL and st.images and not any(st.picks.get(k) for k in st.images):
             raise InputError(MANUAL_NO_PICKS)
         plan = self.plan(turn)  # compresses the images it needs; may drop the oldest turns
         (images_encoded, encode_s, images_ahead), self._encoded = self._encoded, [0, 0.0, 0]
@@ -422,8 +431,8 @@ class ChatSession:
             device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""),
         )
         generated, finished, cancelled = [], False, False
-        answer_turn = ANSWER.get(self.settings.method) or (ChatSession.plain_answer if self.engine is None
-                                                            else vllm_answer)  # FastV, SGL: their own
+        answer_turn = self.method.answer or (ChatSession.plain_answer if self.engine is None
+                                             else vllm_answer)  # the in-LLM methods: their own
         # with an engine the app answers several requests at once: zipchat's decoder still answers one at a time
         # (a plain Lock: Gradio may resume this generator on another thread)
         one_at_a_time = vlm.answer_lock if self.engine is not None and answer_turn is not vllm_answer else None
@@ -493,7 +502,7 @@ class ChatSession:
         while turn_start < min(len(history_ids), len(ids)) and history_ids[turn_start] == ids[turn_start]:
             turn_start += 1
         plan = Plan(ids, units, comps, turn_start, start)
-        if self.settings.method == "sgl":
+        if self.method.needs_small:
             plan.small_ids, plan.small_units, _ = self._flatten(segments, "small")
         return plan
 

@@ -1,30 +1,12 @@
 """A conversation's settings changed by a person or an API call: every value checked, with a message a
 person can act on; nothing changes on a bad one (the app's events are public API)."""
 
-import math
 from dataclasses import replace
 
-import numpy as np
-
+from .config import UNSET, Settings, checked
 from .errors import InputError
-from .methods import COMPRESS_ONCE, METHODS, images_for
+from .methods import registry
 from .methods.visionzip import check_budget
-from .state import Settings
-
-UNSET = object()  # early_exit left out: None already means "disabled"
-
-
-def checked(name: str, value, low: float, high: float, integer: bool = False):
-    """A number from a person or an API call, or an InputError that says what is wrong with it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"The {name} must be a number (got {value!r}).")
-    if not math.isfinite(value):
-        raise InputError(f"The {name} must be a finite number (got {value!r}).")
-    if integer and value != int(value):
-        raise InputError(f"The {name} must be a whole number (got {value!r}).")
-    if not low <= value <= high:
-        raise InputError(f"The {name} must be between {low:g} and {high:g} (got {value!r}).")
-    return int(value) if integer else float(value)
 
 
 def changed(s: Settings, family, has_small: bool, method: str, dominant=None, contextual=None, keep_ratio=None,
@@ -32,10 +14,10 @@ def changed(s: Settings, family, has_small: bool, method: str, dominant=None, co
             max_tiles=None, fastv_layer=None, fastv_keep_ratio=None) -> Settings:
     """`s` with the given values (None: unchanged; `early_exit=None` disables early exit). `keep_ratio` is
     SGL's, or FastV's when the method is "fastv" and `fastv_keep_ratio` is left out."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHODS)}.")
-    if method == "sgl" and not has_small:
-        raise InputError("SGL needs a small model: start with a small model (e.g. --small-model llava-ov-0.5b).")
+    record = registry.get(method)  # (an InputError naming the choices for an unknown one)
+    if record.needs_small and not has_small:
+        raise InputError(f"{record.label} needs a small model: start with a small model (e.g. --small-model "
+                         "llava-ov-0.5b).")
     sgl_tokens = s.sgl_tokens if sgl_tokens is None else sgl_tokens
     if sgl_tokens not in ("full", "visionzip"):
         raise InputError("sgl_tokens must be 'full' or 'visionzip'.")
@@ -66,7 +48,7 @@ def changed(s: Settings, family, has_small: bool, method: str, dominant=None, co
                   prune_layer=prune_layer, early_exit=early_exit, sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens,
                   max_tiles=max_tiles, fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio,
                   sampling=replace(s.sampling, temperature=temperature, top_p=top_p))
-    if images_for(method, new) in COMPRESS_ONCE:
+    if registry.get(record.encodes(new)).kind == registry.COMPRESS_ONCE:
         units = family.units_per_crop
         check_budget(dominant, contextual, units, family.has_cls)
         if dominant + contextual >= units:  # would send at least what Full sends (OneVision: 729+0 x 3 crops > 1,836)

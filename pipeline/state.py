@@ -11,23 +11,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .generate import Sampling
-
-
-@dataclass
-class Settings:
-    method: str = "full"  # one of methods.METHODS
-    dominant: int = 54
-    contextual: int = 10
-    keep_ratio: float = 0.35  # SGL: share of visual tokens the large model keeps from layer K on
-    prune_layer: float = 0.4  # SGL: K as a fraction of the large model's depth
-    early_exit: float | None = 0.8  # SGL: exit threshold; None disables early exit
-    sgl_tokens: str = "full"  # SGL: "visionzip" makes both models see VisionZip tokens
-    fastv_layer: int = 2  # FastV: K, the layer from which the large model keeps only the top visual tokens
-    fastv_keep_ratio: float = 0.5  # FastV: share of visual tokens kept from layer K on
-    max_tiles: int = 0  # tiles per image VisionZip encodes (tiling families); 0: the checkpoint's limit
-    max_new_tokens: int = 256
-    sampling: Sampling = field(default_factory=Sampling)
+from .config import Settings
 
 
 @dataclass

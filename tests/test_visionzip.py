@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import InputError, encode_image
 from pipeline.models import resolve
-from pipeline.visionzip import BUDGETS
+from pipeline.methods.visionzip import BUDGETS
 
 
 def eager_units(vlm, eager, image):

@@ -18,13 +18,14 @@ from pipeline.session import checked_question
 from pipeline.heatmap import describe, hit, render_map
 from pipeline.kvstore import default_budget
 from pipeline.memory import MemoryBudget
-from pipeline.methods import LABELS
+from pipeline.methods import registry
 from pipeline.stopflag import AnsweringFlag, ClearedFlag, StopFlag
 from pipeline.methods.visionzip import BUDGETS
 
 from .history import RESTART_MARK, ConversationLost, past_turns, repaired, shown_answer, text_message
 from .text import (ANSWERING, CONVERSATION_LOST, NO_IMAGE, STILL_ANSWERING, VIEW_NAMES, checked_radius, compare_choices,
-                   format_compare, format_progress, format_stats, picks_text, progress_answers, settings_from)
+                   format_compare, format_progress, format_stats, method_names, picks_text, progress_answers,
+                   settings_from)
 
 try:  # Hugging Face ZeroGPU (app.py imports it before torch, as the package asks)
     import spaces
@@ -65,9 +66,15 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
     seconds = 15 + (15 if big else 0) + s.max_new_tokens // (8 if big else 20)
     if state.chat.pending:
         seconds += 30 if big else 10
-    if s.method == "sgl":
+    if registry.get(s.method).needs_small:
         seconds += 20
     return min(300, seconds * answers)
+
+
+def picks_shown(label) -> bool:
+    """Whether the method the page names `label` (a UI label) is picked by hand: the picking tools show."""
+    name = method_names().get(label) if isinstance(label, str) else None
+    return name is not None and registry.get(name).kind == registry.MANUAL
 
 
 def shown_path(path: str, session: ChatSession, key: str) -> str:
@@ -137,7 +144,7 @@ class Handlers:
         shown = session.current_view(compress=False, key=key) if session else None
         guidance = session.guidance_view(key) if shown else None
         names = [v for v in VIEW_NAMES if v != "importance" or guidance is not None]
-        source = LABELS[session.last_turn.guidance.source] if guidance is not None else "SGL"
+        source = registry.label(session.last_turn.guidance.source) if guidance is not None else "SGL"
         choices = [(VIEW_NAMES[v] + (f" ({source})" if v == "importance" else ""), v) for v in names]
         if shown is None:
             return None, NO_IMAGE, gr.update(choices=choices, value="kept")
@@ -150,7 +157,7 @@ class Handlers:
             caption = f"{self.image_name(state, key).capitalize()}: {caption}"
         if guidance is not None:  # FastV / SGL: what the large model kept of this image in the last turn
             g = session.last_turn.guidance
-            caption += (f"; {LABELS[g.source]} kept {int(guidance[3].sum())} of them from layer {g.prune_layer} "
+            caption += (f"; {registry.label(g.source)} kept {int(guidance[3].sum())} of them from layer {g.prune_layer} "
                         "in the last turn (decided per question)")
         return (render_map(image, comp, view, *extra, mark=mark, source=source), caption,
                 gr.update(choices=choices, value=view))
@@ -334,7 +341,7 @@ class Handlers:
 
     def apply_settings(self, state, view, *settings):
         if state is None:
-            return state, gr.skip(), gr.skip(), gr.skip(), gr.update(visible=settings[0] == "Manual")
+            return state, gr.skip(), gr.skip(), gr.skip(), gr.update(visible=picks_shown(settings[0]))
         session = self.session_for(state)
         try:
             session.set_method(**settings_from(*settings))
@@ -349,7 +356,7 @@ class Handlers:
                 state = self.compress_latest(state)
             except gr.Error as e:  # the settings stay applied; the map waits for the next answer
                 return state, gr.skip(), f"⚠️ {e.message}", gr.skip(), gr.skip()
-        return state, *self.views(state, view), gr.update(visible=state.chat.settings.method == "manual")
+        return state, *self.views(state, view), gr.update(visible=session.method.kind == registry.MANUAL)
 
     def show_view(self, state, view):
         return self.views(state, view)[:2]
@@ -393,10 +400,10 @@ class Handlers:
         if spot is None:
             return state, gr.skip(), gr.skip(), "_Click on a patch of the photo._"
         crop, unit = spot
-        if state.chat.settings.method != "manual":
+        if registry.get(state.chat.settings.method).kind != registry.MANUAL:
             guidance = session.guidance_view(key)
             importance = guidance[2] if guidance is not None else None
-            source = LABELS[session.last_turn.guidance.source] if guidance is not None else "SGL"
+            source = registry.label(session.last_turn.guidance.source) if guidance is not None else "SGL"
             marked = self.views(state, view, session, mark=spot)[0]
             return state, marked, gr.skip(), describe(comp, crop, unit, importance, source)
         try:
@@ -411,7 +418,7 @@ class Handlers:
         if state is None or state.chat.last_image_key is None:
             return state, gr.skip(), gr.skip(), "_Upload an image first._"
         session, key = self.session_for(state), self.shown_key(state)
-        if not session.cached(key, method="visionzip"):
+        if not session.cached(key, method=session.method.fallback or "visionzip"):
             return state, gr.skip(), gr.skip(), "_The map is being prepared; try again in a moment._"
         picked = session.picks_from_visionzip(key) if start_from_visionzip else (session.set_picks({}, key) or 0)
         mapped, caption, _ = self.views(state, "kept", session)
@@ -474,7 +481,7 @@ class Handlers:
                     image, comp = shown
                     picture = render_map(image, comp, "kept")
                     picture.thumbnail((COMPARE_MAP_SIDE, COMPARE_MAP_SIDE))
-                    maps.append((picture, f"{LABELS[method]}: {comp.num_tokens} of {comp.full_tokens} tokens"))
+                    maps.append((picture, f"{registry.label(method)}: {comp.num_tokens} of {comp.full_tokens} tokens"))
             names, matrix = overlap(session, results)
         except InputError as e:
             yield f"⚠️ {e}", "", None, ""
@@ -483,7 +490,7 @@ class Handlers:
             log.exception("compare failed")
             yield f"⚠️ Compare failed: {type(e).__name__}: {e}", "", None, ""
             return
-        answers = "\n\n".join(f"**{LABELS[m]}:** {a}" for m, a, _ in results)
+        answers = "\n\n".join(f"**{registry.label(m)}:** {a}" for m, a, _ in results)
         table = format_compare(results)
         if results[-1][2].stopped or len(results) < progress.total:
             table = f"⏹ Stopped: {len(results)} of {progress.total} methods answered (the last one in part).\n\n" + table

@@ -4,10 +4,10 @@ import json
 
 import gradio as gr
 
-from pipeline.methods import LABELS
+from pipeline.methods import registry
 
 from .handlers import Handlers
-from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, METHOD_NAMES, VLLM_NOTE, NO_IMAGE, VIEW_NAMES, format_stats
+from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, VLLM_NOTE, NO_IMAGE, VIEW_NAMES, format_stats
 
 MODEL = "model"  # the concurrency group of the events that run a model
 ANSWERS = "answers"  # --engine vllm: answers and Compares, several at once (the engine batches them)
@@ -44,10 +44,11 @@ def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 
                                                                           concurrency_limit=answers_at_once)
     with gr.Blocks(title="zipchat", delete_cache=(1800, 3600), fill_width=True) as demo:
         state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget)
-        available = [label for label, m in METHOD_NAMES.items() if m != "sgl" or small is not None]
+        offered = [m for m in registry.all_methods() if not m.needs_small or small is not None]
+        available = [m.label for m in offered]
         with gr.Sidebar(open=False, width=330, elem_id="settings"):  # (opened on wide screens: app.PAGE_JS)
             gr.Markdown("### Settings", elem_id="settings-title")
-            method = gr.Radio(available, value=LABELS[h.method_default], elem_id="method",
+            method = gr.Radio(available, value=registry.label(h.method_default), elem_id="method",
                               label="Visual tokens (Manual: pick patches on the map)")
             budget = gr.Radio([64, 128, 192], value=64, elem_id="budget",
                               label="Budget per crop (dominant + contextual; DivPrune, VisPruner, Random and Pool "
@@ -118,7 +119,8 @@ def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 
                         map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
                                              height=MAP_HEIGHT, buttons=["fullscreen", "download"])
                         info = gr.Markdown("", elem_id="patch-info")
-                        with gr.Row(visible=h.method_default == "manual", elem_id="pick-row") as pick_row:
+                        with gr.Row(visible=registry.get(h.method_default).kind == registry.MANUAL,
+                                    elem_id="pick-row") as pick_row:
                             radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)",
                                             elem_id="radius")
                             from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
@@ -126,7 +128,7 @@ def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 
                         stats = gr.Markdown(format_stats(None), elem_id="stats")
                     with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
                         compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
-                            [(label, METHOD_NAMES[label]) for label in available], value=[], elem_id="compare-methods",
+                            [(m.label, m.name) for m in offered], value=[], elem_id="compare-methods",
                             label="Answer the last question again with (none checked: this chat's method, VisionZip "
                                   "and Full)")
                         compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")

@@ -1,9 +1,14 @@
 """What the page says: stats and compare tables, messages, and the UI's settings as ChatSession takes them."""
 
 from pipeline import InputError
-from pipeline.methods import LABELS
+from pipeline.methods import registry
 
-METHOD_NAMES = {label: method for method, label in LABELS.items()}  # UI label -> method name
+
+def method_names() -> dict:
+    """UI label -> method name, for every registered method (read when asked: a method registered at run
+    time is offered too)."""
+    return {m.label: m.name for m in registry.all_methods()}
+
 VIEW_NAMES = {"kept": "Kept tokens", "groups": "Groups (merged / pooled)", "scores": "Scores",
               "importance": "Importance"}  # (the importance view names its method: "Importance (FastV)")
 NO_IMAGE = "_Upload an image to see which visual tokens are kept._"
@@ -55,22 +60,9 @@ def format_stats(t) -> str:
     if t.dropped_turns:
         rows.append(("context window", f"{t.context_window} tokens: this turn dropped {t.dropped_now} turn(s) "
                                        f"({t.dropped_turns} in all)"))
-    g = t.guidance
-    if g is not None and g.source == "fastv":
-        rows[1:1] = [("FastV: large model keeps", f"{len(g.kept)} of {len(g.importance)} visual tokens from layer "
-                                                  f"{g.prune_layer} (the last prompt token's attention in layer "
-                                                  f"{g.prune_layer - 1}); decided again each question")]
-    elif g is not None:
-        ms = {k: v * 1000 for k, v in t.timings.items() if k.endswith("_s")}
-        threshold = "off" if g.threshold is None else f"{g.threshold:.2f}"
-        rows[1:1] = [
-            ("SGL: answered by", f"{t.model_used} ({'early exit' if t.early_exit else 'large model, pruned'})"),
-            ("SGL: exit score (threshold)", f"{g.score:.3f} = ({g.confidence:.3f} + {g.consistency:.3f}) / 2 ({threshold})"),
-            ("SGL: large model keeps", f"{len(g.kept)} of {len(g.importance)} visual tokens from layer {g.prune_layer}"),
-            ("SGL: small model", f"{ms.get('small_answer_s', 0):.0f} ms answer + {ms.get('small_score_s', 0):.0f} ms score"
-                                 + (", its KV cache reused" if t.timings.get("small_cache_reused") else "")),
-            ("SGL: large model", f"{ms['large_s']:.0f} ms" if "large_s" in ms else "not run"),
-        ]
+    own = registry.get(t.method).stats_rows if t.method in registry.names() else None
+    if own is not None:  # the method's own rows (FastV's and SGL's: what the large model kept), after the model's
+        rows[1:1] = own(t)
     pairs = [rows[i:i + 2] for i in range(0, len(rows), 2)]
     return "| turn stat | value | turn stat | value |\n|---|---|---|---|\n" + "\n".join(
         "| " + " | ".join(f"{k} | {v}" for k, v in pair) + (" | |" if len(pair) == 1 else "") + " |" for pair in pairs)
@@ -89,21 +81,21 @@ COMPARE_COLUMNS = [  # (header, value of a TurnStats); on a phone each row stack
 def format_compare(results: list) -> str:
     """Markdown table, one row per method, named as the page names it: [(method, answer, TurnStats)]."""
     head = "| method | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |\n|---|" + "---|" * len(COMPARE_COLUMNS)
-    return head + "\n" + "\n".join(f"| {LABELS[m]} | " + " | ".join(str(f(t)) for _, f in COMPARE_COLUMNS) + " |"
+    return head + "\n" + "\n".join(f"| {registry.label(m)} | " + " | ".join(str(f(t)) for _, f in COMPARE_COLUMNS) + " |"
                                     for m, _, t in results)
 
 
 def format_progress(p) -> str:
     """A running Compare: which method answers, of how many, and which are done."""
-    done = ", ".join(LABELS[m] for m, _, _ in p.done)
-    return (f"**Compare: {LABELS[p.method]} answering, {p.index + 1} of {p.total}**"
+    done = ", ".join(registry.label(m) for m, _, _ in p.done)
+    return (f"**Compare: {registry.label(p.method)} answering, {p.index + 1} of {p.total}**"
             + (f" (done: {done})" if done else "") + " — Stop ends it.")
 
 
 def progress_answers(p) -> str:
     """The answers of a running Compare so far, the current one as it streams."""
     answers = [(m, a) for m, a, _ in p.done] + [(p.method, p.answer + " …")]
-    return "\n\n".join(f"**{LABELS[m]}:** {a}" for m, a in answers)
+    return "\n\n".join(f"**{registry.label(m)}:** {a}" for m, a in answers)
 
 
 def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip,
@@ -111,8 +103,9 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
                   fastv_keep_ratio=0.5) -> dict:
     """The UI's (or an API call's) settings as ChatSession.set_method arguments; the numbers are
     checked there. Anything that is not one of the offered choices is refused with a message."""
-    if method not in METHOD_NAMES:
-        raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(METHOD_NAMES)}.")
+    names = method_names()
+    if not isinstance(method, str) or method not in names:
+        raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(names)}.")
     numbers = {"dominant tokens": dominant, "contextual tokens": contextual, "keep ratio": keep_ratio,
                "prune layer": prune_layer, "early-exit threshold": threshold, "max tiles": max_tiles,
                "max new tokens": max_new_tokens, "temperature": temperature, "top-p": top_p,
@@ -123,7 +116,7 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
     for name, flag in (("early exit", exit_on), ("both models see VisionZip tokens", sgl_zip)):
         if not isinstance(flag, bool):
             raise InputError(f"'{name}' must be true or false (got {flag!r}).")
-    return dict(method=METHOD_NAMES[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
+    return dict(method=names[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
                 prune_layer=prune_layer, early_exit=threshold if exit_on else None,
                 sgl_tokens="visionzip" if sgl_zip else "full", max_tiles=max_tiles, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio)
@@ -135,14 +128,14 @@ def compare_choices(methods: list) -> list:
         return None
     if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
         raise InputError("Compare takes a list of methods, e.g. ['VisionZip', 'DivPrune', 'Full'].")
-    names = []
+    labels, names = method_names(), []
     for m in methods:
-        if m in METHOD_NAMES:
-            names.append(METHOD_NAMES[m])
-        elif m in LABELS:
+        if isinstance(m, str) and m in labels:
+            names.append(labels[m])
+        elif isinstance(m, str) and m in registry.names():
             names.append(m)
         else:
-            raise InputError(f"Unknown method {m!r}. Choose from: {', '.join(METHOD_NAMES)}.")
+            raise InputError(f"Unknown method {m!r}. Choose from: {', '.join(labels)}.")
     return names
 
 

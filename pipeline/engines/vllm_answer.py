@@ -5,7 +5,7 @@ answer, the context window bounds it, a Stop ends it after the current token (an
 
 import time
 
-from ..generate import MIN_TEMPERATURE
+from ..config import MIN_TEMPERATURE
 from .vllm_client import Request, Usage
 from .vllm_export import prompt_embeds
 

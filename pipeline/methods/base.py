@@ -11,9 +11,10 @@ sent by them), selection arithmetic is float32, ties go to the lowest unit index
 are sent in index order.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +88,18 @@ def pruned(crop: CropInput, kept: torch.Tensor, tokens: torch.Tensor | None = No
     return Pick(tokens=crop.patches[kept] if tokens is None else tokens, projected=tokens is not None,
                 token_patches=kept, token_groups=torch.full_like(kept, -1), kept=kept, includes_cls=False,
                 groups=groups, targets=empty, scores=scores)
+
+
+def units_view(comp, units: list, method: str, num_tokens: int | None = None):
+    """`comp` as drawn for a method that sends exactly `units` (per crop: patch indices) as themselves and
+    no other unit (the manual picks; FastV's and SGL's kept tokens). For the maps: its features are not
+    the model's. `num_tokens`: the tokens the method sends, where they are not one per unit."""
+    crops = []
+    for c, picked in zip(comp.crops, units):
+        picked = np.array(sorted(picked), dtype=np.int64)
+        groups = np.full(c.grid[0] * c.grid[1], -2)  # -2: not sent
+        groups[picked] = -1
+        crops.append(replace(c, dominant=picked, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
+    return replace(comp, method=method, crops=crops, token_map=token_map, features=comp.features[:0],
+                   num_tokens=len(token_map) if num_tokens is None else num_tokens)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import FULL_MATRIX, CropInput, Pick, cosine_matrix, pruned
+from .registry import COMPRESS_ONCE, MapWords, Method, register
 
 CHUNK = 1024
 
@@ -51,3 +52,7 @@ def pick(crop: CropInput) -> Pick:
     projected = crop.project(crop.patches)  # (N, D): every candidate through the projector
     kept = max_min_picks(projected, crop.budget).sort().values
     return pruned(crop, kept, tokens=projected[kept])
+
+
+register(Method("divprune", "DivPrune", COMPRESS_ONCE, pick=pick, words=MapWords(tokens="diverse patches (max-min distance)"),
+                doc="the most diverse projected patches (max-min cosine distance)"))

@@ -14,7 +14,8 @@ import torch
 
 from .base import ranked
 from .llm_prune import fresh_lane, image_spans, keep_count, pruned_answer, visual_positions
-from .sgl import Guidance, ImportanceCapture
+from .registry import IN_LLM, Method, register
+from .capture import Guidance, ImportanceCapture
 
 DEFAULT_LAYER = 2
 DEFAULT_KEEP_RATIO = 0.5
@@ -54,3 +55,17 @@ def fastv_answer(session, plan, stats, t0, generated):
         return (yield from pruned_answer(session, lane, ids, units, stats, t0, generated, k_layer, keep))
     finally:
         capture.__exit__(None, None, None)
+
+
+def stats_rows(t) -> list:
+    """A FastV turn's own row in the stats: what the large model kept, from which layer."""
+    g = t.guidance
+    if g is None:  # (no image: nothing was pruned)
+        return []
+    return [("FastV: large model keeps", f"{len(g.kept)} of {len(g.importance)} visual tokens from layer "
+                                         f"{g.prune_layer} (the last prompt token's attention in layer "
+                                         f"{g.prune_layer - 1}); decided again each question")]
+
+
+register(Method("fastv", "FastV", IN_LLM, answer=fastv_answer, images="full", engines=("transformers",),
+                stats_rows=stats_rows, doc="the large model keeps the visual tokens its own layer K-1 attends to most"))

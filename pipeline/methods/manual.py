@@ -2,9 +2,10 @@
 conversation's state per image ({crop: [unit, ...]}) and are drawn on VisionZip's crops (the crops the
 maps show); no model runs for a click."""
 
-from ..compress import units_view
+from ..config import checked
 from ..errors import InputError
-from ..settings import checked
+from .base import units_view
+from .registry import MANUAL, MapWords, Method, register
 
 
 def image_key(session, key: str | None) -> str:
@@ -66,3 +67,16 @@ def picks_from_visionzip(session, key: str | None = None) -> int:
     session.set_picks({i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
                     for i, c in enumerate(comp.crops)}, key)
     return sum(len(u) for u in session.state.picks[key].values())
+
+
+def caption(comp) -> str:
+    if not comp.num_tokens:
+        return "no patches picked on this image: Manual sends it as VisionZip's choice (click patches to pick your own)"
+    share = 100 * comp.num_tokens / comp.full_tokens
+    patches = "patch" if comp.num_tokens == 1 else "patches"
+    return f"{comp.num_tokens} {patches} picked by hand = {comp.num_tokens} of {comp.full_tokens} visual tokens ({share:.0f}%)"
+
+
+register(Method("manual", "Manual", MANUAL, fallback="visionzip", caption=caption,
+                words=MapWords(kept="picked", clear="clear: picked, sent", not_sent="not sent (not picked)"),
+                doc="the patches picked by hand on the map"))

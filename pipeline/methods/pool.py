@@ -12,6 +12,7 @@ import math
 import torch
 
 from .base import CropInput, Pick
+from .registry import COMPRESS_ONCE, MapWords, Method, register
 
 
 def cells(rows: int, cols: int, budget: int) -> tuple:
@@ -62,3 +63,9 @@ def pick(crop: CropInput) -> Pick:
     return Pick(tokens=tokens,
                 projected=True, token_patches=centres, token_groups=torch.arange(n, device=device), kept=empty,
                 includes_cls=False, groups=cell, targets=empty, scores=None)
+
+
+register(Method("pool", "Pool", COMPRESS_ONCE, pick=pick, kept_set=False,
+                not_in_overlap="Pool keeps no patch as itself (its tokens are cell means)",
+                words=MapWords(merged="pooled", tokens="pooled cells (cell means)"),
+                doc="the mean of each cell of a grid (the control)"))

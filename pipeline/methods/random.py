@@ -6,6 +6,7 @@ own with that seed gives torch's global-seed draw without touching the global st
 import torch
 
 from .base import CropInput, Pick, pruned
+from .registry import COMPRESS_ONCE, MapWords, Method, register
 
 
 def pick(crop: CropInput) -> Pick:
@@ -13,3 +14,7 @@ def pick(crop: CropInput) -> Pick:
     generator = torch.Generator().manual_seed(crop.seed)
     kept = torch.randperm(n, generator=generator)[: min(crop.budget, n)].to(crop.units.device)
     return pruned(crop, kept)
+
+
+register(Method("random", "Random", COMPRESS_ONCE, pick=pick, words=MapWords(tokens="random patches (seeded by the image)"),
+                doc="patches drawn at random, seeded by the image (the control)"))

@@ -1,7 +1,7 @@
 """VisionZip selection for one crop: dominant tokens by attention, contextual tokens by key merging.
 
 Pure tensor functions (Yang et al., CVPR 2025, as fixed in DESIGN.md):
-  1. score per token (computed in vision.py from the feature layer's own attention);
+  1. score per token (computed by the family, families/, from the feature layer's own attention);
   2. dominant = CLS + top (dominant - 1) patches, or the top `dominant` tokens without CLS;
   3. metric = the layer's keys averaged over heads, L2-normalised;
   4. the remaining tokens, in index order: every `step`-th is a target (the first `contextual`
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .base import Pick
+from .registry import COMPRESS_ONCE, MapWords, Method, register
 
 BUDGETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # total tokens per crop -> (dominant, contextual)
 
@@ -100,3 +101,22 @@ def pick(crop) -> Pick:
                 token_groups=torch.cat([torch.full_like(dom, -1), torch.arange(len(sel.targets), device=dom.device)]),
                 kept=dom[dom >= o] - o, includes_cls=bool(o and (dom == 0).any()), groups=sel.groups[o:],
                 targets=sel.targets - o, scores=crop.patch_scores)
+
+
+def caption(comp) -> str:
+    """"54 dominant + 10 contextual x 3 crops = 192 of 1836 visual tokens (10%)"."""
+    share = 100 * comp.num_tokens / comp.full_tokens
+    kept = {(len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops}
+    if kept == {(comp.dominant_budget, comp.contextual_budget)}:
+        per_crop = f"{comp.dominant_budget} dominant + {comp.contextual_budget} contextual"
+        crops = f" x {len(comp.crops)} crops" if len(comp.crops) > 1 else ""
+    else:  # a share of each image's units (dynamic resolution)
+        d, c = (sum(k) for k in zip(*((len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops)))
+        per_crop = f"{d} dominant + {c} contextual (the {comp.dominant_budget}+{comp.contextual_budget} per 576 share)"
+        crops = ""
+    return f"{per_crop}{crops} = {comp.num_tokens} of {comp.full_tokens} visual tokens ({share:.0f}%)"
+
+
+register(Method("visionzip", "VisionZip", COMPRESS_ONCE, pick=pick, caption=caption,
+                words=MapWords(kept="dominant", faded="faded: not sent as itself (merged or dropped)"),
+                doc="dominant tokens by attention, the rest merged into contextual tokens"))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import FULL_MATRIX, CropInput, Pick, cosine_matrix, pruned, ranked
+from .registry import COMPRESS_ONCE, MapWords, Method, register
 
 IMPORTANT_RATIO = 0.5
 ROUND = 8  # duplicates removed per round at most
@@ -58,3 +59,8 @@ def pick(crop: CropInput) -> Pick:
     attention = crop.patch_scores
     kept = select(crop.patches, attention, crop.budget)
     return pruned(crop, kept, scores=attention)
+
+
+register(Method("vispruner", "VisPruner", COMPRESS_ONCE, pick=pick,
+                words=MapWords(tokens="patches (important by attention, then diverse)"),
+                doc="important patches by attention, then diverse ones"))
