@@ -27,6 +27,7 @@ except ImportError:
 import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, InputError, ModelUnavailable, load_vlm  # noqa: E402
+from pipeline import engines  # noqa: E402
 from pipeline.examples import ExampleCache  # noqa: E402
 from pipeline.methods import registry  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
@@ -134,7 +135,7 @@ def main(argv=None):
                              "at low priority; $ZIPCHAT_WARM_EXAMPLES=0 turns it off too)")
     parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
                         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
-    parser.add_argument("--engine", default=env("ZIPCHAT_ENGINE", "transformers"), choices=["transformers", "vllm"],
+    parser.add_argument("--engine", default=env("ZIPCHAT_ENGINE", "transformers"), choices=list(engines.NAMES),
                         help="what runs the language model for Full and the compress-once methods: zipchat's own "
                              "decoder, or vLLM from zipchat's compressed embeddings (needs requirements-vllm.txt; "
                              "FastV and SGL stay on transformers). Default: $ZIPCHAT_ENGINE, else transformers")
@@ -184,11 +185,12 @@ def main(argv=None):
 
 def start_engine(vlm, url: str | None):
     """The vLLM engine for `vlm`: the server at `url`, or one zipchat starts for the model (stopped at exit)."""
+    from pipeline.engines.vllm import VLLMEngine
     from pipeline.engines.vllm_client import VLLMServer
     from pipeline.engines.vllm_export import causal_lm_class
     causal_lm_class(vlm)  # Qwen2.5-VL and unknown decoders: refused before anything starts
     if url:
-        engine = VLLMServer(url)
+        engine = VLLMEngine(VLLMServer(url), vlm)
         log.info(f"vLLM engine: {url} serving {engine.model()}")
         return engine
     import atexit

@@ -236,7 +236,7 @@ def prefill_inputs(session, image):
     """(ids, image features) of the first question about `image`, as the session would send them."""
     session.add_image(image)
     plan = session.plan(Turn(QUESTION, list(session.state.pending)))
-    return plan.ids, [u.features for u in plan.units if u.features is not None]
+    return plan.ids, [u.features for u in plan.slots if u.features is not None]
 
 
 def row_prefill(args, clock, hw, vlm) -> list:

@@ -1,25 +1,13 @@
 """One model's pass over a conversation: the model, its KV cache, and what the cache holds.
 
-The signature is one entry per cache position group: ("t", token id) per text token, and
-("i", image key, method, budget...) per image, so a later turn can keep the longest prefix the
-cache still matches (the same tokens and the same compressed images) and prefill only the rest.
+The signature is one key per slot of the flat sequence (prompt.Slot): ("t", token id) per text token, and
+("i", image key, method, budget...) per image, so a later turn can keep the longest prefix the cache still
+matches (the same tokens and the same compressed images) and prefill only the rest.
 """
-
-from typing import NamedTuple
 
 import torch
 
 from .generate import embed, embed_token, forward, new_cache, truncate_cache
-
-
-class Unit(NamedTuple):
-    """A stretch of the flat token sequence: one text token, or one image's visual tokens (with the
-    family's markers around them, if any)."""
-    key: tuple  # ("t", id) | ("i", image key, *method key)
-    start: int
-    end: int
-    features: torch.Tensor | None  # (visual tokens, D) for an image, None for text
-    compression: object = None  # the image's Compression (token map, grid), None for text
 
 
 class Lane:
@@ -33,28 +21,28 @@ class Lane:
         """An empty cache (for passes that cannot be reused, like SGL's pruned large model)."""
         self.cache, self.signature = new_cache(self.vlm), []
 
-    def reuse(self, units: list, enabled: bool = True) -> tuple:
-        """Keep the longest prefix of the cache that matches `units`.
+    def reuse(self, slots: list, enabled: bool = True) -> tuple:
+        """Keep the longest prefix of the cache that matches `slots`.
         -> (first position to run, features of the images in the rest, whether anything was reused)."""
         n = 0
         if enabled and self.cache is not None:
-            keys = [u.key for u in units]
+            keys = [u.key for u in slots]
             while n < min(len(keys), len(self.signature)) and keys[n] == self.signature[n]:
                 n += 1
-        n = min(n, len(units) - 1)  # at least one position to run, for the logits
-        start = units[n].start if n > 0 else 0
+        n = min(n, len(slots) - 1)  # at least one position to run, for the logits
+        start = slots[n].start if n > 0 else 0
         if n == 0:
             self.reset()
         else:
             truncate_cache(self.cache, start)
             self.signature = self.signature[:n]
-        return start, [u.features for u in units[n:] if u.features is not None], n > 0
+        return start, [u.features for u in slots[n:] if u.features is not None], n > 0
 
-    def prefill(self, ids: list, units: list, start: int, features: list) -> torch.Tensor:
+    def prefill(self, ids: list, slots: list, start: int, features: list) -> torch.Tensor:
         """Run ids[start:] (images filled in from `features`) -> logits of the last position."""
-        positions = self.vlm.family.positions(ids, units)  # (P, L) of the whole sequence
+        positions = self.vlm.family.positions(ids, slots)  # (P, L) of the whole sequence
         logits = forward(self.vlm, embed(self.vlm, ids[start:], features), self.cache, positions[:, start:])
-        self.signature = [u.key for u in units]
+        self.signature = [u.key for u in slots]
         self.next_position = int(positions.max()) + 1
         return logits
 

@@ -7,6 +7,7 @@ import torch
 
 from pipeline import ChatSession, InputError
 from pipeline.compare import compare, overlap, overlap_markdown
+from pipeline.engines.vllm import completion
 from pipeline.generate import embed_token, forward, new_cache
 from pipeline.heatmap import describe, render_map
 from pipeline.methods import registry
@@ -96,9 +97,9 @@ def test_a_method_registered_at_run_time_is_offered_by_the_app(throwaway, tiny_l
 def test_an_in_llm_method_registered_at_run_time_answers_and_shows_its_rows(tiny_llava, photo):
     from ui.text import format_stats
 
-    def answer(session, plan, stats, t0, generated):
-        stats.timings["plain_s"] = 0.0
-        return (yield from session.plain_answer(plan, stats, t0, generated))
+    def answer(ctx):
+        ctx.stats.timings["plain_s"] = 0.0
+        return (yield from ctx.answer(ctx.request()))
     registry.register(registry.Method("plain", "Plain", registry.IN_LLM, answer=answer, images="full",
                                       engines=("transformers",), stats_rows=lambda t: [("Plain: rows", "one")]))
     try:
@@ -127,6 +128,8 @@ def test_a_method_record_must_carry_what_its_kind_needs():
 
 class ReplayEngine:
     """A fake engine: answers every request with the same ids, and keeps the requests."""
+    name, concurrent = "replay", False
+
     def __init__(self, ids):
         self.ids, self.requests = ids, []
 
@@ -139,7 +142,10 @@ class ReplayEngine:
 
 
 class GreedyOnEmbeds:
-    """A fake engine that decodes greedily from the prompt embeddings it is sent, with the model itself."""
+    """A fake engine that decodes greedily, with the model itself, from the prompt embeddings that vLLM would
+    be sent for the request."""
+    name, concurrent = "greedy", True
+
     def __init__(self, vlm):
         self.vlm = vlm
 
@@ -147,13 +153,13 @@ class GreedyOnEmbeds:
         return None
 
     def stream(self, request, usage=None):
-        vlm, cache = self.vlm, new_cache(self.vlm)
+        vlm, cache, sent = self.vlm, new_cache(self.vlm), completion(self.vlm, request)
         allowed = torch.zeros(vlm.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-        allowed[request.allowed_ids] = True
-        logits = forward(vlm, request.embeds[None].to(vlm.device, vlm.dtype), cache)
-        for _ in range(request.max_tokens):
+        allowed[sent.allowed_ids] = True
+        logits = forward(vlm, sent.embeds[None].to(vlm.device, vlm.dtype), cache)
+        for _ in range(sent.max_tokens):
             token = int(logits.float().masked_fill(~allowed, float("-inf")).argmax())
-            if token in request.stop_ids:
+            if token in sent.stop_ids:
                 return
             yield token
             logits = forward(vlm, embed_token(vlm, token), cache)
@@ -180,10 +186,10 @@ def test_a_replaying_engine_answers_a_whole_app_conversation(tiny_llava):
         history, state, stats, *_ = last
         assert history[-1]["role"] == "assistant" and answer_text(history[-1]) == tiny_llava.tokenizer.decode(
             ids, skip_special_tokens=True)
-        assert stat(stats, "engine").startswith("vLLM")
+        assert stat(stats, "engine").startswith("replay")
     first, second = engine.requests
-    assert second.embeds.shape[0] > first.embeds.shape[0] > 64  # the whole conversation, 64 visual tokens in it
-    assert torch.equal(second.embeds[:first.embeds.shape[0]], first.embeds)  # turn 2 extends turn 1's prompt
+    assert len(second.ids) > len(first.ids) > 64 and [len(f) for f in second.features] == [64]  # one image, 64 tokens
+    assert second.ids[:len(first.ids)] == first.ids  # turn 2 extends turn 1's prompt
 
 
 def test_the_engine_path_sends_a_run_time_method_s_tokens(throwaway, tiny_llava, photo):
@@ -193,4 +199,4 @@ def test_the_engine_path_sends_a_run_time_method_s_tokens(throwaway, tiny_llava,
         s = ChatSession(tiny_llava, method="least", max_new_tokens=6, engine=engine)
         s.add_image(photo)
         answers.append((s.ask("What is it?"), s.ask("Tell me more."), s.last_turn.engine))
-    assert [a[:2] for a in answers][0] == [a[:2] for a in answers][1] and answers[1][2] == "vllm"
+    assert answers[0][:2] == answers[1][:2] and answers[1][2] == "greedy" and answers[0][2] == "transformers"

@@ -28,7 +28,7 @@ def test_positions_follow_the_uncompressed_layout(tiny_qwen, photo):
         s.state.turns = [Turn(QUESTIONS[0], list(s.state.pending), "A cat on a table.")]  # the same first turn
         s.state.pending = []
         plan = s.plan(Turn(QUESTIONS[1]))  # the follow-up, on top of the first answer
-        layouts[method] = (plan.ids, tiny_qwen.family.positions(plan.ids, plan.units), plan.compressions[0])
+        layouts[method] = (plan.ids, tiny_qwen.family.positions(plan.ids, plan.slots), plan.compressions[0])
     full_ids, full_pos, _ = layouts["full"]
     torch.testing.assert_close(full_pos, hf_positions(tiny_qwen, full_ids, grid_thw), rtol=0, atol=0)
     ids, pos, comp = layouts["visionzip"]
@@ -70,8 +70,8 @@ def test_visionzip_turns_equal_transformers_language_model(tiny_qwen, photo):
     s.add_image(photo)
     for q in QUESTIONS:  # turn 2 runs on the reused KV cache; the reference recomputes everything
         plan = s.plan(Turn(q, list(s.state.pending)))
-        features = [u.features for u in plan.units if u.features is not None]
-        positions = tiny_qwen.family.positions(plan.ids, plan.units)
+        features = [u.features for u in plan.slots if u.features is not None]
+        positions = tiny_qwen.family.positions(plan.ids, plan.slots)
         answer = s.ask(q)
         expected = hf_greedy(tiny_qwen, plan.ids, features, positions, 6)
         assert len(expected) >= 2 and answer == tiny_qwen.tokenizer.decode(expected, skip_special_tokens=True)

@@ -14,7 +14,7 @@ from pipeline.generate import embed
 def prompt(session, question):
     """(ids, image features) the session will send for `question`, built before asking it."""
     plan = session.plan(Turn(question, list(session.state.pending)))
-    return plan.ids, [u.features for u in plan.units if u.features is not None]
+    return plan.ids, [u.features for u in plan.slots if u.features is not None]
 
 QUESTIONS = ["What is in the image?", "What colour is it?", "Describe it in one sentence."]
 

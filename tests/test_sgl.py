@@ -25,7 +25,7 @@ def sgl_session(small, large, **kw):
 def conversation_before_answer(session, question, model="large"):
     """(ids, features, positions) the model sees for `question`, built before asking it."""
     plan = session.plan(Turn(question, list(session.state.pending)))
-    ids, units = (plan.ids, plan.units) if model == "large" else (plan.small_ids, plan.small_units)
+    ids, units = (plan.ids, plan.slots) if model == "large" else (plan.small_ids, plan.small_slots)
     vlm = session.vlm if model == "large" else session.small
     return ids, [u.features for u in units if u.features is not None], vlm.family.positions(ids, units)
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import InputError, load_vlm
-from pipeline.engines.vllm_answer import allowed_ids, vllm_request
+from pipeline.engines.vllm import allowed_ids, completion
 from pipeline.engines.vllm_export import causal_lm_class, export_language_model, prompt_embeds
 from pipeline.session import ChatSession
 from pipeline.state import Turn
@@ -44,7 +44,7 @@ def test_export_answers_as_zipchat(twin, photo, tmp_path):
     session.add_image(photo)
     for question in ("What is in the image?", "What colour is the cat?"):
         plan = session.plan(Turn(question=question, images=list(session.state.pending)))
-        request = vllm_request(session, plan)
+        request = completion(twin, session.request(plan))
         assert request.embeds.shape == (len(plan.ids), twin.language_model.config.hidden_size)
         assert not set(request.allowed_ids) & twin.banned_ids and set(request.stop_ids) <= set(request.allowed_ids)
         reference = greedy_from_embeds(lm, request.embeds, request.allowed_ids, twin.stop_ids, 12)

@@ -57,6 +57,8 @@ def format_stats(t) -> str:
         rows[5] = ("prefill", "on vLLM (inside the time to first token)")
         rows[7] = ("KV cache reused (vLLM prefix cache)", f"{reuse}: {t.engine_cached_tokens} prompt tokens")
         rows[9] = ("engine", f"vLLM (the image encoded on {t.device}, {t.dtype})")
+    elif getattr(t, "engine", "transformers") != "transformers":  # another engine (engines/base.py)
+        rows[9] = ("engine", f"{t.engine} (the image encoded on {t.device}, {t.dtype})")
     if t.dropped_turns:
         rows.append(("context window", f"{t.context_window} tokens: this turn dropped {t.dropped_now} turn(s) "
                                        f"({t.dropped_turns} in all)"))

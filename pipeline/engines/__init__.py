@@ -1,2 +1,5 @@
-"""Engines that run the language model for zipchat's compressed images. The transformers engine is
-zipchat's own decoder (generate.py, session.py); `vllm_*` hand vLLM the prompt as embeddings."""
+"""Engines that run the language model for zipchat's compressed images, behind one interface (base.py):
+zipchat's own decoder (transformers.py) and vLLM fed prompt embeddings (vllm.py, with its client, launch and
+export). `NAMES`: what `--engine` offers."""
+
+NAMES = ("transformers", "vllm")

@@ -1,4 +1,4 @@
-"""A running vLLM OpenAI server as zipchat's engine: the prompt goes as `prompt_embeds`, answers stream back
+"""zipchat's client of a running vLLM OpenAI server (engines/vllm.py makes it an engine): the prompt goes as `prompt_embeds`, answers stream back
 as token ids.
 
 The server serves the language model exported by vllm_export.py and is started with
@@ -13,16 +13,18 @@ import io
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError, ModelUnavailable
+from .base import Usage
 
 
 @dataclass
-class Request:
-    """One answer to generate: what zipchat's own decoder would do, said in vLLM's sampling terms."""
+class Completion:
+    """One answer to generate, as vLLM's /v1/completions takes it: zipchat's own decoding rules said in vLLM's
+    sampling terms (engines/vllm.py builds it from an engine Request)."""
     embeds: torch.Tensor  # (L, D) the prompt's embeddings
     max_tokens: int
     allowed_ids: list  # every id but the banned ones (zipchat's banned ids can never be picked)
@@ -46,15 +48,6 @@ class Request:
         if self.seed is not None and self.temperature > 0:
             body["seed"] = self.seed
         return body
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV came from vLLM's prefix cache
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class VLLMServer:
@@ -85,7 +78,7 @@ class VLLMServer:
             raise ModelUnavailable(f"The vLLM server at {self.url} does not answer ({e}). Start it, or use "
                                    "--engine transformers.") from None
 
-    def stream(self, request: Request, usage: Usage | None = None):
+    def stream(self, request: Completion, usage: Usage | None = None):
         """Yield the answer's token ids as the server generates them. Closing the generator aborts the
         request on the server. `usage` is filled in when the server reports it (at the end)."""
         usage = usage if usage is not None else Usage()

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ModelUnavailable
+from .vllm import VLLMEngine
 from .vllm_client import VLLMServer
 from .vllm_export import export_language_model
 
@@ -35,7 +36,7 @@ def server_command(model_dir, port: int, dtype: str, max_model_len: int, extra=(
 
 
 class LocalVLLM:
-    """A vLLM server child process for `vlm`'s language model. `with LocalVLLM(vlm) as engine:` -> VLLMServer."""
+    """A vLLM server child process for `vlm`'s language model. `with LocalVLLM(vlm) as engine:` -> its VLLMEngine."""
 
     def __init__(self, vlm, export_dir, max_model_len: int | None = None, log=None, extra=(), timeout: float = 600):
         self.model_dir = export_language_model(vlm, Path(export_dir))
@@ -48,7 +49,7 @@ class LocalVLLM:
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.process = subprocess.Popen(server_command(self.model_dir, self.port, dtype, window, extra), env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        self.engine = VLLMServer(f"http://127.0.0.1:{self.port}")
+        self.engine = VLLMEngine(VLLMServer(f"http://127.0.0.1:{self.port}"), vlm)
         self.wait(timeout)
 
     def wait(self, timeout: float):
@@ -76,7 +77,7 @@ class LocalVLLM:
         if hasattr(self.log, "close"):
             self.log.close()
 
-    def __enter__(self) -> VLLMServer:
+    def __enter__(self) -> VLLMEngine:
         return self.engine
 
     def __exit__(self, *exc):

@@ -167,8 +167,8 @@ class Family:
         end = [self.tokenizer.convert_tokens_to_ids(self.image_end)] if self.image_end else []
         return start + ids + end
 
-    def positions(self, ids: list, units: list) -> torch.Tensor:
-        """(P, L) the language model's positions of a flat sequence (`units`: lane.Unit per text token
+    def positions(self, ids: list, slots: list) -> torch.Tensor:
+        """(P, L) the language model's positions of a flat sequence (`slots`: prompt.Slot per text token
         or image). One index per token here; families with positions tied to the image layout
         (Qwen2.5-VL's M-RoPE) give P = 3."""
         return torch.arange(len(ids))[None]

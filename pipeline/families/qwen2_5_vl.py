@@ -182,22 +182,22 @@ class Qwen25VL(Family):
         rows, cols = prepared.crops[0].grid
         return np.array([(0, u, -1) for u in range(rows * cols)], dtype=np.int64).reshape(-1, 3)
 
-    def positions(self, ids, units):
+    def positions(self, ids, slots):
         """(3, L) M-RoPE positions (t, h, w): a text token at the running index on all three; an image's
         tokens at (p, p + row, p + col) of the unit they carry (a contextual token: its target), after
         which the text goes on at p + max(rows, cols), as without compression."""
         pos = torch.empty(3, len(ids), dtype=torch.long)
         p = 0
-        for u in units:
-            if u.compression is None:
-                pos[:, u.start] = p
+        for slot in slots:
+            if slot.compression is None:
+                pos[:, slot.start] = p
                 p += 1
                 continue
-            rows, cols = u.compression.crops[0].grid
-            r, c = np.divmod(u.compression.token_map[:, 1], cols)
-            pos[0, u.start:u.end] = p
-            pos[1, u.start:u.end] = torch.from_numpy(p + r)
-            pos[2, u.start:u.end] = torch.from_numpy(p + c)
+            rows, cols = slot.compression.crops[0].grid
+            r, c = np.divmod(slot.compression.token_map[:, 1], cols)
+            pos[0, slot.start:slot.end] = p
+            pos[1, slot.start:slot.end] = torch.from_numpy(p + r)
+            pos[2, slot.start:slot.end] = torch.from_numpy(p + c)
             p += max(rows, cols)
         return pos
 

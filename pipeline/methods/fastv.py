@@ -10,10 +10,12 @@ keep_ratio 1 reproduces the model. Nothing is compressed once: each question dec
 large model's KV cache is rebuilt every turn.
 """
 
+import time
+
 import torch
 
 from .base import ranked
-from .llm_prune import fresh_lane, image_spans, keep_count, pruned_answer, visual_positions
+from .llm_prune import image_spans, keep_count, visual_positions
 from .registry import IN_LLM, Method, register
 from .capture import Guidance, ImportanceCapture
 
@@ -26,35 +28,37 @@ def fastv_layer(vlm, layer: int) -> int:
     return min(max(1, int(layer)), len(vlm.language_model.layers) - 1)
 
 
-def fastv_answer(session, plan, stats, t0, generated):
-    """One FastV turn of a ChatSession (a generator of text deltas; returns the answer ids)."""
-    large, ids, units = session.vlm, plan.ids, plan.units
-    s = session.settings
+def fastv_answer(ctx):
+    """One FastV turn (turn.TurnContext): a generator of text deltas; returns the answer ids."""
+    large, ids, s = ctx.large, ctx.plan.ids, ctx.settings
     k_layer = fastv_layer(large, s.fastv_layer)
     visual = visual_positions(large, ids)
     if visual.numel() == 0:  # no image: nothing to prune
-        return (yield from session.plain_answer(plan, stats, t0, generated))
-    lane = fresh_lane(session)
+        return (yield from ctx.answer(ctx.request()))
     heads = large.language_model.config.num_attention_heads
-    capture = ImportanceCapture(large, lane.cache, visual.to(large.device), after=len(ids) - 2, layers=[k_layer - 1])
+    capture = []
+
+    def watch(cache):  # the last prompt token's attention in layer K - 1, on the emptied cache
+        capture.append(ImportanceCapture(large, cache, visual.to(large.device), after=len(ids) - 2,
+                                         layers=[k_layer - 1]))
+        return capture[0]
 
     def keep():
         """After layer K - 1: the last prompt token's attention decides; the hooks come off."""
-        capture.__exit__(None, None, None)
-        attention = capture.importance.float().cpu() / heads  # (V,) heads averaged
+        capture[0].__exit__(None, None, None)
+        attention = capture[0].importance.float().cpu() / heads  # (V,) heads averaged
         kept = ranked(attention)[:keep_count(s.fastv_keep_ratio, visual.numel())].sort().values
         mask = torch.ones(len(ids), dtype=torch.bool)
         mask[visual] = False
         mask[visual[kept]] = True
-        stats.guidance = Guidance(importance=attention.numpy(), kept=kept.numpy(), prune_layer=k_layer,
-                                  rows=capture.rows, image_spans=image_spans(units), source="fastv")
+        ctx.stats.guidance = Guidance(importance=attention.numpy(), kept=kept.numpy(), prune_layer=k_layer,
+                                      rows=capture[0].rows, image_spans=image_spans(ctx.plan.slots), source="fastv")
         return mask
 
-    capture.__enter__()
-    try:
-        return (yield from pruned_answer(session, lane, ids, units, stats, t0, generated, k_layer, keep))
-    finally:
-        capture.__exit__(None, None, None)
+    t_large = time.perf_counter()
+    answer = yield from ctx.answer(ctx.request(prune=(k_layer, keep), watch=watch))
+    ctx.stats.timings["large_s"] = time.perf_counter() - t_large
+    return answer
 
 
 def stats_rows(t) -> list:

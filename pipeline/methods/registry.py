@@ -18,8 +18,6 @@ COMPRESS_ONCE = "compress-once"  # a text-agnostic selection per crop (`pick`): 
 IN_LLM = "in-llm"  # pruning inside the language model, decided per question (`answer`: a turn runner)
 MANUAL = "manual"  # the units a person picks on the map
 
-ENGINES = ("transformers", "vllm")  # zipchat's decoder; a vLLM server fed prompt embeddings (engines/)
-
 
 @dataclass(frozen=True)
 class MapWords:
@@ -38,12 +36,13 @@ class Method:
     label: str  # as the page shows it
     kind: str  # FULL, COMPRESS_ONCE, IN_LLM or MANUAL
     pick: Callable | None = None  # COMPRESS_ONCE: (CropInput) -> Pick (methods/base.py)
-    answer: Callable | None = None  # IN_LLM: (session, plan, stats, t0, generated) -> a generator of text deltas
+    answer: Callable | None = None  # IN_LLM: (turn.TurnContext) -> a generator of text deltas
     # that returns the answer ids
     images: str | Callable | None = None  # the method its images are encoded as: None (itself), a name (FastV:
     # "full"), or (settings) -> a name (SGL: its `sgl_tokens`)
     fallback: str | None = None  # MANUAL: the method an image without picks is sent as
-    engines: tuple = ENGINES  # the engines that can answer it
+    engines: tuple | None = None  # the engines that can answer it (by name); None: any (it sends compressed
+    # images, which any engine takes as prompt embeddings)
     kept_set: bool = True  # keeps units as themselves (Compare's overlap of kept sets)
     not_in_overlap: str = ""  # why it is left out of the overlap, where it is
     needs_small: bool = False  # answers with a small model beside the large one (SGL)

@@ -25,9 +25,10 @@ from PIL import Image
 
 from ..chat import Message
 from ..errors import InputError
+from ..engines.base import Usage
 from ..generate import embed, forward_layers, new_cache
 from .capture import Guidance, ImportanceCapture
-from .llm_prune import fresh_lane, image_spans, keep_count, pruned_answer, visual_positions
+from .llm_prune import image_spans, keep_count, visual_positions
 from .registry import IN_LLM, Method, register
 
 CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
@@ -86,73 +87,72 @@ def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def sgl_answer(session, plan, stats, t0, generated):
-    """One SGL turn of a ChatSession (a generator of text deltas; returns the answer ids): the small
-    model answers and ranks, the exit score decides, and the pruned large model answers if needed."""
-    small, large = session.small, session.vlm
-    ids, units, s_ids, s_units = plan.ids, plan.units, plan.small_ids, plan.small_units
-    visual = visual_positions(large, ids)
+def sgl_answer(ctx):
+    """One SGL turn (turn.TurnContext): a generator of text deltas; returns the answer ids. The small model
+    answers and ranks, the exit score decides, and the pruned large model answers if needed."""
+    small, large, plan, s = ctx.small, ctx.large, ctx.plan, ctx.settings
+    visual = visual_positions(large, plan.ids)
     # rows counted: this turn's tokens after the last visual token (not re-prefilled earlier turns)
     after = max(int(visual[-1]) if visual.numel() else -1, plan.turn_start - 1)
 
     # 1. The small model answers with all visual tokens; hooks collect the importance.
-    t_small = time.perf_counter()
-    lane = session.lane("small")
-    start, features, reused = lane.reuse(s_units, enabled=session.reuse_cache)
-    small_tokens, max_probs = [], []
-    with ImportanceCapture(small, lane.cache, visual.to(small.device), after) as capture:
-        logits = lane.prefill(s_ids, s_units, start, features)
-        t_decode = time.perf_counter()
-        for _ in session.decode(small, logits, lane.step, stats, t0, small_tokens, stream=False,
-                                max_probs=max_probs, limit=session.context_window - len(s_ids)):
-            pass
-    importance = capture.importance.cpu()
-    small_decode_s = time.perf_counter() - t_decode  # the first token came with the prefill
-    stats.timings["small_answer_s"] = time.perf_counter() - t_small
-    stats.timings["small_prefill_tokens"] = len(s_ids) - start
-    stats.timings["small_cache_reused"] = reused
+    t_small, usage, max_probs, capture = time.perf_counter(), Usage(), [], []
+
+    def watch(cache):
+        capture.append(ImportanceCapture(small, cache, visual.to(small.device), after))
+        return capture[0]
+    small_tokens = ctx.collect(ctx.request("small", watch=watch, max_probs=max_probs), usage=usage)
+    importance = capture[0].importance.cpu()
+    small_s = time.perf_counter() - t_small
+    stats = ctx.stats
+    stats.timings.update(small_answer_s=small_s, small_prefill_tokens=usage.prompt_tokens - usage.cached_tokens,
+                         small_cache_reused=usage.cached_tokens > 0)
 
     # 2. Early exit: confidence and consistency (re-scoring with the top 5% visual tokens).
     t_score = time.perf_counter()
     confidence = geometric_mean(max_probs[: len(small_tokens)])
-    consistency = rescored_probability(small, s_ids, s_units, visual, importance, small_tokens)
+    consistency = rescored_probability(small, plan.small_ids, plan.small_slots, visual, importance, small_tokens)
     score = (confidence + consistency) / 2
     stats.timings["small_score_s"] = time.perf_counter() - t_score
-    threshold = session.settings.early_exit
-    exit_now = threshold is not None and score >= threshold and not session.stop_flag.is_set()
+    exit_now = s.early_exit is not None and score >= s.early_exit and not ctx.stop_flag.is_set()
 
-    n_layers = len(large.language_model.layers)
-    k_layer = int(math.floor(session.settings.prune_layer * n_layers))
-    keep_visual = top_k_mask(importance, keep_count(session.settings.keep_ratio, visual.numel()))
-    spans = image_spans(units)
+    k_layer = int(math.floor(s.prune_layer * len(large.language_model.layers)))
+    keep_visual = top_k_mask(importance, keep_count(s.keep_ratio, visual.numel()))
     stats.guidance = Guidance(
         importance=importance.numpy(), kept=keep_visual.nonzero().squeeze(1).numpy(), confidence=confidence,
-        consistency=consistency, score=score, threshold=threshold, early_exit=exit_now,
+        consistency=consistency, score=score, threshold=s.early_exit, early_exit=exit_now,
         small_answer=small.tokenizer.decode(small_tokens, skip_special_tokens=True), small_tokens=small_tokens,
-        prune_layer=k_layer, image_spans=spans, rows=capture.rows)
+        prune_layer=k_layer, image_spans=image_spans(plan.slots), rows=capture[0].rows)
     stats.early_exit = exit_now
+    if exit_now:
+        return (yield from early_exit(ctx, small_tokens, usage, small_s))
 
-    if exit_now:  # the small model's answer is the answer; the large model is not run
-        stats.model_used = small.name
-        stats.prefill_tokens = stats.timings["small_prefill_tokens"]
-        stats.cache_reused = reused
-        stats.ttft_s = time.perf_counter() - t0
-        if len(small_tokens) > 1:
-            stats.decode_tok_per_s = (len(small_tokens) - 1) / max(small_decode_s, 1e-9)
-        generated.extend(small_tokens)
-        text = stats.guidance.small_answer
-        if text:
-            yield text
-        return list(small_tokens)
-
-    # 3. The large model: all tokens up to layer K, then the kept visual tokens only (llm_prune.py).
-    keep = torch.ones(len(ids), dtype=torch.bool)
+    # 3. The large model: all tokens up to layer K, then the kept visual tokens only (engines/transformers.py).
+    keep = torch.ones(len(plan.ids), dtype=torch.bool)
     keep[visual] = keep_visual
-    return (yield from pruned_answer(session, fresh_lane(session), ids, units, stats, t0, generated, k_layer, keep))
+    t_large = time.perf_counter()
+    answer = yield from ctx.answer(ctx.request(prune=(k_layer, keep)))
+    stats.timings["large_s"] = time.perf_counter() - t_large
+    return answer
+
+
+def early_exit(ctx, small_tokens: list, usage, small_s: float):
+    """The small model's answer is the answer; the large model is not run."""
+    stats = ctx.stats
+    stats.model_used = ctx.small.name
+    stats.prefill_tokens = stats.timings["small_prefill_tokens"]
+    stats.cache_reused = usage.cached_tokens > 0
+    stats.ttft_s = time.perf_counter() - ctx.t0
+    if len(small_tokens) > 1:  # (the first token came with the prefill)
+        stats.decode_tok_per_s = (len(small_tokens) - 1) / max(small_s - usage.prefill_s, 1e-9)
+    ctx.generated.extend(small_tokens)
+    if stats.guidance.small_answer:
+        yield stats.guidance.small_answer
+    return list(small_tokens)
 
 
 @torch.inference_mode()
-def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> float:
+def rescored_probability(small, s_ids, s_slots, visual, importance, answer) -> float:
     """Geometric mean probability of the small model's own answer when it re-reads the
     conversation keeping only its top 5% visual tokens (original positions kept)."""
     if not answer:
@@ -160,9 +160,9 @@ def rescored_probability(small, s_ids, s_units, visual, importance, answer) -> f
     keep = torch.ones(len(s_ids) + len(answer) - 1, dtype=torch.bool)
     if visual.numel():
         keep[visual] = top_k_mask(importance, max(1, math.ceil(CONSISTENCY_KEEP * visual.numel())))
-    feats = [u.features for u in s_units if u.features is not None]
+    feats = [u.features for u in s_slots if u.features is not None]
     embeds = embed(small, s_ids + answer[:-1], feats)
-    prompt = small.family.positions(s_ids, s_units)  # (P, L); the answer continues after its largest
+    prompt = small.family.positions(s_ids, s_slots)  # (P, L); the answer continues after its largest
     after = int(prompt.max()) + 1 + torch.arange(len(answer) - 1)
     positions = torch.cat([prompt, after.expand(prompt.shape[0], -1)], dim=1)
     logits = forward_layers(small, embeds, positions, new_cache(small), prune_at=0, keep=keep.to(small.device),

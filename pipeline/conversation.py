@@ -1,0 +1,113 @@
+"""A conversation's images and their compressions, kept in its state (state.py): each image is kept once,
+no larger than the model can use, and compressed once per method and budget (or taken from the example
+cache, compressed when the app started), under the model's encode lock, the compressions LRU-bounded by
+bytes. No turn logic here: the session asks for what a turn needs."""
+
+import time
+
+import numpy as np
+from PIL import Image
+
+from .compress import Compression, encode_image, method_key
+from .errors import InputError
+from .images import image_digest, load_image
+from .methods import registry
+
+
+class Images:
+    def __init__(self, vlm, small=None, examples=None):
+        self.vlm, self.small = vlm, small
+        self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
+        self.encoded = [0, 0.0, 0]  # since the last turn: images encoded, the seconds it took, examples taken
+        self.ahead_s = 0.0  # seconds spent encoding the next turn's images before it started (prepare_turn)
+
+    def take_counts(self) -> tuple:
+        """(images encoded, seconds, taken from the examples) since the last call."""
+        counts, self.encoded = tuple(self.encoded), [0, 0.0, 0]
+        return counts
+
+    # ---- keeping ------------------------------------------------------------------------------
+    def keep(self, state, image) -> str:
+        """Check an image and keep its pixels (uint8 (H, W, 3): 3 bytes a pixel), no larger than the model can
+        use (the same tiles and crops: Family.compact_size) -> its key."""
+        image = load_image(image, fit=self.vlm.family.compact_size)
+        key = image_digest(image)
+        state.images[key] = np.asarray(image)
+        return key
+
+    def keep_all(self, state, images, names=None) -> list:
+        """`keep` for several images, all or none: when one is refused, none is kept, and the InputError says
+        why for each refused one (`names`: what to call them). -> keys."""
+        images = list(images)
+        before, keys, refused = set(state.images), [], []
+        for i, image in enumerate(images):
+            try:
+                keys.append(self.keep(state, image))
+            except InputError as e:
+                name = names[i] if names else f"image {i + 1}"
+                refused.append(str(e) if name in str(e) or len(images) == 1 else f"{name}: {e}")
+        if refused:
+            for key in set(state.images) - before:
+                del state.images[key]
+            raise InputError(" ".join(refused))
+        return keys
+
+    @staticmethod
+    def image(state, key: str) -> Image.Image:
+        """The kept image `key` as a PIL image."""
+        return Image.fromarray(state.images[key])
+
+    # ---- compressions -------------------------------------------------------------------------
+    @staticmethod
+    def method_for(state, key: str, method: str) -> str:
+        """How image `key` is encoded for `method`: as itself, except that a manual method sends an image
+        without picks as its fallback (VisionZip's choice: an earlier image nobody picked patches on)."""
+        fallback = registry.get(method).fallback
+        return fallback if fallback and not state.picks.get(key) else method
+
+    def method_key(self, state, key: str, method: str) -> tuple:
+        s = state.settings
+        return method_key(self.method_for(state, key, method), s.dominant, s.contextual, s.max_tiles,
+                          state.picks.get(key))
+
+    def model(self, lane: str):
+        return self.vlm if lane == "large" else self.small
+
+    def cached(self, state, key, method: str, lane: str = "large") -> bool:
+        """Whether `compression(state, key, method, lane)` is at hand (no model would run)."""
+        return (key, self.method_key(state, key, method), self.model(lane).name) in state.compressions
+
+    def compression(self, state, key, method: str, lane: str = "large") -> Compression:
+        """The Compression of image `key` for `method` and `lane`'s model, encoded once."""
+        vlm, method = self.model(lane), self.method_for(state, key, method)
+        ck = (key, self.method_key(state, key, method), vlm.name)
+        if ck in state.compressions:
+            state.compressions.move_to_end(ck)
+            return state.compressions[ck]
+        s = state.settings
+        ahead = self.examples.get(vlm.name, key, ck[1]) if self.examples is not None and lane == "large" else None
+        if ahead is not None:  # an example image, compressed when the app started: nothing to encode
+            state.compressions[ck] = ahead
+            self.encoded[2] += 1
+            return ahead
+        selection = None  # the small model sees the same tokens: a compress-once method's selection by the large
+        if lane != "large" and registry.get(method).kind == registry.COMPRESS_ONCE:
+            selection = self.compression(state, key, method)
+        with vlm.encode_lock:
+            comp = encode_image(vlm, self.image(state, key), method, s.dominant, s.contextual, max_tiles=s.max_tiles,
+                                picks=state.picks.get(key, {}) if lane == "large" else None,
+                                selection_from=selection)
+        comp.features = comp.features.cpu()  # the state holds no device tensor
+        self.encoded[0] += 1
+        self.encoded[1] += comp.encode_s
+        state.compressions[ck] = comp
+        while sum(c.nbytes for c in state.compressions.values()) > state.cache_bytes and len(state.compressions) > 1:
+            state.compressions.popitem(last=False)  # dropped ones are re-encoded from state.images if needed
+        return comp
+
+    def prepare(self, state, method: str):
+        """Encode the images waiting for the next question now (their time counts in that turn's)."""
+        start = time.perf_counter()
+        for key in state.pending:
+            self.compression(state, key, method)
+        self.ahead_s += time.perf_counter() - start
