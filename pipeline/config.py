@@ -52,3 +52,4 @@ class Settings:
     max_tiles: int = 0  # tiles per image the compress-once methods encode (tiling families); 0: the checkpoint's limit
     max_new_tokens: int = 256
     sampling: Sampling = field(default_factory=Sampling)
+    knobs: dict = field(default_factory=dict)  # the knobs of methods that have no field above (registry.Knob)

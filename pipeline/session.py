@@ -94,16 +94,17 @@ class ChatSession:
                    keep_ratio: float | None = None, prune_layer: float | None = None, early_exit=UNSET,
                    sgl_tokens: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, max_tiles: int | None = None, fastv_layer: int | None = None,
-                   fastv_keep_ratio: float | None = None):
+                   fastv_keep_ratio: float | None = None, **knobs):
         """Applies from the next turn; images are re-compressed once for a new method or budget.
         Values left out (None) keep their current value; `early_exit=None` disables early exit.
-        `keep_ratio` is SGL's, or FastV's when the method is "fastv" and `fastv_keep_ratio` is left out.
+        `keep_ratio` is SGL's, or FastV's when the method is "fastv" and `fastv_keep_ratio` is left out;
+        `knobs`: the settings of methods registered elsewhere, by their knobs' names (registry.Knob).
         Every value is checked here (the app's events are public API): nothing changes on a bad one."""
         self.state.settings = changed(self.settings, self.vlm.family, self.small is not None, method, dominant,
                                       contextual, keep_ratio=keep_ratio, prune_layer=prune_layer, early_exit=early_exit,
                                       sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, max_tiles=max_tiles, fastv_layer=fastv_layer,
-                                      fastv_keep_ratio=fastv_keep_ratio)
+                                      fastv_keep_ratio=fastv_keep_ratio, knobs=knobs)
 
     @property
     def method(self) -> registry.Method:

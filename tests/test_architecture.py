@@ -2,6 +2,8 @@
 the record (a throw-away method written here, in this file only, shows up wherever the built-in ones do);
 an engine is anything with `stream(request, usage)` and `max_model_len()`."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_no_import_circle():
 def test_the_lowest_floor_imports_nothing_above_it():
     edges = graph()
     assert edges["pipeline.config"] <= {"pipeline.errors"}
-    assert edges["pipeline.methods.registry"] <= {"pipeline.errors"}
+    assert edges["pipeline.methods.registry"] <= {"pipeline.errors", "pipeline.config"}
     assert not any(m.startswith("ui") or m == "app" for name in edges if name.startswith("pipeline")
                    for m in edges[name])  # the algorithms never import the page
 
@@ -92,28 +94,69 @@ def test_a_method_registered_at_run_time_is_offered_by_the_app(throwaway, tiny_l
     assert len(maps) == 2 and maps[0][1].startswith("Least attended: 64 of")
 
 
-# ---- a throw-away in-LLM method: the plain answer, with a row of its own in the stats --------------------------
+# ---- a throw-away in-LLM method with one knob: FastV's pruning at a layer of its own ------------------------
 
-def test_an_in_llm_method_registered_at_run_time_answers_and_shows_its_rows(tiny_llava, photo):
-    from ui.text import format_stats
+@pytest.fixture
+def deep_fastv():
+    """FastV, pruning at its own knob's layer (the knob's value reaches the turn through the settings)."""
+    from pipeline.methods.fastv import KNOBS, fastv_answer
 
     def answer(ctx):
-        ctx.stats.timings["plain_s"] = 0.0
-        return (yield from ctx.answer(ctx.request()))
-    registry.register(registry.Method("plain", "Plain", registry.IN_LLM, answer=answer, images="full",
-                                      engines=("transformers",), stats_rows=lambda t: [("Plain: rows", "one")]))
-    try:
-        s, reference = ChatSession(tiny_llava, method="plain", max_new_tokens=5), ChatSession(tiny_llava,
-                                                                                             max_new_tokens=5)
-        for session in (s, reference):
-            session.add_image(photo)
-        assert s.ask("What is it?") == reference.ask("What is it?")  # Full's tokens, the plain answer
-        assert "plain_s" in s.last_turn.timings and "| Plain: rows | one |" in format_stats(s.last_turn)
-        assert s.last_turn.visual_tokens == 576
-    finally:
-        registry.unregister("plain")
-    with pytest.raises(InputError, match="Unknown method 'plain'"):
-        s.set_method("plain")
+        depth = ctx.settings.knobs["deep_layer"]
+        ctx.settings = replace(ctx.settings, fastv_layer=depth)
+        ctx.stats.timings["deep_layer"] = depth
+        return (yield from fastv_answer(ctx))
+    knob = registry.Knob("deep_layer", "deep layer", 1, 8, 3, integer=True, help="prune after this layer")
+    record = registry.register(registry.Method(
+        "deep", "Deep FastV", registry.IN_LLM, answer=answer, images="full", engines=("transformers",), knobs=(knob,),
+        stats_rows=lambda t: [("Deep: pruned at", str(t.timings.get("deep_layer")))], doc="FastV at a layer of its own"))
+    yield record
+    registry.unregister("deep")
+    assert KNOBS[0].name == "fastv_layer"  # (FastV's own knob is unchanged)
+
+
+def test_an_in_llm_method_with_a_knob_answers_as_fastv_at_that_layer(deep_fastv, tiny_ov_large, photo):
+    from ui.text import format_stats
+    s, reference = ChatSession(tiny_ov_large, method="deep", max_new_tokens=5), ChatSession(
+        tiny_ov_large, method="fastv", fastv_layer=3, max_new_tokens=5)  # (4 layers: K = 3 and K = 1 differ)
+    assert s.settings.knobs["deep_layer"] == 3  # the knob's default
+    for session in (s, reference):
+        session.add_image(photo)
+    assert s.ask("What is it?") == reference.ask("What is it?")
+    assert s.last_turn.guidance.prune_layer == 3 and "| Deep: pruned at | 3 |" in format_stats(s.last_turn)
+    kept_at_3 = s.last_turn.guidance.kept.tolist()
+    s.set_method("deep", deep_layer=1)
+    reference.set_method("fastv", fastv_layer=1)
+    assert s.ask("And now?") == reference.ask("And now?") and s.last_turn.guidance.prune_layer == 1
+    other = ChatSession(tiny_ov_large, method="fastv", fastv_layer=1, max_new_tokens=5)
+    other.add_image(photo)
+    other.ask("What is it?")
+    assert other.last_turn.guidance.kept.tolist() != kept_at_3  # (the layer matters: the knob is not a no-op)
+    for bad, message in ((9, "between 1 and 8"), (2.5, "whole number"), ("x", "must be a number")):
+        with pytest.raises(InputError, match=message):
+            s.set_method("deep", deep_layer=bad)
+    with pytest.raises(InputError, match="Unknown setting"):
+        s.set_method("deep", shallow_layer=1)
+    assert s.settings.knobs["deep_layer"] == 1  # nothing changed on a bad value
+
+
+def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny_llava):
+    import app
+    from ui.handlers import Handlers
+    demo = app.build_demo(tiny_llava, banner="offline", max_new_tokens=3)
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert ("Deep FastV", "Deep FastV") in blocks["method"].choices
+    slider = blocks["knob_deep_layer"]
+    assert (slider.minimum, slider.maximum, slider.value, slider.step) == (1, 8, 3, 1)
+    h = Handlers(tiny_llava, max_new_tokens=3)
+    history, _, state, _ = h.add_message([], {"text": "What is it?", "files": [CAT]}, None,
+                                         "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, 2)
+    *_, last = h.respond(history, state, "kept")
+    history, state, stats, *_ = last
+    assert state.chat.settings.knobs["deep_layer"] == 2 and stat(stats, "Deep: pruned at") == "2"
+    history, *_ = h.add_message(history, {"text": "Again?", "files": []}, state,
+                                "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, 99)
+    assert "between 1 and 8" in history[-1]["content"]  # refused with a message; the session goes on
 
 
 def test_a_method_record_must_carry_what_its_kind_needs():

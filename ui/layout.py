@@ -1,13 +1,15 @@
 """The page: components, and the event chain wiring them to the handlers (handlers.py)."""
 
 import json
+from types import SimpleNamespace
 
 import gradio as gr
 
 from pipeline.methods import registry
 
 from .handlers import Handlers
-from .text import ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, VLLM_NOTE, NO_IMAGE, VIEW_NAMES, format_stats
+from .text import (ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, NO_IMAGE, VIEW_NAMES, VLLM_NOTE,
+                   drawn_knobs, format_stats)
 
 MODEL = "model"  # the concurrency group of the events that run a model
 ANSWERS = "answers"  # --engine vllm: answers and Compares, several at once (the engine batches them)
@@ -39,153 +41,213 @@ def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 
     stats right under it) and Compare, as tabs of the right column; on a phone the columns stack, chat
     first. `answers_at_once` > 1 (an engine that batches): that many answers and Compares run together; the
     other model events (settings, the map's image) stay one at a time, and the encodes take the model's lock."""
-    vlm, small = h.vlm, h.small
     answers = dict(concurrency_id=MODEL) if answers_at_once <= 1 else dict(concurrency_id=ANSWERS,
                                                                           concurrency_limit=answers_at_once)
+    offered = [m for m in registry.all_methods() if not m.needs_small or h.small is not None]
     with gr.Blocks(title="zipchat", delete_cache=(1800, 3600), fill_width=True) as demo:
-        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget)
-        offered = [m for m in registry.all_methods() if not m.needs_small or small is not None]
-        available = [m.label for m in offered]
-        with gr.Sidebar(open=False, width=330, elem_id="settings"):  # (opened on wide screens: app.PAGE_JS)
-            gr.Markdown("### Settings", elem_id="settings-title")
-            method = gr.Radio(available, value=registry.label(h.method_default), elem_id="method",
-                              label="Visual tokens (Manual: pick patches on the map)")
-            budget = gr.Radio([64, 128, 192], value=64, elem_id="budget",
-                              label="Budget per crop (dominant + contextual; DivPrune, VisPruner, Random and Pool "
-                                    "send the same total)")
-            units = vlm.family.units_per_crop - 1  # the largest budget below a whole crop
-            dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
-                              label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
-            contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
-            tiles = Slider(0, 36, value=h.max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
-                           label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is faster on a "
-                                 "CPU; Full, FastV and SGL always use all)")
-            gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
-            if h.options.get("engine") is not None:  # --engine vllm
-                gr.Markdown(VLLM_NOTE, elem_classes=["note"], elem_id="engine-note")
-            layers = len(vlm.language_model.layers)
-            with gr.Accordion("FastV: the model prunes by its own attention", open=h.method_default == "fastv"):
-                fastv_layer = Slider(1, max(2, layers - 1), value=2, step=1, elem_id="fastv_layer",
-                                     label=f"K: visual tokens kept from layer K on (1 to {layers - 1} of {layers} "
-                                           f"layers; larger is taken as {layers - 1})")
-                fastv_keep = Slider(0.01, 1.0, value=0.5, step=0.01, elem_id="fastv_keep_ratio",
-                                    label="keep ratio (visual tokens)")
-            sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
-                        "part-way through its layers, or is skipped when the small model is confident."
-                        if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
-            with gr.Accordion("SGL: a small model guides the large one", open=h.method_default == "sgl"):
-                gr.Markdown(sgl_note, elem_classes=["note"])
-                keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)",
-                                    interactive=small is not None, elem_id="keep_ratio")
-                prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)",
-                                     interactive=small is not None, elem_id="prune_layer")
-                exit_on = gr.Checkbox(value=True, label="early exit", interactive=small is not None, elem_id="exit_on")
-                threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold",
-                                   interactive=small is not None, elem_id="threshold")
-                sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens",
-                                      interactive=small is not None, elem_id="sgl_zip")
-            with gr.Accordion("Generation", open=False, elem_id="generation"):
-                new_tokens = Slider(1, max(2048, h.max_new_tokens), value=h.max_new_tokens, step=1,
-                                    label="max new tokens", elem_id="max_new_tokens")
-                temperature = Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
-                                     label="temperature (0: greedy, so Compare is deterministic)")
-                top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top_p")
-            gr.Markdown(ABOUT, elem_classes=["note"])
-        gr.Markdown(f"## zipchat <span class='model-line'>· `{vlm.describe()}` · the map shows which visual tokens "
+        p = SimpleNamespace(state=gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=h.forget))
+        settings_panel(p, h, offered)
+        gr.Markdown(f"## zipchat <span class='model-line'>· `{h.vlm.describe()}` · the map shows which visual tokens "
                     "the language model gets</span>", elem_id="header")
         if banner:
             gr.Markdown(banner, elem_id="offline-banner", elem_classes=["banner"])
         with gr.Row(elem_id="main", equal_height=False):
-            with gr.Column(scale=4, min_width=320, elem_id="chat-column"):
-                examples = json.loads(gallery_file.read_text())
-                chatbot = gr.Chatbot(elem_id="chatbot", height=CHAT_HEIGHT, buttons=["copy"], show_label=False,
-                                     placeholder=CHAT_PLACEHOLDER if h.examples is None else CHAT_PLACEHOLDER_FAST,
-                                     examples=[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}
-                                               for e in examples])
-                textbox = gr.MultimodalTextbox(  # (browsers do not call iPhone photos images: HEIC is named)
-                    file_types=["image", ".heic", ".heif"], file_count="multiple", sources=["upload"],
-                    elem_id="textbox", placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
-                with gr.Row(elem_id="chat-buttons"):
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False, min_width=80)
-                    clear_btn = gr.Button("Clear", elem_id="clear", min_width=80)
+            chat_column(p, h, gallery_file)
             with gr.Column(scale=6, min_width=320, elem_id="map-column"):
                 with gr.Tabs(elem_id="right-tabs"):
-                    with gr.Tab("Map", id="map-tab", elem_id="map-tab"):
-                        with gr.Row(elem_id="map-controls"):
-                            view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
-                                            value="kept", show_label=False, elem_id="view")
-                            map_choice = gr.Radio([], show_label=False, visible=False, elem_id="map-image")
-                        caption = gr.Markdown(NO_IMAGE, elem_id="caption")
-                        map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
-                                             height=MAP_HEIGHT, buttons=["fullscreen", "download"])
-                        info = gr.Markdown("", elem_id="patch-info")
-                        with gr.Row(visible=registry.get(h.method_default).kind == registry.MANUAL,
-                                    elem_id="pick-row") as pick_row:
-                            radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)",
-                                            elem_id="radius")
-                            from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
-                            no_picks = gr.Button("Clear picks", elem_id="clear-picks")
-                        stats = gr.Markdown(format_stats(None), elem_id="stats")
-                    with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
-                        compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
-                            [(m.label, m.name) for m in offered], value=[], elem_id="compare-methods",
-                            label="Answer the last question again with (none checked: this chat's method, VisionZip "
-                                  "and Full)")
-                        compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
-                        compare_table = gr.Markdown(elem_id="compare-table")
-                        compare_answers_md = gr.Markdown(elem_id="compare-answers")
-                        compare_maps = gr.Gallery(label="The tokens each method kept (clear) of the latest image",
-                                                  show_label=False, columns=3, height="auto", elem_id="compare-maps",
-                                                  object_fit="contain", allow_preview=True,
-                                                  buttons=["fullscreen", "download"])
-                        compare_overlap = gr.Markdown(elem_id="compare-overlap")
-
+                    map_tab(p, h)
+                    compare_tab(p, offered)
         # new inputs go last: positional API callers of older versions keep working
-        settings = [method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip, tiles,
-                    new_tokens, temperature, top_p, fastv_layer, fastv_keep]
-        maps = [map_image, caption, view]
-        def answer(trigger, api: bool):
-            """A message, then its answer: after Enter in the textbox, or after an example picked in the chat."""
-            submitted = trigger(h.add_message, [chatbot, textbox, state, *settings], [chatbot, textbox, state, stop_btn],
-                                queue=False, api_name="add_message" if api else False)
-            # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
-            answering = submitted.then(h.respond, [chatbot, state, view], [chatbot, state, stats, *maps],
-                                       api_name="respond" if api else False, **answers)
-            # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
-            # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
-            answering.then(h.finish, state, [textbox, stop_btn], api_name=False)
-            answering.then(h.image_choices, state, map_choice, queue=False, api_name=False)
-            for event in (submitted, answering):
-                event.failure(h.finish, state, [textbox, stop_btn], api_name=False)
-        answer(textbox.submit, api=True)
-        picked = chatbot.example_select(h.use_example, None, textbox, queue=False, api_name=False)
-        answer(picked.then, api=False)
-        method.change(lambda: "", None, info, queue=False, api_name=False)  # the readout follows the method
-        stop_btn.click(h.stop, state, None, queue=False, api_name="stop")
-        budget.change(h.pick_budget, budget, [dominant, contextual], queue=False, api_name=False)
-        for control in settings:
-            control.change(h.apply_settings, [state, view, *settings], [state, *maps, pick_row],
-                           api_name=f"settings_{control.elem_id}", concurrency_id=MODEL)
-        view.change(h.show_view, [state, view], [map_image, caption], queue=False, api_name="view")
-        map_choice.input(h.show_image, [state, map_choice, view], [state, map_image, caption, view, info],
-                         api_name="map_image", concurrency_id=MODEL)
-
-        def click_map(state, view, radius, evt: MapClick):  # (Gradio reads the event type off this signature)
-            return h.click_map(state, view, radius, evt)
-        map_image.select(click_map, [state, view, radius], [state, map_image, caption, info], api_name="click")
-        from_zip.click(lambda s: h.set_picks(s, True), state, [state, map_image, caption, info],
-                       api_name="picks_visionzip")
-        no_picks.click(lambda s: h.set_picks(s, False), state, [state, map_image, caption, info],
-                       api_name="picks_clear")
-        compare_started = compare_btn.click(h.start_compare, state, [state, textbox, stop_btn], queue=False,
-                                            api_name=False)  # (gr.Error while answering: nothing more runs)
-        comparing = compare_started.success(h.compare_answers, [state, compare_methods],
-                                            [compare_table, compare_answers_md, compare_maps, compare_overlap],
-                                            api_name="compare", **answers)
-        comparing.then(h.finish_compare, state, [textbox, stop_btn], api_name=False)
-        comparing.failure(h.finish_compare, state, [textbox, stop_btn], api_name=False)
-        clear_btn.click(h.clear, state, [chatbot, state, textbox, map_image, caption, view, stats, info, compare_table,
-                                         compare_answers_md, stop_btn, compare_maps, compare_overlap],
-                        queue=False, api_name="clear").then(h.image_choices, state, map_choice, queue=False,
-                                                            api_name=False)
+        p.settings = [p.method, p.dominant, p.contextual, p.keep_ratio, p.prune_layer, p.exit_on, p.threshold,
+                      p.sgl_zip, p.tiles, p.new_tokens, p.temperature, p.top_p, p.fastv_layer, p.fastv_keep, *p.knobs]
+        p.maps = [p.map_image, p.caption, p.view]
+        wire_chat(p, h, answers)
+        wire_map(p, h)
+        wire_compare(p, h, answers)
+        wire_clear(p, h)
     return demo
+
+
+def settings_panel(p, h: Handlers, offered: list):
+    """The side panel: the method, its budget, FastV's and SGL's settings, the knobs of other methods, and
+    generation."""
+    vlm, small = h.vlm, h.small
+    with gr.Sidebar(open=False, width=330, elem_id="settings"):  # (opened on wide screens: app.PAGE_JS)
+        gr.Markdown("### Settings", elem_id="settings-title")
+        p.method = gr.Radio([m.label for m in offered], value=registry.label(h.method_default), elem_id="method",
+                            label="Visual tokens (Manual: pick patches on the map)")
+        p.budget = gr.Radio([64, 128, 192], value=64, elem_id="budget",
+                            label="Budget per crop (dominant + contextual; DivPrune, VisPruner, Random and Pool "
+                                  "send the same total)")
+        units = vlm.family.units_per_crop - 1  # the largest budget below a whole crop
+        p.dominant = Slider(1, units, value=54, step=1, elem_id="dominant",
+                            label="dominant" + (" (CLS counts as one)" if vlm.family.has_cls else ""))
+        p.contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
+        p.tiles = Slider(0, 36, value=h.max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
+                         label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is faster on a "
+                               "CPU; Full, FastV and SGL always use all)")
+        gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
+        if h.options.get("engine") is not None:  # --engine vllm
+            gr.Markdown(VLLM_NOTE, elem_classes=["note"], elem_id="engine-note")
+        fastv_settings(p, h)
+        sgl_settings(p, h)
+        p.knobs = knob_sliders(h)
+        with gr.Accordion("Generation", open=False, elem_id="generation"):
+            p.new_tokens = Slider(1, max(2048, h.max_new_tokens), value=h.max_new_tokens, step=1,
+                                  label="max new tokens", elem_id="max_new_tokens")
+            p.temperature = Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
+                                   label="temperature (0: greedy, so Compare is deterministic)")
+            p.top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top_p")
+        gr.Markdown(ABOUT, elem_classes=["note"])
+
+
+def fastv_settings(p, h: Handlers):
+    """FastV's two knobs, with its layer's range from the model's depth."""
+    layers = len(h.vlm.language_model.layers)
+    with gr.Accordion("FastV: the model prunes by its own attention", open=h.method_default == "fastv"):
+        p.fastv_layer = Slider(1, max(2, layers - 1), value=2, step=1, elem_id="fastv_layer",
+                               label=f"K: visual tokens kept from layer K on (1 to {layers - 1} of {layers} "
+                                     f"layers; larger is taken as {layers - 1})")
+        p.fastv_keep = Slider(0.01, 1.0, value=0.5, step=0.01, elem_id="fastv_keep_ratio",
+                              label="keep ratio (visual tokens)")
+
+
+def sgl_settings(p, h: Handlers):
+    """SGL's knobs, early exit and token choice; not interactive without a small model."""
+    small, vlm = h.small, h.vlm
+    sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
+                "part-way through its layers, or is skipped when the small model is confident."
+                if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
+    with gr.Accordion("SGL: a small model guides the large one", open=h.method_default == "sgl"):
+        gr.Markdown(sgl_note, elem_classes=["note"])
+        on = small is not None
+        p.keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)", interactive=on,
+                              elem_id="keep_ratio")
+        p.prune_layer = Slider(0.0, 1.0, value=0.4, step=0.05, label="prune at (fraction of depth)", interactive=on,
+                               elem_id="prune_layer")
+        p.exit_on = gr.Checkbox(value=True, label="early exit", interactive=on, elem_id="exit_on")
+        p.threshold = Slider(0.0, 1.0, value=0.8, step=0.01, label="early-exit threshold", interactive=on,
+                             elem_id="threshold")
+        p.sgl_zip = gr.Checkbox(value=False, label="both models see VisionZip tokens", interactive=on,
+                                elem_id="sgl_zip")
+
+
+def knob_sliders(h: Handlers) -> list:
+    """A slider per knob of the methods whose settings the panel does not draw itself (registry.Knob), under
+    its method's name: what a method registered in its own file adds to the page."""
+    sliders, methods = [], {k.name: m for m in registry.all_methods() for k in m.knobs}
+    for knob in drawn_knobs():
+        m = methods[knob.name]
+        with gr.Accordion(f"{m.label}: {m.doc}" if m.doc else m.label, open=h.method_default == m.name):
+            sliders.append(Slider(knob.low, knob.high, value=knob.default, step=1 if knob.integer else knob.step,
+                                  label=knob.label + (f" ({knob.help})" if knob.help else ""),
+                                  elem_id=f"knob_{knob.name}"))
+    return sliders
+
+
+def chat_column(p, h: Handlers, gallery_file):
+    with gr.Column(scale=4, min_width=320, elem_id="chat-column"):
+        examples = json.loads(gallery_file.read_text())
+        p.chatbot = gr.Chatbot(elem_id="chatbot", height=CHAT_HEIGHT, buttons=["copy"], show_label=False,
+                               placeholder=CHAT_PLACEHOLDER if h.examples is None else CHAT_PLACEHOLDER_FAST,
+                               examples=[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}
+                                         for e in examples])
+        p.textbox = gr.MultimodalTextbox(  # (browsers do not call iPhone photos images: HEIC is named)
+            file_types=["image", ".heic", ".heif"], file_count="multiple", sources=["upload"],
+            elem_id="textbox", placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
+        with gr.Row(elem_id="chat-buttons"):
+            p.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False, min_width=80)
+            p.clear_btn = gr.Button("Clear", elem_id="clear", min_width=80)
+
+
+def map_tab(p, h: Handlers):
+    with gr.Tab("Map", id="map-tab", elem_id="map-tab"):
+        with gr.Row(elem_id="map-controls"):
+            p.view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
+                              value="kept", show_label=False, elem_id="view")
+            p.map_choice = gr.Radio([], show_label=False, visible=False, elem_id="map-image")
+        p.caption = gr.Markdown(NO_IMAGE, elem_id="caption")
+        p.map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
+                               height=MAP_HEIGHT, buttons=["fullscreen", "download"])
+        p.info = gr.Markdown("", elem_id="patch-info")
+        with gr.Row(visible=registry.get(h.method_default).kind == registry.MANUAL, elem_id="pick-row") as pick_row:
+            p.radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)", elem_id="radius")
+            p.from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
+            p.no_picks = gr.Button("Clear picks", elem_id="clear-picks")
+        p.pick_row = pick_row
+        p.stats = gr.Markdown(format_stats(None), elem_id="stats")
+
+
+def compare_tab(p, offered: list):
+    with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
+        p.compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
+            [(m.label, m.name) for m in offered], value=[], elem_id="compare-methods",
+            label="Answer the last question again with (none checked: this chat's method, VisionZip and Full)")
+        p.compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+        p.compare_table = gr.Markdown(elem_id="compare-table")
+        p.compare_answers = gr.Markdown(elem_id="compare-answers")
+        p.compare_maps = gr.Gallery(label="The tokens each method kept (clear) of the latest image",
+                                    show_label=False, columns=3, height="auto", elem_id="compare-maps",
+                                    object_fit="contain", allow_preview=True, buttons=["fullscreen", "download"])
+        p.compare_overlap = gr.Markdown(elem_id="compare-overlap")
+
+
+def wire_chat(p, h: Handlers, answers: dict):
+    """A message, then its answer; Stop."""
+    def answer(trigger, api: bool):
+        """A message, then its answer: after Enter in the textbox, or after an example picked in the chat."""
+        submitted = trigger(h.add_message, [p.chatbot, p.textbox, p.state, *p.settings],
+                            [p.chatbot, p.textbox, p.state, p.stop_btn], queue=False,
+                            api_name="add_message" if api else False)
+        # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
+        answering = submitted.then(h.respond, [p.chatbot, p.state, p.view], [p.chatbot, p.state, p.stats, *p.maps],
+                                   api_name="respond" if api else False, **answers)
+        # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
+        # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
+        answering.then(h.finish, p.state, [p.textbox, p.stop_btn], api_name=False)
+        answering.then(h.image_choices, p.state, p.map_choice, queue=False, api_name=False)
+        for event in (submitted, answering):
+            event.failure(h.finish, p.state, [p.textbox, p.stop_btn], api_name=False)
+    answer(p.textbox.submit, api=True)
+    picked = p.chatbot.example_select(h.use_example, None, p.textbox, queue=False, api_name=False)
+    answer(picked.then, api=False)
+    p.stop_btn.click(h.stop, p.state, None, queue=False, api_name="stop")
+
+
+def wire_map(p, h: Handlers):
+    """The settings (applied to the map at once), the views, the image picker, clicks and picks."""
+    p.method.change(lambda: "", None, p.info, queue=False, api_name=False)  # the readout follows the method
+    p.budget.change(h.pick_budget, p.budget, [p.dominant, p.contextual], queue=False, api_name=False)
+    for control in p.settings:
+        control.change(h.apply_settings, [p.state, p.view, *p.settings], [p.state, *p.maps, p.pick_row],
+                       api_name=f"settings_{control.elem_id}", concurrency_id=MODEL)
+    p.view.change(h.show_view, [p.state, p.view], [p.map_image, p.caption], queue=False, api_name="view")
+    p.map_choice.input(h.show_image, [p.state, p.map_choice, p.view], [p.state, p.map_image, p.caption, p.view, p.info],
+                       api_name="map_image", concurrency_id=MODEL)
+
+    def click_map(state, view, radius, evt: MapClick):  # (Gradio reads the event type off this signature)
+        return h.click_map(state, view, radius, evt)
+    p.map_image.select(click_map, [p.state, p.view, p.radius], [p.state, p.map_image, p.caption, p.info],
+                       api_name="click")
+    p.from_zip.click(lambda s: h.set_picks(s, True), p.state, [p.state, p.map_image, p.caption, p.info],
+                     api_name="picks_visionzip")
+    p.no_picks.click(lambda s: h.set_picks(s, False), p.state, [p.state, p.map_image, p.caption, p.info],
+                     api_name="picks_clear")
+
+
+def wire_compare(p, h: Handlers, answers: dict):
+    started = p.compare_btn.click(h.start_compare, p.state, [p.state, p.textbox, p.stop_btn], queue=False,
+                                  api_name=False)  # (gr.Error while answering: nothing more runs)
+    comparing = started.success(h.compare_answers, [p.state, p.compare_methods],
+                                [p.compare_table, p.compare_answers, p.compare_maps, p.compare_overlap],
+                                api_name="compare", **answers)
+    comparing.then(h.finish_compare, p.state, [p.textbox, p.stop_btn], api_name=False)
+    comparing.failure(h.finish_compare, p.state, [p.textbox, p.stop_btn], api_name=False)
+
+
+def wire_clear(p, h: Handlers):
+    p.clear_btn.click(h.clear, p.state, [p.chatbot, p.state, p.textbox, p.map_image, p.caption, p.view, p.stats, p.info,
+                                         p.compare_table, p.compare_answers, p.stop_btn, p.compare_maps,
+                                         p.compare_overlap],
+                      queue=False, api_name="clear").then(h.image_choices, p.state, p.map_choice, queue=False,
+                                                          api_name=False)

@@ -4,6 +4,15 @@ from pipeline import InputError
 from pipeline.methods import registry
 
 
+HAND_DRAWN = ("keep_ratio", "prune_layer", "fastv_layer", "fastv_keep_ratio")  # knobs the settings panel draws itself
+# (FastV's and SGL's: their ranges and labels follow the model), in these positions of the settings
+
+
+def drawn_knobs() -> list:
+    """The knobs the page draws as sliders of their own (registry.Knob), after the settings above."""
+    return [k for k in registry.knobs() if k.name not in HAND_DRAWN]
+
+
 def method_names() -> dict:
     """UI label -> method name, for every registered method (read when asked: a method registered at run
     time is offered too)."""
@@ -102,9 +111,10 @@ def progress_answers(p) -> str:
 
 def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on, threshold, sgl_zip,
                   max_tiles=0, max_new_tokens=256, temperature=0.0, top_p=0.9, fastv_layer=2,
-                  fastv_keep_ratio=0.5) -> dict:
+                  fastv_keep_ratio=0.5, *knob_values) -> dict:
     """The UI's (or an API call's) settings as ChatSession.set_method arguments; the numbers are
-    checked there. Anything that is not one of the offered choices is refused with a message."""
+    checked there. Anything that is not one of the offered choices is refused with a message.
+    `knob_values`: the sliders of `drawn_knobs()`, in order."""
     names = method_names()
     if not isinstance(method, str) or method not in names:
         raise InputError(f"Unknown method {method!r}. Choose one of: {', '.join(names)}.")
@@ -112,6 +122,10 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
                "prune layer": prune_layer, "early-exit threshold": threshold, "max tiles": max_tiles,
                "max new tokens": max_new_tokens, "temperature": temperature, "top-p": top_p,
                "FastV layer": fastv_layer, "FastV keep ratio": fastv_keep_ratio}
+    knobs = drawn_knobs()
+    if len(knob_values) > len(knobs):
+        raise InputError(f"{len(knob_values) - len(knobs)} setting(s) too many.")
+    numbers.update({k.label: v for k, v in zip(knobs, knob_values)})
     for name, value in numbers.items():
         if value is None:  # (set_method reads None as "unchanged"; from the UI or the API it is a mistake)
             raise InputError(f"The {name} is missing: send a number.")
@@ -121,7 +135,8 @@ def settings_from(method, dominant, contextual, keep_ratio, prune_layer, exit_on
     return dict(method=names[method], dominant=dominant, contextual=contextual, keep_ratio=keep_ratio,
                 prune_layer=prune_layer, early_exit=threshold if exit_on else None,
                 sgl_tokens="visionzip" if sgl_zip else "full", max_tiles=max_tiles, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio)
+                temperature=temperature, top_p=top_p, fastv_layer=fastv_layer, fastv_keep_ratio=fastv_keep_ratio,
+                **{k.name: v for k, v in zip(knobs, knob_values)})
 
 
 def compare_choices(methods: list) -> list:

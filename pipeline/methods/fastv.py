@@ -16,7 +16,7 @@ import torch
 
 from .base import ranked
 from .llm_prune import image_spans, keep_count, visual_positions
-from .registry import IN_LLM, Method, register
+from .registry import IN_LLM, Knob, Method, register
 from .capture import Guidance, ImportanceCapture
 
 DEFAULT_LAYER = 2
@@ -71,5 +71,10 @@ def stats_rows(t) -> list:
                                          f"{g.prune_layer - 1}); decided again each question")]
 
 
+KNOBS = (Knob("fastv_layer", "FastV layer", 1, 1000, DEFAULT_LAYER, step=1, integer=True,
+             help="K: visual tokens kept from layer K on (clamped to 1 .. layers - 1)"),
+         Knob("fastv_keep_ratio", "FastV keep ratio", 0, 1, DEFAULT_KEEP_RATIO, above_zero="a share of the visual "
+              "tokens, at most 1", alias="keep_ratio", help="share of the visual tokens kept from layer K on"))
+
 register(Method("fastv", "FastV", IN_LLM, answer=fastv_answer, images="full", engines=("transformers",),
-                stats_rows=stats_rows, doc="the large model keeps the visual tokens its own layer K-1 attends to most"))
+                stats_rows=stats_rows, knobs=KNOBS, doc="the large model keeps the visual tokens its own layer K-1 attends to most"))

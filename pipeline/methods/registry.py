@@ -10,6 +10,7 @@ appears everywhere the built-in ones do.
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..config import checked
 from ..errors import InputError
 
 # what a method is (Method.kind)
@@ -31,6 +32,28 @@ class MapWords:
 
 
 @dataclass(frozen=True)
+class Knob:
+    """One number a method takes: the settings check reads its range, the page draws its slider from it."""
+    name: str  # the setting's name (a Settings field, or a key of Settings.knobs) and set_method's keyword
+    label: str  # as the page names it, and as a message about a wrong value does
+    low: float
+    high: float
+    default: float
+    step: float = 0.01
+    integer: bool = False
+    above_zero: str = ""  # must be above `low`'s 0: why, for the message ("a share of the visual tokens")
+    alias: str = ""  # another keyword that sets it when this method is chosen (FastV's keep_ratio)
+    help: str = ""
+
+    def checked(self, value):
+        """`value` as the setting takes it, or an InputError saying what is wrong with it."""
+        value = checked(self.label, value, self.low, self.high, integer=self.integer)
+        if self.above_zero and value <= 0:
+            raise InputError(f"The {self.label} must be above 0 ({self.above_zero}).")
+        return value
+
+
+@dataclass(frozen=True)
 class Method:
     name: str  # the API's and the UI values' name
     label: str  # as the page shows it
@@ -46,6 +69,7 @@ class Method:
     kept_set: bool = True  # keeps units as themselves (Compare's overlap of kept sets)
     not_in_overlap: str = ""  # why it is left out of the overlap, where it is
     needs_small: bool = False  # answers with a small model beside the large one (SGL)
+    knobs: tuple = ()  # its own settings (Knob)
     words: MapWords = field(default_factory=MapWords)
     caption: Callable | None = None  # (Compression) -> the map's caption; None: "Label: n <tokens> = n of N"
     stats_rows: Callable | None = None  # (TurnStats) -> [(name, value)] of its own, shown after the model's row
@@ -95,6 +119,15 @@ def get(name) -> Method:
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
     raise InputError(f"Unknown method {name!r}. Choose one of: {', '.join(_REGISTRY)}.")
+
+
+def knobs() -> list:
+    """Every registered method's knobs, each name once, in registration order."""
+    out = {}
+    for m in _REGISTRY.values():
+        for k in m.knobs:
+            out.setdefault(k.name, k)
+    return list(out.values())
 
 
 def label(name: str) -> str:

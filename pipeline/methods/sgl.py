@@ -29,7 +29,7 @@ from ..engines.base import Usage
 from ..generate import embed, forward_layers, new_cache
 from .capture import Guidance, ImportanceCapture
 from .llm_prune import image_spans, keep_count, visual_positions
-from .registry import IN_LLM, Method, register
+from .registry import IN_LLM, Knob, Method, register
 
 CONSISTENCY_KEEP = 0.05  # the paper's re-scoring keeps the top 5% visual tokens
 
@@ -189,6 +189,10 @@ def stats_rows(t) -> list:
     ]
 
 
+KNOBS = (Knob("keep_ratio", "SGL keep ratio", 0, 1, 0.35, above_zero="a share of the visual tokens, at most 1",
+              help="share of the visual tokens the large model keeps from layer K on"),
+         Knob("prune_layer", "prune layer", 0, 1, 0.4, step=0.05, help="K as a fraction of the large model's depth"))
+
 register(Method("sgl", "SGL", IN_LLM, answer=sgl_answer, images=lambda settings: settings.sgl_tokens,
-                engines=("transformers",), needs_small=True, stats_rows=stats_rows,
+                engines=("transformers",), needs_small=True, stats_rows=stats_rows, knobs=KNOBS,
                 doc="a small model answers first and ranks the visual tokens; the large model prunes the rest"))
