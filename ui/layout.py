@@ -71,7 +71,7 @@ def build(h: Handlers, banner: str | None, gallery_file, answers_at_once: int = 
 def settings_panel(p, h: Handlers, offered: list):
     """The side panel: the method, its budget, FastV's and SGL's settings, the knobs of other methods, and
     generation."""
-    vlm, small = h.vlm, h.small
+    vlm = h.vlm
     with gr.Sidebar(open=False, width=330, elem_id="settings"):  # (opened on wide screens: app.PAGE_JS)
         gr.Markdown("### Settings", elem_id="settings-title")
         p.method = gr.Radio([m.label for m in offered], value=registry.label(h.method_default), elem_id="method",

@@ -10,7 +10,7 @@ An engine has
 The one decode loop (turn.py) turns the ids into text and the turn's stats, for every engine alike.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import Sampling
 

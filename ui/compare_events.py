@@ -1,0 +1,90 @@
+"""Compare's events: the last question answered again by a chosen set of methods, streamed, with a kept-view
+map per method and the overlap of their kept sets. Methods of Handlers (handlers.py)."""
+
+import logging
+
+import gradio as gr
+
+from pipeline import InputError
+from pipeline.compare import compare_stream, kept_view, overlap, overlap_markdown
+from pipeline.heatmap import render_map
+from pipeline.methods import registry
+from pipeline.stopflag import AnsweringFlag, ClearedFlag
+
+from .text import STILL_ANSWERING, compare_choices, format_compare, format_progress, progress_answers
+
+log = logging.getLogger("zipchat")
+COMPARE_MAP_SIDE = 420  # pixels: the small kept-view map of each compared method
+
+
+def kept_maps(session, results: list) -> list:
+    """[(kept-view map, caption)] of the latest image, one per compared method that has one."""
+    maps = []
+    for method, _, stats in results:
+        shown = kept_view(session, method, stats)
+        if shown is not None:
+            image, comp = shown
+            picture = render_map(image, comp, "kept")
+            picture.thumbnail((COMPARE_MAP_SIDE, COMPARE_MAP_SIDE))
+            maps.append((picture, f"{registry.label(method)}: {comp.num_tokens} of {comp.full_tokens} tokens"))
+    return maps
+
+
+class CompareEvents:
+    def start_compare(self, state):
+        """Compare pressed, before it queues: refused (gr.Error) while this conversation answers; else
+        accepted (a Stop from now on cancels it, even while it waits) and counted as answering."""
+        if state is None or not state.chat.turns:
+            return state, gr.skip(), gr.skip()  # compare_answers says what to do
+        if AnsweringFlag(state.chat.session_id).is_set():
+            raise gr.Error(STILL_ANSWERING)
+        self.session_for(state).accept()
+        state.answering = "compare"
+        self.memory.touch(state.chat)
+        return state, gr.update(interactive=False), gr.update(visible=True)
+
+    def compare_answers(self, state, methods=None):
+        """The last question again with each chosen method (default: the session's, VisionZip and Full),
+        streamed: the progress while it runs, then -> (table, answers, [(kept-view map, caption)], overlap
+        table). Stop ends it (the finished methods stay, the stopped one keeps its partial answer); after
+        Clear nothing of it appears. Nothing of the conversation changes."""
+        if state is None or not state.chat.turns:
+            yield "_Ask a question first, then compare methods._", "", None, ""
+            return
+        sid = state.chat.session_id
+        cleared = ClearedFlag(sid)
+        try:
+            session = self.session_for(state)
+            chosen = compare_choices(methods) or None
+            # accepted by start_compare (the page), or not yet (an API call): then it accepts itself
+            stream = compare_stream(session, chosen, accepted=AnsweringFlag(sid).is_set())
+            progress = None
+            while True:
+                try:
+                    progress = next(stream)
+                except StopIteration as end:
+                    results = end.value
+                    break
+                if not cleared.is_set():
+                    yield format_progress(progress), progress_answers(progress), gr.skip(), gr.skip()
+            if cleared.is_set():  # Clear was pressed during it: nothing of it comes back
+                cleared.clear()
+                yield "", "", None, ""
+                return
+            if not results:
+                yield "⏹ Compare was stopped before its first answer.", "", None, ""
+                return
+            maps = kept_maps(session, results)
+            names, matrix = overlap(session, results)
+        except InputError as e:
+            yield f"⚠️ {e}", "", None, ""
+            return
+        except Exception as e:  # reported here: on ZeroGPU it would reach the page as a bare class name
+            log.exception("compare failed")
+            yield f"⚠️ Compare failed: {type(e).__name__}: {e}", "", None, ""
+            return
+        answers = "\n\n".join(f"**{registry.label(m)}:** {a}" for m, a, _ in results)
+        table = format_compare(results)
+        if results[-1][2].stopped or len(results) < progress.total:
+            table = f"⏹ Stopped: {len(results)} of {progress.total} methods answered (the last one in part).\n\n" + table
+        yield table, answers, maps or None, overlap_markdown(names, matrix, [m for m, _, _ in results])

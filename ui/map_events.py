@@ -1,0 +1,126 @@
+"""The settings' and the map's events: settings applied (the map redrawn), views, the image picker, clicks on
+the map (what a patch is; Manual's picks). Methods of Handlers (handlers.py)."""
+
+import logging
+
+import gradio as gr
+
+from pipeline import InputError
+from pipeline.heatmap import describe, hit
+from pipeline.methods import registry
+from pipeline.methods.visionzip import BUDGETS
+
+from .text import checked_radius, method_names, picks_text, settings_from
+
+log = logging.getLogger("zipchat")
+
+
+def picks_shown(label) -> bool:
+    """Whether the method the page names `label` (a UI label) is picked by hand: the picking tools show."""
+    name = method_names().get(label) if isinstance(label, str) else None
+    return name is not None and registry.get(name).kind == registry.MANUAL
+
+
+class MapEvents:
+    def compress_latest(self, state):
+        """Encodes the image the map shows for the current settings. Fails only with a gr.Error (on
+        ZeroGPU any other exception would reach the page as its bare class name)."""
+        try:
+            self.session_for(state).current_view(key=self.shown_key(state))
+        except InputError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("encoding the image failed")
+            raise gr.Error(f"Encoding the image failed: {type(e).__name__}: {e}") from None
+        return state
+
+    def apply_settings(self, state, view, *settings):
+        if state is None:
+            return state, gr.skip(), gr.skip(), gr.skip(), gr.update(visible=picks_shown(settings[0]))
+        session = self.session_for(state)
+        try:
+            session.set_method(**settings_from(*settings))
+        except InputError as e:
+            gr.Warning(str(e))
+            s = state.chat.settings
+            return (state, gr.skip(), f"⚠️ Not applied: {e} Still using {s.method} ({s.dominant} + {s.contextual}).",
+                    gr.skip(), gr.skip())
+        if state.chat.last_image_key is not None and session.current_view(compress=False,
+                                                                          key=self.shown_key(state)) is None:
+            try:
+                state = self.compress_latest(state)
+            except gr.Error as e:  # the settings stay applied; the map waits for the next answer
+                return state, gr.skip(), f"⚠️ {e.message}", gr.skip(), gr.skip()
+        return state, *self.views(state, view), gr.update(visible=session.method.kind == registry.MANUAL)
+
+    def show_view(self, state, view):
+        return self.views(state, view)[:2]
+
+    def image_choices(self, state):
+        """The picker of the image the map shows: one choice per image of the conversation (shown when
+        there are several)."""
+        keys = list(state.chat.images) if state is not None else []
+        shown = self.shown_key(state)
+        return gr.update(choices=[(f"image {i + 1}", str(i + 1)) for i in range(len(keys))], visible=len(keys) > 1,
+                         value=str(keys.index(shown) + 1) if shown in keys else None)
+
+    def show_image(self, state, number, view):
+        """The map shows image `number` (1-based, as the picker names them): its picks, clicks and views."""
+        keys = list(state.chat.images) if state is not None else []
+        try:
+            index = int(number) - 1
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < len(keys):
+            return state, gr.skip(), f"⚠️ No image {number!r} in this conversation ({len(keys)} images).", gr.skip(), ""
+        state.map_key = keys[index]
+        if self.session_for(state).current_view(compress=False, key=state.map_key) is None:
+            try:
+                state = self.compress_latest(state)
+            except gr.Error as e:
+                return state, gr.skip(), f"⚠️ {e.message}", gr.skip(), ""
+        return state, *self.views(state, view), ""
+
+    def click_map(self, state, view, radius, evt):
+        """On the map: say what the clicked patch is; in the manual method, pick or unpick it (and the
+        patches around it, `radius`). `evt`: the click (app.MapClick)."""
+        if state is None or state.chat.last_image_key is None or not isinstance(evt.index, (list, tuple)):
+            return state, gr.skip(), gr.skip(), "_Upload an image, then click the map._"
+        session, key = self.session_for(state), self.shown_key(state)
+        shown = session.current_view(compress=False, key=key)
+        if shown is None:
+            return state, gr.skip(), gr.skip(), "_The map is being prepared._"
+        image, comp = shown
+        spot = hit(comp, *evt.index[:2])
+        if spot is None:
+            return state, gr.skip(), gr.skip(), "_Click on a patch of the photo._"
+        crop, unit = spot
+        if registry.get(state.chat.settings.method).kind != registry.MANUAL:
+            guidance = session.guidance_view(key)
+            importance = guidance[2] if guidance is not None else None
+            source = registry.label(session.last_turn.guidance.source) if guidance is not None else "SGL"
+            marked = self.views(state, view, session, mark=spot)[0]
+            return state, marked, gr.skip(), describe(comp, crop, unit, importance, source)
+        try:
+            picked = session.toggle_pick(crop, unit, radius=int(checked_radius(radius)), key=key)
+        except InputError as e:
+            return state, gr.skip(), gr.skip(), f"⚠️ {e}"
+        mapped, caption, _ = self.views(state, "kept", session, mark=spot)
+        return state, mapped, caption, f"{picks_text(picked, self.image_name(state, key))} Ask again to answer with " \
+                                       "exactly these."
+
+    def set_picks(self, state, start_from_visionzip: bool):
+        if state is None or state.chat.last_image_key is None:
+            return state, gr.skip(), gr.skip(), "_Upload an image first._"
+        session, key = self.session_for(state), self.shown_key(state)
+        if not session.cached(key, method=session.method.fallback or "visionzip"):
+            return state, gr.skip(), gr.skip(), "_The map is being prepared; try again in a moment._"
+        picked = session.picks_from_visionzip(key) if start_from_visionzip else (session.set_picks({}, key) or 0)
+        mapped, caption, _ = self.views(state, "kept", session)
+        return state, mapped, caption, picks_text(picked, self.image_name(state, key))
+
+    @staticmethod
+    def pick_budget(total):
+        if total not in BUDGETS:
+            return gr.skip(), gr.skip()
+        return BUDGETS[total]
