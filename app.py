@@ -103,7 +103,8 @@ def launch_options() -> dict:
                 app_kwargs={"middleware": [Middleware(NoRemoteResources)]})
 
 
-def main(argv=None):
+def arguments() -> argparse.ArgumentParser:
+    """`python app.py`'s flags; each defaults to its Space variable."""
     parser = argparse.ArgumentParser(description="zipchat: VisionZip chat about images")
     env = os.environ.get  # a Space runs `python app.py` with no arguments: its variables set the defaults
     parser.add_argument("--model", default=env("ZIPCHAT_MODEL"),
@@ -146,6 +147,11 @@ def main(argv=None):
                         help="--engine vllm: answers (and Compares) that run together, batched by vLLM; more wait "
                              "in line (default: $ZIPCHAT_ANSWERS_AT_ONCE, else 16). zipchat's own decoder: always 1")
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
+    return parser
+
+
+def main(argv=None):
+    parser = arguments()
     args = parser.parse_args(argv)
     prepare_space_reloader()
     handler = logging.StreamHandler()

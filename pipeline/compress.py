@@ -20,16 +20,16 @@ class CropInfo:
     """What happened to one crop (the whole image, or one anyres tile). Plain numpy, for the UI."""
     grid: tuple  # (rows, cols) of patches
     box: tuple  # (x0, y0, x1, y1) on the original image
-    dominant: np.ndarray  # sorted patch indices kept as dominant (row-major, CLS excluded)
-    includes_cls: bool  # the CLS token is one of the dominant tokens
-    groups: np.ndarray  # (rows*cols,) contextual token id of each patch, -1 for dominant patches
-    scores: np.ndarray | None  # (rows*cols,) selection score of each patch (None for method "full")
+    kept: np.ndarray  # sorted patch indices sent as themselves (row-major, CLS excluded), for every method
+    includes_cls: bool  # the CLS token is sent too (VisionZip counts it as a dominant token)
+    groups: np.ndarray  # (rows*cols,) per patch: -1 sent as itself, g merged into token g, -2 not sent
+    scores: np.ndarray | None  # (rows*cols,) selection score of each patch (None where the method has none: Full)
     targets: np.ndarray  # (contextual,) patch index of each contextual token's target (-1 if CLS)
 
     @property
-    def kept(self) -> np.ndarray:
-        """The patches sent as themselves, for every method (VisionZip: its dominant patches; Pool: none)."""
-        return self.dominant
+    def dominant(self) -> np.ndarray:
+        """VisionZip's name for its kept patches (the dominant ones; docs/api.md): the same array as `kept`."""
+        return self.kept
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Compression:
     full_tokens: int  # visual tokens the LLM would see without compression
     crops: list  # list[CropInfo]
     image_size: tuple  # (height, width)
-    features: torch.Tensor  # (num_tokens, D) projected tokens, on the model's device
+    features: torch.Tensor  # (num_tokens, D) projected tokens; on the CPU once a conversation keeps them
     encode_s: float
     token_map: np.ndarray  # (num_tokens, 3): crop, patch (-1: CLS or newline), contextual id (-1: none)
 
@@ -112,50 +112,23 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     if selection_from is None:
         check_not_above_full(family, prepared.crops, method, dominant, contextual, picks, len(full_map))
     out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
-    offset = 1 if family.has_cls else 0
-    crops, selected, projected, token_map = [], [], [], []
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
-    parts = family.project_parts(model)
+    crops, selected, projected, token_map = [], [], [], []
     for i, crop in enumerate(prepared.crops):
-        x = out.units[i]  # (U, C)
         if manual:
-            units = np.array(sorted(set(picks.get(i, ()))), dtype=np.int64)
-            groups = np.full(crop.grid[0] * crop.grid[1], -2)  # -2: not sent
-            groups[units] = -1
-            info = CropInfo(crop.grid, crop.box, units, False, groups, out.scores[i, offset:].float().cpu().numpy(),
-                            np.zeros(0, dtype=np.int64))
-            crops.append(info)
-            if len(units):
-                selected.append(x[torch.as_tensor(units + offset, device=x.device)])
-                projected.append(False)
-                token_map += [(i, int(u), -1) for u in units]
-            continue
-        if selection_from is None:
-            d, c = family.budget(dominant, contextual, x.shape[0] - offset)
-            picked = registry.get(method).pick(CropInput(
-                units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
-                contextual=c, seed=seed + i, project=lambda u: family.project(model, u[None])[0],
-                project_parts=parts))
-            selected.append(picked.tokens)
-            projected.append(picked.projected)
-            info = CropInfo(
-                grid=crop.grid, box=crop.box, dominant=picked.kept.cpu().numpy(), includes_cls=picked.includes_cls,
-                groups=picked.groups.cpu().numpy(),
-                scores=None if picked.scores is None else picked.scores.float().cpu().numpy(),
-                targets=picked.targets.cpu().numpy())
-            crop_map = [(i, int(p), int(g)) for p, g in zip(picked.token_patches.tolist(), picked.token_groups.tolist())]
+            info, tokens, done, crop_map = picked_by_hand(family, out, i, crop, picks)
+        elif selection_from is None:
+            info, tokens, done, crop_map = picked_by_method(vlm, method, out, i, crop, dominant, contextual, seed + i)
         else:
-            info = selection_from.crops[i]
-            dom = torch.as_tensor(np.concatenate([[0] * info.includes_cls, info.dominant + offset])).long()
-            groups = torch.as_tensor(np.concatenate([[-1] * offset, info.groups])).long()
-            targets = torch.as_tensor(info.targets + offset).long()
-            selected.append(gather(x, dom.to(x.device), targets.to(x.device), groups.to(x.device)))
-            projected.append(False)
-            crop_map = [(i, p, -1) for p in (dom.cpu().numpy() - offset)] + [(i, t, g) for g, t in enumerate(info.targets)]
+            info, tokens, done, crop_map = picked_by_other_model(family, out, i, selection_from.crops[i])
         crops.append(info)
-        if family.keeps_index_order:  # M-RoPE families: the kept units in index order (a contextual token at its target)
-            order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])
-            crop_map, selected[-1] = [crop_map[k] for k in order], selected[-1][torch.tensor(order)]
+        if tokens is None:  # (a crop without picks sends nothing)
+            continue
+        if family.keeps_index_order and not manual:  # M-RoPE: the kept units in index order (a contextual token at
+            order = sorted(range(len(crop_map)), key=lambda k: crop_map[k][1])  # its target)
+            crop_map, tokens = [crop_map[k] for k in order], tokens[torch.tensor(order)]
+        selected.append(tokens)
+        projected.append(done)
         token_map += crop_map
     if manual or any(projected) or len({len(s) for s in selected}) > 1:
         features = torch.cat([s if done else family.project(model, s[None])[0] for s, done in zip(selected, projected)])
@@ -164,6 +137,50 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map)
+
+
+def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
+    """Crop i's picked units, each sent as itself -> (CropInfo, units or None, projected, token map rows)."""
+    offset = 1 if family.has_cls else 0
+    units = np.array(sorted(set(picks.get(i, ()))), dtype=np.int64)
+    groups = np.full(crop.grid[0] * crop.grid[1], -2)  # -2: not sent
+    groups[units] = -1
+    info = CropInfo(crop.grid, crop.box, units, False, groups, out.scores[i, offset:].float().cpu().numpy(),
+                    np.zeros(0, dtype=np.int64))
+    if not len(units):
+        return info, None, False, []
+    x = out.units[i]
+    return info, x[torch.as_tensor(units + offset, device=x.device)], False, [(i, int(u), -1) for u in units]
+
+
+def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, contextual: int, seed: int) -> tuple:
+    """Crop i as a compress-once method picks it (its record's `pick`) -> (CropInfo, tokens, projected, token map
+    rows)."""
+    family, model = vlm.family, vlm.model
+    x, offset = out.units[i], 1 if family.has_cls else 0  # (U, C)
+    d, c = family.budget(dominant, contextual, x.shape[0] - offset)
+    picked = registry.get(method).pick(CropInput(
+        units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
+        contextual=c, seed=seed, project=lambda u: family.project(model, u[None])[0],
+        project_parts=family.project_parts(model)))
+    info = CropInfo(grid=crop.grid, box=crop.box, kept=picked.kept.cpu().numpy(), includes_cls=picked.includes_cls,
+                    groups=picked.groups.cpu().numpy(),
+                    scores=None if picked.scores is None else picked.scores.float().cpu().numpy(),
+                    targets=picked.targets.cpu().numpy())
+    crop_map = [(i, int(p), int(g)) for p, g in zip(picked.token_patches.tolist(), picked.token_groups.tolist())]
+    return info, picked.tokens, picked.projected, crop_map
+
+
+def picked_by_other_model(family, out, i: int, info) -> tuple:
+    """Crop i with another model's VisionZip selection `info` (SGL's pair) -> (the same CropInfo, tokens,
+    projected, token map rows)."""
+    x, offset = out.units[i], 1 if family.has_cls else 0
+    dom = torch.as_tensor(np.concatenate([[0] * info.includes_cls, info.kept + offset])).long()
+    groups = torch.as_tensor(np.concatenate([[-1] * offset, info.groups])).long()
+    targets = torch.as_tensor(info.targets + offset).long()
+    tokens = gather(x, dom.to(x.device), targets.to(x.device), groups.to(x.device))
+    crop_map = [(i, p, -1) for p in (dom.cpu().numpy() - offset)] + [(i, t, g) for g, t in enumerate(info.targets)]
+    return info, tokens, False, crop_map
 
 
 def check_not_above_full(family, crops: list, method: str, dominant: int, contextual: int, picks, full: int):

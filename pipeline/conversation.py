@@ -13,6 +13,9 @@ from .errors import InputError
 from .images import image_digest, load_image
 from .methods import registry
 
+IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
+                  "dropped and it starts over. Please upload the image again.")
+
 
 class Images:
     def __init__(self, vlm, small=None, examples=None):
@@ -20,6 +23,13 @@ class Images:
         self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
         self.encoded = [0, 0.0, 0]  # since the last turn: images encoded, the seconds it took, examples taken
         self.ahead_s = 0.0  # seconds spent encoding the next turn's images before it started (prepare_turn)
+
+    @staticmethod
+    def check_kept(state):
+        """A conversation whose images were dropped to free memory (memory.py) starts over: InputError."""
+        if state.images_dropped:  # in place: whoever holds this state (the app's tab) sees it start over
+            state.turns, state.window_start, state.last_turn, state.images_dropped = [], 0, None, False
+            raise InputError(IMAGES_DROPPED)
 
     def take_counts(self) -> tuple:
         """(images encoded, seconds, taken from the examples) since the last call."""

@@ -1,18 +1,12 @@
-"""ChatSession: one conversation about images, the public API over its parts.
+"""ChatSession: one conversation about images, the public API over its parts (docs/architecture.md).
 
-The state (state.py) is the conversation itself: the turns as text, the images, their compressed features
-on the CPU, the settings. It pickles, so it can cross the ZeroGPU process boundary; the session binds it to
-the models loaded in this process (`ChatSession.resume`). The parts: the images and their compressions
-(conversation.py), the prompt plan (prompt.py), the engines (engines/: zipchat's decoder, keeping its KV
-caches per conversation in a KVStore, or vLLM), and the turn's decode loop and stats (turn.py). The
-method's record (methods/registry.py) says how images are encoded and whether the method answers a turn
-its own way (FastV, SGL: pruning inside the language model, on zipchat's decoder).
-"""
+The state (state.py) is the conversation itself and pickles (ZeroGPU); the session binds it to the models of
+this process (`resume`). The parts: images and compressions (conversation.py), the prompt plan (prompt.py),
+the engines (engines/), the turn's decode loop and stats (turn.py), the maps' views (views.py). The method's
+record (methods/registry.py) says how images are encoded and whether it answers a turn its own way."""
 
 import threading
 import time
-
-import numpy as np
 
 from .config import UNSET, Sampling
 from .conversation import Images
@@ -27,12 +21,8 @@ from .questions import checked_question
 from .settings import changed
 from .state import ChatState, Settings, Turn
 from .stopflag import AnsweringFlag, StopFlag
-from .turn import TurnContext, TurnStats, decode
-
-MANUAL_NO_PICKS = ("Pick at least one patch on the map: Manual sends exactly the patches you pick (or start from "
-                   "VisionZip's choice). An image of the conversation without picks is sent as VisionZip's choice.")
-IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
-                  "dropped and it starts over. Please upload the image again.")
+from . import views
+from .turn import TurnContext, TurnStats, decode, new_stats, record_turn
 
 
 class ChatSession:
@@ -122,8 +112,7 @@ class ChatSession:
         picks as VisionZip's choice."""
         return self.images.method_for(self.state, key, method or self.visual_method)
 
-    def reset(self):
-        """Forget the conversation, images and caches (the settings stay)."""
+    def reset(self):  # forget the conversation, images and caches (the settings stay)
         st = self.state
         self.kv.drop(st.session_id)
         self.state = ChatState(model=st.model, small=st.small, settings=st.settings, session_id=st.session_id,
@@ -141,13 +130,11 @@ class ChatSession:
         self.answering.set()
 
     def check_images(self):
-        """A conversation whose images were dropped to free memory (memory.py) starts over, with a
-        message (InputError) that says so."""
-        st = self.state
-        if st.images_dropped:  # in place: whoever holds this state (the app's tab) sees it start over
-            st.turns, st.window_start, st.last_turn, st.images_dropped = [], 0, None, False
-            self.kv.drop(st.session_id)
-            raise InputError(IMAGES_DROPPED)
+        """A conversation whose images were dropped to free memory (memory.py) starts over, with a message
+        (InputError) that says so."""
+        if self.state.images_dropped:
+            self.kv.drop(self.state.session_id)
+        self.images.check_kept(self.state)
 
     # ---- images --------------------------------------------------------------------------------
     def add_image(self, image, compress: bool = True):
@@ -194,18 +181,9 @@ class ChatSession:
         return self.images.compression(self.state, key, method or self.visual_method, lane)
 
     def current_view(self, compress: bool = True, key: str | None = None):
-        """(PIL image, Compression for the current method) of image `key` (default: the latest), or None.
-        Without `compress`, None also when that compression is not cached yet."""
-        key = key if key in self.state.images else self.state.last_image_key
-        if key is None:
-            return None
-        if self.method.kind == registry.MANUAL:  # the picks drawn on the fallback's crops: no model runs for a click
-            if not (compress or self.cached(key, method=self.method.fallback)):
-                return None
-            return self.image(key), self.pick_view(key)
-        if not (compress or self.cached(key)):
-            return None
-        return self.image(key), self.compression(key)
+        """(PIL image, Compression for the current method) of image `key` (default: the latest), or None
+        (views.py)."""
+        return views.current_view(self.state, self.images, compress, key)
 
     # the manual method's picks (methods/manual.py): they edit the state
     def pick_view(self, key: str):
@@ -248,23 +226,20 @@ class ChatSession:
             self._lock.release()
 
     def prepare_turn(self):
-        """Encode the images waiting for the next question now (an app draws their map before the answer
-        streams); the next turn reuses them, and their time counts in its time to first token."""
+        """Encode the images waiting for the next question now (the app's map shows before the answer); the
+        next turn reuses them, and their time counts in its time to first token."""
         self.images.prepare(self.state, self.visual_method)
 
     def plan(self, turn: Turn):
-        """The prompt of `turn` as the next question (prompt.py): compresses the images it needs, may drop the
-        oldest turns to fit the context window."""
+        """The prompt of `turn` as the next question (prompt.py), fitted to the context window."""
         room = min(self.settings.max_new_tokens, self.context_window // 4)  # kept free for the answer
         small = self.small if self.method.needs_small else None
         return plan_prompt(self.vlm, self.state, turn, self._slot("large"), room, self.context_window, self.edge_fill,
                            small, self._slot("small"))
 
-    def _slot(self, lane: str):
-        def image_slot(key):
-            return ("i", key) + self.images.method_key(self.state, key, self.visual_method), \
-                self.compression(key, lane)
-        return image_slot
+    def _slot(self, lane: str):  # image key -> (its slot's key, its Compression for `lane`'s model)
+        return lambda key: (("i", key) + self.images.method_key(self.state, key, self.visual_method),
+                            self.compression(key, lane))
 
     def request(self, plan, lane: str = "large", **fields) -> Request:
         """What an engine is asked for `plan`'s answer (the small model's sequence on "small")."""
@@ -281,10 +256,11 @@ class ChatSession:
         t0 = time.perf_counter() - self.images.ahead_s  # (images encoded ahead by prepare_turn count in its time)
         self.images.ahead_s = 0.0
         turn = Turn(question=question, images=list(st.pending))
-        if self.method.kind == registry.MANUAL and st.images and not any(st.picks.get(k) for k in st.images):
-            raise InputError(MANUAL_NO_PICKS)
+        if self.method.kind == registry.MANUAL:
+            manual.check_picks(st)
         plan = self.plan(turn)
-        stats = self._new_stats(plan)
+        stats = new_stats(plan, vlm, self.settings.method, self.images.take_counts(), self.context_window,
+                          st.window_start)
         generated, finished, cancelled = [], False, False
         engine = self.engine if self.engine is not None and self.method.engines is None \
             else self.decoders["large"]  # (an in-LLM method runs on zipchat's decoder)
@@ -308,45 +284,16 @@ class ChatSession:
             if one_at_a_time is not None:
                 one_at_a_time.release()
             if finished or generated:  # a failure before the first token leaves no trace
-                self._record(turn, plan, stats, t0, generated, finished, cancelled)
+                stats.stopped = self.stop_flag.is_set() or cancelled or not finished
+                record_turn(st, turn, plan, stats, t0, generated, self.small if stats.early_exit else vlm)
             self.stop_flag.clear()  # a Stop that came as the answer ended does not reach the next question
-
-    def _new_stats(self, plan) -> TurnStats:
-        (encoded, encode_s, ahead), comps, vlm = self.images.take_counts(), plan.compressions, self.vlm
-        return TurnStats(
-            method=self.settings.method, model_used=vlm.name,
-            visual_tokens=sum(c.num_tokens for c in comps), visual_tokens_full=sum(c.full_tokens for c in comps),
-            prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids), encode_s=encode_s, images_encoded=encoded,
-            images_ahead=ahead, dropped_turns=plan.window_start, dropped_now=plan.window_start - self.state.window_start,
-            context_window=self.context_window, device=vlm.device.type, dtype=str(vlm.dtype).replace("torch.", ""))
 
     def _context(self, plan, stats, t0, generated) -> TurnContext:
         return TurnContext(plan, self.settings, self.vlm, self.small, self.decoders, stats, t0, generated,
                            self.stop_flag, lambda lane, **fields: self.request(plan, lane, **fields))
 
-    def _record(self, turn, plan, stats, t0, generated, finished, cancelled):
-        st = self.state
-        stats.new_tokens = len(generated)
-        stats.stopped = self.stop_flag.is_set() or cancelled or not finished
-        if not stats.ttft_s:
-            stats.ttft_s = time.perf_counter() - t0
-        answer_vlm = self.small if stats.early_exit else self.vlm
-        turn.answer = answer_vlm.tokenizer.decode(generated, skip_special_tokens=True)
-        turn.answer_tokens, turn.stopped = len(generated), stats.stopped
-        st.turns.append(turn)
-        st.pending, st.window_start, st.last_turn = [], plan.window_start, stats
-
     # ---- FastV and SGL: what decided the last turn's pruning ------------------------------------------
     def guidance_view(self, key: str | None = None):
-        """(PIL image, its Compression, per-token importance, per-token kept mask) of image `key` (default: the
-        latest) for the last FastV or SGL turn, while the method is still that one with the same tokens, or
-        None. No model runs here."""
-        t = self.state.last_turn
-        key = key if key in self.state.images else self.state.last_image_key
-        if (t is None or t.guidance is None or key not in t.guidance.image_spans
-                or self.settings.method != t.guidance.source or not self.cached(key)):
-            return None
-        start, end = t.guidance.image_spans[key]
-        kept = np.zeros(len(t.guidance.importance), dtype=bool)
-        kept[t.guidance.kept] = True
-        return self.image(key), self.compression(key), t.guidance.importance[start:end], kept[start:end]
+        """(PIL image, Compression, importance, kept mask) of image `key` for the last FastV or SGL turn, or None
+        (views.py)."""
+        return views.guidance_view(self.state, self.images, key)

@@ -91,6 +91,30 @@ def record(stats: TurnStats, usage: Usage, engine: str, prompt_len: int):
     stats.cache_reused, stats.engine_cached_tokens = usage.cached_tokens > 0, usage.cached_tokens
 
 
+def new_stats(plan, vlm, method: str, counts: tuple, window: int, window_start: int) -> TurnStats:
+    """A turn's numbers before it runs: its visual and prompt tokens, the images `counts` (encoded, seconds,
+    taken from the examples), the turns it left out of the window."""
+    (encoded, encode_s, ahead), comps = counts, plan.compressions
+    return TurnStats(
+        method=method, model_used=vlm.name, visual_tokens=sum(c.num_tokens for c in comps),
+        visual_tokens_full=sum(c.full_tokens for c in comps), prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids),
+        encode_s=encode_s, images_encoded=encoded, images_ahead=ahead, dropped_turns=plan.window_start,
+        dropped_now=plan.window_start - window_start, context_window=window, device=vlm.device.type,
+        dtype=str(vlm.dtype).replace("torch.", ""))
+
+
+def record_turn(state, turn, plan, stats: TurnStats, t0: float, generated: list, answered_by):
+    """The turn joins the conversation (state.py) with its answer as text (`answered_by`'s tokenizer), whole or
+    as far as it got."""
+    stats.new_tokens = len(generated)
+    if not stats.ttft_s:
+        stats.ttft_s = time.perf_counter() - t0
+    turn.answer = answered_by.tokenizer.decode(generated, skip_special_tokens=True)
+    turn.answer_tokens, turn.stopped = len(generated), stats.stopped
+    state.turns.append(turn)
+    state.pending, state.window_start, state.last_turn = [], plan.window_start, stats
+
+
 @dataclass
 class TurnContext:
     """What an in-LLM method's turn may use (methods/fastv.py, methods/sgl.py): the plan, the settings, the

@@ -99,7 +99,7 @@ def units_view(comp, units: list, method: str, num_tokens: int | None = None):
         picked = np.array(sorted(picked), dtype=np.int64)
         groups = np.full(c.grid[0] * c.grid[1], -2)  # -2: not sent
         groups[picked] = -1
-        crops.append(replace(c, dominant=picked, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
-    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.dominant], dtype=np.int64).reshape(-1, 3)
+        crops.append(replace(c, kept=picked, includes_cls=False, groups=groups, targets=np.zeros(0, np.int64)))
+    token_map = np.array([(i, u, -1) for i, c in enumerate(crops) for u in c.kept], dtype=np.int64).reshape(-1, 3)
     return replace(comp, method=method, crops=crops, token_map=token_map, features=comp.features[:0],
                    num_tokens=len(token_map) if num_tokens is None else num_tokens)

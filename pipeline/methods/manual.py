@@ -9,6 +9,16 @@ from .base import units_view
 from .registry import MANUAL, MapWords, Method, register
 
 
+NO_PICKS = ("Pick at least one patch on the map: Manual sends exactly the patches you pick (or start from "
+            "VisionZip's choice). An image of the conversation without picks is sent as VisionZip's choice.")
+
+
+def check_picks(state):
+    """A conversation with images must have picks on one of them before Manual answers."""
+    if state.images and not any(state.picks.get(k) for k in state.images):
+        raise InputError(NO_PICKS)
+
+
 def image_key(state, key: str | None) -> str:
     """The image a pick is about: `key`, or the latest image; an InputError when there is none."""
     key = key or state.last_image_key
@@ -65,7 +75,7 @@ def picks_from_visionzip(state, images, key: str | None = None) -> int:
     """Start the manual picks from VisionZip's choice: its dominant units and contextual targets."""
     key = image_key(state, key)
     comp = images.compression(state, key, "visionzip")
-    set_picks(state, images, {i: sorted(set(c.dominant.tolist()) | {int(t) for t in c.targets if t >= 0})
+    set_picks(state, images, {i: sorted(set(c.kept.tolist()) | {int(t) for t in c.targets if t >= 0})
                               for i, c in enumerate(comp.crops)}, key)
     return sum(len(u) for u in state.picks[key].values())
 

@@ -1,6 +1,6 @@
 """VisionZip selection for one crop: dominant tokens by attention, contextual tokens by key merging.
 
-Pure tensor functions (Yang et al., CVPR 2025, as fixed in DESIGN.md):
+Pure tensor functions (Yang et al., CVPR 2025; the rule as docs/methods.md states it):
   1. score per token (computed by the family, families/, from the feature layer's own attention);
   2. dominant = CLS + top (dominant - 1) patches, or the top `dominant` tokens without CLS;
   3. metric = the layer's keys averaged over heads, L2-normalised;

@@ -18,8 +18,9 @@ import time
 
 from PIL import Image
 
-from .models import load_vlm
-from .session import ChatSession
+from ..models import load_vlm
+from ..session import ChatSession
+from .core import Row, arch, row
 
 COUNTS = (1, 4, 8, 16)
 QUESTIONS = ("Describe this image in detail.", "What else is there?")
@@ -86,8 +87,10 @@ def run_concurrent(sessions) -> dict:
     return dict(total=time.perf_counter() - t0, ttft=ttft, cached=cached)
 
 
-def serving_rows(args, arch, Row, wanted) -> list:
-    from .engines.vllm_launch import LocalVLLM
+@row("25", "26", "27", title="many conversations at once: vLLM vs the queue, Full vs VisionZip", where="none")
+def serving_rows(b) -> list:
+    from ..engines.vllm_launch import LocalVLLM
+    args = b.args
 
     # --smoke: the tiny OneVision twin made for vLLM's CPU kernels (heads 32 wide), as the engine tests use
     vlm = load_vlm("tiny-ov-h32", device=args.device, dtype=args.dtype) if args.smoke else arch("llava-ov-0.5b-arch", args)
@@ -122,4 +125,4 @@ def serving_rows(args, arch, Row, wanted) -> list:
                         notes="share of turn 2's prompt (turn 1, its image and answer) served from the cache; "
                               f"median VisionZip {statistics.median(vz[n]['cached']):.2f}, "
                               f"Full {statistics.median(full['cached']):.2f}"))
-    return [r for r in rows if r.id in wanted or r.id.rstrip("abcd") in wanted]
+    return rows
