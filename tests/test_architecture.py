@@ -243,3 +243,39 @@ def test_the_engine_path_sends_a_run_time_method_s_tokens(throwaway, tiny_llava,
         s.add_image(photo)
         answers.append((s.ask("What is it?"), s.ask("Tell me more."), s.last_turn.engine))
     assert answers[0][:2] == answers[1][:2] and answers[1][2] == "greedy" and answers[0][2] == "transformers"
+
+
+def floors_from_the_docs() -> dict:
+    """docs/architecture.md's floor table -> {module or package prefix: floor}."""
+    import re
+    from tests.conftest import ROOT
+    floors = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 3 and cells[1].isdigit():
+            for name in re.findall(r"`([^`]+)`", cells[2]):
+                name = name.replace("/*.py", "/").removesuffix(".py")
+                prefix = name if name in ("app",) or name.startswith(("ui/",)) else f"pipeline/{name}"
+                floors[prefix.replace("/", ".").rstrip(".")] = int(cells[1])
+    return floors
+
+
+def floor_of(module: str, floors: dict) -> int:
+    best = max((p for p in floors if module == p or module.startswith(p + ".")), key=len, default=None)
+    return floors[best] if best is not None else None
+
+
+def test_every_import_goes_down_the_floors_the_docs_give():
+    floors, edges = floors_from_the_docs(), graph()
+    assert floors["pipeline.config"] == 0 and floors["pipeline.session"] == 5 and floors["ui"] == 7
+    unplaced = [m for m in edges if m not in ("pipeline", "pipeline.__main__") and floor_of(m, floors) is None]
+    assert unplaced == []  # every module has its floor on the page
+    upward = [(m, t) for m, targets in edges.items() for t in targets
+              if floor_of(m, floors) is not None and floor_of(t, floors) is not None
+              and floor_of(t, floors) > floor_of(m, floors)]
+    assert upward == []
+
+
+def test_no_module_or_function_past_the_size_rules():
+    from tests.code_shape import long_functions, long_modules
+    assert long_modules() == [] and long_functions() == []
