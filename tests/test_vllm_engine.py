@@ -55,6 +55,21 @@ def test_greedy_answers_equal_the_transformers_engine(served, method):
     assert stats[1].prefill_tokens < stats[1].prompt_tokens
 
 
+def test_a_method_registered_at_run_time_answers_on_vllm(served):
+    """A compress-once method written in this test alone (tests/test_architecture.py's) answers on vLLM exactly as
+    on zipchat's decoder."""
+    from pipeline.methods import registry
+    from tests.test_architecture import least_attended
+    registry.register(registry.Method("least", "Least attended", registry.COMPRESS_ONCE, pick=least_attended))
+    try:
+        vlm, engine = served
+        expected, _ = conversation(vlm, None, "least")
+        got, stats = conversation(vlm, engine, "least")
+        assert got == expected and all(got) and all(t.engine == "vllm" for t in stats)
+    finally:
+        registry.unregister("least")
+
+
 def test_streams_token_by_token_and_stops(served):
     vlm, engine = served
     session = ChatSession(vlm, method="visionzip", max_new_tokens=40, stop_at_eos=False, engine=engine)
