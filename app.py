@@ -10,7 +10,6 @@ the state and return (or yield, last) the updated state, because on ZeroGPU they
 process. KV caches live in a process-local store keyed by session: a speed-up only.
 """
 
-import argparse
 import importlib
 import json
 import logging
@@ -27,10 +26,11 @@ except ImportError:
 import gradio as gr  # noqa: E402
 
 from pipeline import SGL_PAIRS, InputError, ModelUnavailable, load_vlm  # noqa: E402
-from pipeline import engines  # noqa: E402
 from pipeline.examples import ExampleCache  # noqa: E402
 from pipeline.methods import registry  # noqa: E402
+from pipeline.methods.sgl import check_pair  # noqa: E402
 from pipeline.models import default_preset, offline_twin  # noqa: E402
+from ui.flags import FlagError, arguments, checked  # noqa: E402
 from ui.handlers import Handlers, on_zero_gpu  # noqa: E402
 from ui.layout import build  # noqa: E402
 from ui.security import NoRemoteResources  # noqa: E402
@@ -63,15 +63,28 @@ def load_models(name: str, small_name: str | None = "auto", dtype=None, device_m
                   "random weights. Its answers are random text until real weights are available; the compression, "
                   "heatmaps and timings are real.")
         vlm, name = load_vlm(tiny), tiny
-    if small_name == "auto":
-        small_name = SGL_PAIRS.get(name)
-    small = None
-    if small_name:
-        try:
-            small = load_vlm(small_name, dtype=dtype, device_map=device_map)
-        except ModelUnavailable as e:
-            print(f"[zipchat] SGL disabled: {e}", file=sys.stderr)
-    return vlm, small, banner
+    if banner is None and vlm.is_tiny:  # named on purpose (tests, the offline SGL and vLLM demos): said all the same
+        banner = (f"**Tiny model:** `{name}` has random weights (zipchat builds it offline for tests and demos), so "
+                  "its answers are random text; the compression, heatmaps and timings are real.")
+    return vlm, sgl_partner(vlm, name, small_name, dtype, device_map), banner
+
+
+def sgl_partner(vlm, name: str, small_name: str | None, dtype, device_map):
+    """SGL's small model, or None. A partner named on purpose must share the large model's visual layout
+    (InputError otherwise: the app refuses to start); the preset's own ("auto") is left out with a line."""
+    chosen = small_name != "auto"
+    small_name = SGL_PAIRS.get(name) if small_name == "auto" else small_name
+    if not small_name:
+        return None
+    try:
+        small = load_vlm(small_name, dtype=dtype, device_map=device_map)
+        check_pair(small, vlm)
+        return small
+    except (ModelUnavailable, InputError) as e:
+        if chosen and isinstance(e, InputError):
+            raise
+        print(f"[zipchat] SGL disabled: {e}", file=sys.stderr)
+        return None
 
 
 def build_demo(vlm, banner: str | None = None, max_new_tokens: int = 256, method_default: str = "visionzip",
@@ -103,56 +116,13 @@ def launch_options() -> dict:
                 app_kwargs={"middleware": [Middleware(NoRemoteResources)]})
 
 
-def arguments() -> argparse.ArgumentParser:
-    """`python app.py`'s flags; each defaults to its Space variable."""
-    parser = argparse.ArgumentParser(description="zipchat: VisionZip chat about images")
-    env = os.environ.get  # a Space runs `python app.py` with no arguments: its variables set the defaults
-    parser.add_argument("--model", default=env("ZIPCHAT_MODEL"),
-                        help="preset, hub id or local directory (default: $ZIPCHAT_MODEL, else by hardware)")
-    parser.add_argument("--small-model", default=env("ZIPCHAT_SMALL_MODEL", "auto"),
-                        help="small model for SGL; 'auto' picks the preset's partner (llava-ov-7b -> llava-ov-0.5b), "
-                             "'' disables SGL (default: $ZIPCHAT_SMALL_MODEL, else auto)")
-    parser.add_argument("--method", default=env("ZIPCHAT_METHOD", "visionzip"),
-                        choices=list(registry.names()))
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                        help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; Spaces set 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
-                        help="port (default: $GRADIO_SERVER_PORT, else 7860)")
-    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--max-new-tokens", type=int, default=int(env("ZIPCHAT_MAX_NEW_TOKENS") or 256))
-    parser.add_argument("--dtype", default=env("ZIPCHAT_DTYPE"), choices=["float32", "bfloat16", "float16"],
-                        help="default: bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16/AMX); "
-                             "else float32")
-    parser.add_argument("--max-tiles", type=int, default=int(env("ZIPCHAT_MAX_TILES")) if env("ZIPCHAT_MAX_TILES") else None,
-                        help="tiles per image VisionZip encodes (Qwen2.5-VL: the area of 1 + this many 448 px tiles); "
-                             "default 4 on a CPU, 0 (the checkpoint's own limit) on a GPU")
-    parser.add_argument("--image-memory", type=int, default=int(env("ZIPCHAT_IMAGE_MEMORY_MB") or 1024),
-                        help="MB of images and compressed features all conversations keep together; past it the "
-                             "least recently used idle conversation's images are dropped (default: "
-                             "$ZIPCHAT_IMAGE_MEMORY_MB, else 1024)")
-    parser.add_argument("--no-warm-examples", action="store_true",
-                        default=env("ZIPCHAT_WARM_EXAMPLES", "1").lower() in ("0", "false", "no"),
-                        help="do not compress the example images ahead (default: compress them right after launch, "
-                             "at low priority; $ZIPCHAT_WARM_EXAMPLES=0 turns it off too)")
-    parser.add_argument("--device-map", default=env("ZIPCHAT_DEVICE_MAP"),
-                        help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
-    parser.add_argument("--engine", default=env("ZIPCHAT_ENGINE", "transformers"), choices=list(engines.NAMES),
-                        help="what runs the language model for Full and the compress-once methods: zipchat's own "
-                             "decoder, or vLLM from zipchat's compressed embeddings (needs requirements-vllm.txt; "
-                             "FastV and SGL stay on transformers). Default: $ZIPCHAT_ENGINE, else transformers")
-    parser.add_argument("--vllm-url", default=env("ZIPCHAT_VLLM_URL"),
-                        help="a running vLLM server for --engine vllm (see docs/serving.md); default: "
-                             "$ZIPCHAT_VLLM_URL, else zipchat starts one on 127.0.0.1 for the model")
-    parser.add_argument("--answers-at-once", type=int, default=int(env("ZIPCHAT_ANSWERS_AT_ONCE") or 16),
-                        help="--engine vllm: answers (and Compares) that run together, batched by vLLM; more wait "
-                             "in line (default: $ZIPCHAT_ANSWERS_AT_ONCE, else 16). zipchat's own decoder: always 1")
-    parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests: only Stop ends answers
-    return parser
-
-
 def main(argv=None):
     parser = arguments()
     args = parser.parse_args(argv)
+    try:
+        checked(args, sys.argv[1:] if argv is None else list(argv))
+    except FlagError as e:  # before anything loads: one line naming the flag or Space variable
+        parser.exit(2, f"[zipchat] {e}\n")
     prepare_space_reloader()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[zipchat] %(message)s"))
@@ -161,8 +131,8 @@ def main(argv=None):
     try:
         vlm, small, banner = load_models(args.model or default_preset(), args.small_model, dtype=args.dtype,
                                          device_map=args.device_map)
-    except ModelUnavailable as e:  # (no weights, and not even a tiny model could be built: say why, no traceback)
-        parser.exit(1, f"[zipchat] {e}\n")
+    except (ModelUnavailable, InputError) as e:  # (no weights, not even a tiny model; an SGL pair that cannot
+        parser.exit(1, f"[zipchat] {e}\n")  # work together: say why, no traceback)
     if registry.get(args.method).needs_small and small is None:
         parser.error(f"--method {args.method} needs a small model (--small-model)")
     options = {"stop_at_eos": False} if args.ignore_eos else {}

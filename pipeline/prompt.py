@@ -60,39 +60,42 @@ def flatten(segments, vlm, image_slot) -> tuple:
     return ids, slots, comps
 
 
+def render(vlm, state, turn, start: int, image_slot, carry: bool = True) -> tuple:
+    """The conversation from turn `start` on, with `turn` as the new question -> (history messages, segments,
+    ids, slots, compressions, whether an image was carried). If no kept turn has an image, the most recent image
+    of the left-out turns is carried along (`carry`): the user is most likely still talking about it."""
+    kept, carried = state.turns[start:], []
+    if carry and not turn.images and not any(t.images for t in kept):
+        carried = next((t.images for t in reversed(state.turns[:start]) if t.images), [])
+    history = messages(kept)
+    question = Message("user", turn.question, list(turn.images))
+    (history[0] if history else question).images[:0] = carried  # before the first message's own
+    segments = vlm.chat.render(history + [question])
+    return (history, segments, *flatten(segments, vlm, image_slot), bool(carried))
+
+
 def plan(vlm, state, turn, image_slot, room: int, window: int, edge_fill: float, small=None,
          small_slot=None) -> Plan:
-    """Render the conversation with `turn` as the new question, fitted to the `window`. When it does not
-    fit, the oldest turns are left out until the prompt and `room` for an answer take at most `edge_fill`
-    (3/4) of the window: the next turns then fit on top of the cached prefix again, instead of each dropping
-    one turn and prefilling the whole conversation anew. If no kept turn has an image, the most recent image
-    of the left-out turns is carried along (the user is most likely still talking about it), as long as it
-    fits. Nothing fits: InputError. `small`, `small_slot`: the small model's flat sequence too (SGL)."""
-    start, carry, target = state.window_start, True, window
-    while True:
-        kept = state.turns[start:]
-        carried = []
-        if carry and not turn.images and not any(t.images for t in kept):
-            carried = next((t.images for t in reversed(state.turns[:start]) if t.images), [])
-        history = messages(kept)
-        question = Message("user", turn.question, list(turn.images))
-        (history[0] if history else question).images[:0] = carried  # before the first message's own
-        segments = vlm.chat.render(history + [question])
-        ids, slots, comps = flatten(segments, vlm, image_slot)
-        if len(ids) + room <= target:
-            break
-        target = min(target, int(window * edge_fill))  # dropping anyway: make room
-        if start < len(state.turns):
-            start += 1
-        elif len(ids) + room <= window:  # every turn dropped: the window is enough
-            break
-        elif carried:
-            carry = False
-        else:
+    """Render the conversation with `turn` as the new question, fitted to the `window`. When it does not fit,
+    the oldest turns are left out until the prompt and `room` for an answer take at most `edge_fill` (3/4) of
+    the window: the next turns then fit on top of the cached prefix again, instead of each dropping one turn and
+    prefilling the whole conversation anew. The first turn kept is found by bisection (fewer turns, fewer
+    tokens): a long history costs log(turns) renders, not turns. The carried image (`render`) goes last; nothing
+    fits: InputError. `small`, `small_slot`: the small model's flat sequence too (SGL)."""
+    start = state.window_start
+    got = render(vlm, state, turn, start, image_slot)
+    if len(got[2]) + room > window:
+        edge = int(window * edge_fill)
+        start, got = first_fitting(vlm, state, turn, image_slot, start + 1, room, edge)
+        if len(got[2]) + room > window and got[5]:  # every turn left out, still too long: without the carried image
+            got = render(vlm, state, turn, start, image_slot, carry=False)
+        if len(got[2]) + room > window:
+            ids, comps = got[2], got[4]
             raise InputError(
                 f"This question needs {len(ids):,} tokens ({sum(c.num_tokens for c in comps):,} of them visual) "
                 f"plus room for an answer, but {vlm.name} reads at most {window:,}. "
                 "Shorten the question, or use VisionZip or a smaller budget for fewer visual tokens.")
+    history, segments, ids, slots, comps, _ = got
     history_ids = flatten(vlm.chat.render(history, add_generation_prompt=False), vlm, image_slot)[0]
     turn_start = 0
     while turn_start < min(len(history_ids), len(ids)) and history_ids[turn_start] == ids[turn_start]:
@@ -101,3 +104,18 @@ def plan(vlm, state, turn, image_slot, room: int, window: int, edge_fill: float,
     if small is not None:
         out.small_ids, out.small_slots, _ = flatten(segments, small, small_slot)
     return out
+
+
+def first_fitting(vlm, state, turn, image_slot, low: int, room: int, edge: int) -> tuple:
+    """The first start in low .. len(turns) whose prompt and `room` fit `edge` tokens, by bisection, and its
+    render; len(turns) (every turn left out) when none does."""
+    high = len(state.turns)
+    renders = {high: render(vlm, state, turn, high, image_slot)}
+    while low < high:
+        middle = (low + high) // 2
+        renders[middle] = render(vlm, state, turn, middle, image_slot)
+        if len(renders[middle][2]) + room <= edge:
+            high = middle
+        else:
+            low = middle + 1
+    return high, renders[high]

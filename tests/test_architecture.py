@@ -154,6 +154,10 @@ def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny
     *_, last = h.respond(history, state, "kept")
     history, state, stats, *_ = last
     assert state.chat.settings.knobs["deep_layer"] == 2 and stat(stats, "Deep: pruned at") == "2"
+    *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["deep", "visionzip", "full"])
+    assert list(compare_rows(table)) == ["Deep FastV", "VisionZip", "Full"]
+    assert compare_rows(table)["Deep FastV"][0] == "288 from layer 1 (576 below)"  # tiny-llava: K clamped to 1
+    assert maps[0][1] == "Deep FastV: 288 of 576 tokens" and "| Deep FastV |" in overlap_table
     history, *_ = h.add_message(history, {"text": "Again?", "files": []}, state,
                                 "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, 99)
     assert "between 1 and 8" in history[-1]["content"]  # refused with a message; the session goes on

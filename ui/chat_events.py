@@ -11,10 +11,12 @@ from pipeline.images import web_copy
 from pipeline.questions import checked_question
 from pipeline.stopflag import AnsweringFlag, ClearedFlag, StopFlag
 
-from .history import RESTART_MARK, ConversationLost, past_turns, repaired, shown_answer, text_message
+from .history import (MAX_REBUILT_IMAGES, RESTART_MARK, ConversationLost, bounded, past_turns, repaired, shown_answer,
+                      text_message)
 from .text import ANSWERING, CONVERSATION_LOST, NO_IMAGE, STILL_ANSWERING, format_stats, settings_from
 
 log = logging.getLogger("zipchat")
+MAX_IMAGES_PER_MESSAGE = 8
 
 
 def shown_path(path: str, session: ChatSession, key: str) -> str:
@@ -43,6 +45,9 @@ class ChatEvents:
         try:
             if not isinstance(files, list) or not isinstance(text, str):
                 raise InputError("A message is {'text': str, 'files': [paths]}.")
+            if len(files) > MAX_IMAGES_PER_MESSAGE:
+                raise InputError(f"A message takes at most {MAX_IMAGES_PER_MESSAGE} images (this one has "
+                                 f"{len(files)}): send the others in the next messages.")
             if state is not None and AnsweringFlag(state.chat.session_id).is_set():  # (an API call need not wait)
                 raise InputError(STILL_ANSWERING)
             question = checked_question(text, allow_empty=True)
@@ -82,6 +87,8 @@ class ChatEvents:
         turns, waiting = past_turns(history)
         if not turns and not waiting:
             return None
+        waiting = waiting[-MAX_REBUILT_IMAGES:]
+        turns = bounded(turns, waiting)  # (its latest turns: what the window would keep anyway)
         state = self.new_state(settings)
         session = self.session_for(state)
         try:

@@ -28,6 +28,8 @@ class PastTurn:
     answer: str = ""
 
 
+MAX_REBUILT_TURNS = 100  # a conversation rebuilt from its page keeps at most its latest turns, and images
+MAX_REBUILT_IMAGES = 16  # (the context window would leave older turns out anyway)
 EMPTY_ANSWER = "(empty answer)"
 STOPPED_MARK = " ⏹ *stopped*"  # after an answer that Stop ended
 
@@ -88,6 +90,19 @@ def past_turns(history: list) -> tuple:
                 turns.append(PastTurn(images, question, answer_text(value)))
                 images, question = [], None
     return turns, images
+
+
+def bounded(turns: list, waiting: list) -> list:
+    """The latest turns of a rebuilt conversation that stay within MAX_REBUILT_TURNS and, with the images still
+    waiting for a question, MAX_REBUILT_IMAGES image references: what a page (or a forged API call) sends
+    never costs more than that to rebuild."""
+    kept, images = [], len(waiting)
+    for t in reversed(turns[-MAX_REBUILT_TURNS:]):
+        images += len(t.images)
+        if images > MAX_REBUILT_IMAGES:
+            break
+        kept.append(t)
+    return kept[::-1]
 
 
 def repaired(history: list) -> list:

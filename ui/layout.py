@@ -13,6 +13,8 @@ from .text import (ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, 
 
 MODEL = "model"  # the concurrency group of the events that run a model
 ANSWERS = "answers"  # --engine vllm: answers and Compares, several at once (the engine batches them)
+MESSAGES = "messages"  # a message's images are decoded and checked in the queue, a few at a time
+MESSAGES_AT_ONCE = 2
 CHAT_HEIGHT = 560  # pixels at most; the page's style sheet fits it to the screen (assets/style.css)
 MAP_HEIGHT = "min(48vh, 560px)"  # the map fits the first screen with its readout and stats under it
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
@@ -197,7 +199,8 @@ def wire_chat(p, h: Handlers, answers: dict):
     def answer(trigger, api: bool):
         """A message, then its answer: after Enter in the textbox, or after an example picked in the chat."""
         submitted = trigger(h.add_message, [p.chatbot, p.textbox, p.state, *p.settings],
-                            [p.chatbot, p.textbox, p.state, p.stop_btn], queue=False,
+                            [p.chatbot, p.textbox, p.state, p.stop_btn], concurrency_id=MESSAGES,
+                            concurrency_limit=MESSAGES_AT_ONCE, show_progress="hidden",
                             api_name="add_message" if api else False)
         # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
         answering = submitted.then(h.respond, [p.chatbot, p.state, p.view], [p.chatbot, p.state, p.stats, *p.maps],
