@@ -89,10 +89,14 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         return Image.fromarray(stretch(np.asarray(image))).convert("RGB")
     profile = image.info.get("icc_profile")
     alpha = None
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if image.mode == "La":  # premultiplied grey + alpha, which PIL converts to no other mode: un-premultiply
+        la = np.asarray(image).astype(np.float64)  # (H, W, 2)
+        grey = np.where(la[..., 1] > 0, la[..., 0] * 255 / np.maximum(la[..., 1], 1), 0)
+        image = Image.fromarray(np.stack([grey.clip(0, 255), la[..., 1]], -1).round().astype(np.uint8), "LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")  # (a palette's or a colour key's transparency becomes alpha)
         alpha = rgba.getchannel("A")
-        image = image.convert("L") if image.mode in ("L", "LA", "La") else rgba.convert("RGB")
+        image = image.convert("L") if image.mode in ("L", "LA") else rgba.convert("RGB")
     elif image.mode == "P":
         image = image.convert("RGB")
     rgb = to_srgb(image, profile) if profile else None

@@ -44,25 +44,30 @@ def tiny_cache_dir() -> Path:
 
 def ensure_tiny_model(name: str) -> Path:
     """Build `name` once into the cache directory and return that directory. Where the cache cannot be
-    written (read-only, full), it is built in a temporary directory instead, with a message saying which
+    written or entered (read-only, full, no permission), it is built in a temporary directory instead, with a message saying which
     directory failed and why; a half-written build never stays behind. Neither works: ModelUnavailable."""
     path = tiny_cache_dir() / name
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
-        return path
-    try:
+    try:  # (a cache directory the app may not enter fails here already, and is treated like any other fault)
+        if built(path):
+            return path
         return build_tiny_model(name, path)
     except OSError as e:
         fallback = Path(tempfile.gettempdir()) / f"zipchat-{os.getuid()}" / f"tiny-v{TINY_VERSION}" / name
         print(f"[zipchat] Cannot write the tiny model '{name}' to {path.parent} ({reason(e)}); building it in "
               f"{fallback.parent} instead. Set ZIPCHAT_CACHE to a writable directory to keep it.", file=sys.stderr)
-    if (fallback / "config.json").is_file() and (fallback / "tokenizer.json").is_file():
-        return fallback
     try:
+        if built(fallback):
+            return fallback
         return build_tiny_model(name, fallback)
     except OSError as e:
         raise ModelUnavailable(f"Cannot build the tiny model '{name}': neither {path.parent} nor {fallback.parent} "
                                f"can be written ({reason(e)}). Free some disk space, or set ZIPCHAT_CACHE to a "
                                "writable directory.") from None
+
+
+def built(path: Path) -> bool:
+    """Whether a whole tiny model is at `path` (OSError where the directory cannot be looked into)."""
+    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
 
 
 def reason(error: OSError) -> str:

@@ -82,3 +82,29 @@ def test_nothing_writable_exits_with_the_reason(tmp_path):
     assert "[zipchat] Cannot build the tiny model 'tiny-llava': neither" in done.stderr
     assert "File too large" in done.stderr and "set ZIPCHAT_CACHE to a writable directory" in done.stderr
     assert not leftovers(tmp_path)
+
+
+def test_a_cache_the_app_may_not_enter_falls_back_too(tmp_path):
+    """ZIPCHAT_CACHE inside a directory the app's user cannot enter (mode 000; root without the capabilities
+    that override file permissions, as an ordinary user is): the same fallback and message, no traceback."""
+    import shutil
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "tmp").mkdir()
+    locked.chmod(0)
+    try:
+        env = dict(os.environ, ZIPCHAT_CACHE=str(locked / "cache"), TMPDIR=str(tmp_path / "tmp"),
+                   PYTHONDONTWRITEBYTECODE="1")
+        code = "import app; vlm, small, banner = app.load_models('tiny-llava', ''); print('loaded', vlm.name)"
+        done = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", sys.executable,
+                               "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o755)
+    if "Operation not permitted" in done.stderr and "setpriv" in done.stderr:
+        pytest.skip("setpriv cannot drop capabilities here")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"Cannot write the tiny model 'tiny-llava' to {locked / 'cache' / 'tiny-v3'} (Permission denied)" \
+        in done.stderr, done.stderr
+    assert f"building it in {tmp_path / 'tmp'}" in done.stderr and "loaded tiny-llava" in done.stdout

@@ -165,3 +165,16 @@ def test_heic_is_decoded_upright_with_its_profile(tiny_ov_large, tmp_path):
     expected = np.rot90(to_srgb_reference(stored, SRGB_D50[:, [1, 0, 2]], 2.2), -1)
     assert np.abs(got - expected)[:, 8:32].mean() < 6  # (HEVC is lossy)
     assert s.ask("What is it?") is not None and s.last_turn.visual_tokens > 0
+
+
+def test_premultiplied_grey_with_alpha_is_composited_like_any_transparency():
+    """PIL's "La" (grey premultiplied by alpha) converts to no other mode; it reaches the model composited onto
+    white: premultiplied grey + (255 - alpha), the compositing rule for premultiplied pixels."""
+    from pipeline.images import load_image
+    la = np.zeros((30, 40, 2), np.uint8)
+    la[..., 1] = np.linspace(0, 255, 40).astype(np.uint8)[None]
+    la[..., 0] = la[..., 1].astype(int) * 200 // 255  # grey 200, premultiplied
+    image = Image.frombytes("La", (40, 30), la.tobytes())
+    got = np.asarray(load_image(image)).astype(int)
+    assert got.shape == (30, 40, 3) and (got == got[..., :1]).all()
+    assert np.abs(got[..., 0] - (la[..., 0].astype(int) + 255 - la[..., 1])).max() <= 1
