@@ -13,6 +13,7 @@ process. KV caches live in a process-local store keyed by session: a speed-up on
 import importlib
 import json
 import logging
+import signal
 import os
 import sys
 import threading
@@ -181,6 +182,8 @@ def start_engine(vlm, url: str | None):
     log.info(f"Starting a vLLM server for {vlm.name}'s language model (exported to {export}) ...")
     server = LocalVLLM(vlm, export, log=str(export) + ".log")
     atexit.register(server.stop)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # (Docker, systemd, a Space's restart; a closed terminal): exit
+        signal.signal(sig, lambda *_: sys.exit(0))  # normally, so that the server is stopped (atexit)
     log.info(f"vLLM engine: {server.engine.url}")
     return server.engine
 

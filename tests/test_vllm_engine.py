@@ -2,6 +2,7 @@
 environment (requirements-vllm.txt); skipped where vLLM is not installed. float32 on both sides: greedy
 answers equal zipchat's own decoder token for token."""
 
+import os
 import threading
 
 import pytest
@@ -195,3 +196,61 @@ def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
             assert engine.startswith("vLLM") and cache.startswith("yes")
     finally:
         app.close()
+
+
+def vllm_group(port: int) -> int | None:
+    """The process group of the vLLM server listening on `port` (its OpenAI server leads it), or None."""
+    from pathlib import Path
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"vllm.entrypoints.openai.api_server" in b" ".join(argv) and str(port).encode() in argv:
+                return os.getpgid(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def group_members(group: int) -> list:
+    from pathlib import Path
+    members = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
+                stat = (proc / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # (a zombie is gone but for its exit status)
+                    members.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return members
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_the_vllm_server_never_outlives_the_app(tmp_path, how):
+    """`python app.py --engine vllm` started its own server: whatever ends the app (SIGTERM from Docker, systemd
+    or a Space's restart; SIGHUP; a SIGKILL, where only the kernel's parent-death signal can act), the server and
+    its engine processes are gone within 15 s and the port is free again."""
+    import re
+    import signal
+    import socket
+    import time
+
+    from tests.appclient import AppProcess
+    log = tmp_path / "app.log"
+    app = AppProcess("--engine", "vllm", "--model", "tiny-ov-h32", timeout=600, log=log)
+    group = None
+    try:
+        port = int(re.search(r"vLLM engine: http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
+        group = vllm_group(port)
+        assert group is not None and group_members(group)
+        os.kill(app.process.pid, getattr(signal, how))
+        deadline = time.time() + 15
+        while time.time() < deadline and group_members(group):
+            time.sleep(0.2)
+        assert group_members(group) == [], f"still running after {how}: {group_members(group)}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free
+    finally:
+        app.close()
+        if group is not None and group_members(group):
+            os.killpg(group, signal.SIGKILL)

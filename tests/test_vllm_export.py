@@ -84,3 +84,31 @@ def test_qwen_is_refused(tiny_qwen, tmp_path):
     with pytest.raises(InputError, match="M-RoPE"):
         export_language_model(tiny_qwen, tmp_path / "qwen")
     assert not (tmp_path / "qwen").exists()
+
+
+def test_an_export_is_remade_when_what_it_was_made_from_changes(tmp_path):
+    """The export is keyed by the model, its dtype, its weights and zipchat's export version: the same model in
+    another dtype, or other weights, is never served from an old export; the same one is not written again."""
+    import json
+    path = tmp_path / "export"
+    bf16 = load_vlm("tiny-ov-h32", dtype=torch.bfloat16)
+    export_language_model(bf16, path)
+    assert json.loads((path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    export_language_model(bf16, path)
+    assert (path / "model.safetensors").stat().st_mtime_ns == written  # the same: kept
+    f32 = load_vlm("tiny-ov-h32", dtype=torch.float32)
+    export_language_model(f32, path)
+    assert json.loads((path / "config.json").read_text())["torch_dtype"] == "float32"
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert torch.equal(lm.lm_head.weight, f32.model.lm_head.weight)
+    with torch.no_grad():
+        f32.model.lm_head.weight[0, 0] += 1  # other weights (another checkpoint, another tiny recipe)
+    try:
+        export_language_model(f32, path)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).lm_head.weight,
+                           f32.model.lm_head.weight)
+    finally:
+        with torch.no_grad():
+            f32.model.lm_head.weight[0, 0] -= 1
+    assert not list(tmp_path.glob("*.tmp"))

@@ -11,7 +11,9 @@ InternVL3: Qwen2) export as is. Qwen2.5-VL's decoder needs M-RoPE positions (t, 
 tokens, which a prompt of embeddings cannot carry: it is refused rather than served with wrong positions.
 """
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,14 +38,34 @@ def causal_lm_class(vlm) -> str:
     return CAUSAL_LM[model_type]
 
 
+EXPORT_VERSION = 1  # bump when what an export holds changes
+STAMP = "zipchat_export.json"  # what an export was made from, beside its config
+
+
+def made_from(vlm) -> dict:
+    """What an export of `vlm`'s language model depends on: the model's name, its dtype, a fingerprint of its
+    weights (each tensor's name, shape and first 1,024 values: another checkpoint, revision or tiny recipe
+    differs) and zipchat's export version."""
+    digest = hashlib.sha256()
+    for name, tensor in list(vlm.language_model.state_dict().items()) + [("lm_head.weight", vlm.model.lm_head.weight)]:
+        head = tensor.detach().flatten()[:1024].to("cpu", torch.float32)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(head.numpy().tobytes())
+    return {"model": vlm.name, "dtype": str(vlm.dtype).replace("torch.", ""), "weights": digest.hexdigest()[:32],
+            "export_version": EXPORT_VERSION}
+
+
 def export_language_model(vlm, path) -> Path:
     """Write the VLM's language model to `path` as a `*ForCausalLM` checkpoint (config, safetensors,
-    tokenizer). Written once: an existing export with a config is kept. -> path."""
-    path = Path(path)
-    if (path / "config.json").is_file():
+    tokenizer), stamped with what it was made from (`made_from`). An export with the same stamp is kept; one
+    made from anything else (another dtype, other weights, an older zipchat) is written anew. -> path."""
+    path, wanted = Path(path), made_from(vlm)
+    stamp = path / STAMP
+    if (path / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return path
     cls = causal_lm_class(vlm)
     tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     config = vlm.language_model.config.to_dict()
     config.update(architectures=[cls], tie_word_embeddings=False, torch_dtype=str(vlm.dtype).replace("torch.", ""))
@@ -56,6 +78,8 @@ def export_language_model(vlm, path) -> Path:
     vlm.tokenizer.save_pretrained(tmp)
     generation = {"eos_token_id": sorted(vlm.stop_ids)}
     (tmp / "generation_config.json").write_text(json.dumps(generation))
+    (tmp / STAMP).write_text(json.dumps(wanted, indent=1))
+    shutil.rmtree(path, ignore_errors=True)  # (a stale export)
     tmp.rename(path)
     return path
 

@@ -8,7 +8,9 @@ short prompts) and the prompt-token details that report cache hits. It runs in t
 environment as zipchat, which must have vLLM installed (requirements-vllm.txt).
 """
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +28,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def die_with(parent: int):
+    """For the server's process (run between fork and exec): on Linux the kernel sends it SIGTERM when the thread
+    that started it (the app's main thread) ends, however the app ends (a SIGKILL, a crash): the last guard after
+    the app's own stop."""
+    def prepare():
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # (not Linux)
+            return
+        if os.getppid() != parent:  # the app died before the guard was set
+            os._exit(1)
+    return prepare
 
 
 def server_command(model_dir, port: int, dtype: str, max_model_len: int, extra=()) -> list:
@@ -47,8 +63,10 @@ class LocalVLLM:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # two cores: none kept back
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU
         self.log = open(log, "w") if log else subprocess.DEVNULL
+        # the server and its engine processes in a process group of their own, ended together (`stop`)
         self.process = subprocess.Popen(server_command(self.model_dir, self.port, dtype, window, extra), env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with(os.getpid()))
         self.engine = VLLMEngine(VLLMServer(f"http://127.0.0.1:{self.port}"), vlm)
         self.wait(timeout)
 
@@ -67,15 +85,23 @@ class LocalVLLM:
         raise ModelUnavailable(f"The vLLM server did not start within {timeout:.0f} s.")
 
     def stop(self):
+        """End the server and every process it started (its process group): SIGTERM, then SIGKILL after 30 s."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+        self._signal(signal.SIGKILL)  # (whatever of the group is left: engine processes, workers)
+        self.process.wait()
         if hasattr(self.log, "close"):
             self.log.close()
+
+    def _signal(self, sig):
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> VLLMEngine:
         return self.engine
