@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipeline import ChatSession, ChatState, KVStore
+from pipeline.compare import tokens_view
 from pipeline.examples import ExampleCache
 from pipeline.heatmap import render_map
 from pipeline.kvstore import default_budget
@@ -136,5 +137,7 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
             g = session.last_turn.guidance
             caption += (f"; {registry.label(g.source)} kept {int(guidance[3].sum())} of them from layer {g.prune_layer} "
                         "in the last turn (decided per question)")
+            if view == "kept":  # the kept view draws those: the rest faded, as for every other method
+                comp = tokens_view(comp, guidance[3], g.source)
         return (render_map(image, comp, view, *extra, mark=mark, source=source), caption,
                 gr.update(choices=choices, value=view))

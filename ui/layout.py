@@ -8,8 +8,8 @@ import gradio as gr
 from pipeline.methods import registry
 
 from .handlers import Handlers
-from .text import (ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, NO_IMAGE, VIEW_NAMES, VLLM_NOTE,
-                   drawn_knobs, format_stats)
+from .text import (ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, NO_IMAGE, VIEW_NAMES, drawn_knobs,
+                   format_stats, vllm_note)
 
 MODEL = "model"  # the concurrency group of the events that run a model
 ANSWERS = "answers"  # --engine vllm: answers and Compares, several at once (the engine batches them)
@@ -90,7 +90,9 @@ def settings_panel(p, h: Handlers, offered: list):
                                "CPU; Full, FastV and SGL always use all)")
         gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
         if h.options.get("engine") is not None:  # --engine vllm
-            gr.Markdown(VLLM_NOTE, elem_classes=["note"], elem_id="engine-note")
+            gr.Markdown(vllm_note([m.label for m in offered if m.engines is None],
+                                  [m.label for m in offered if m.engines is not None]),
+                        elem_classes=["note"], elem_id="engine-note")
         fastv_settings(p, h)
         sgl_settings(p, h)
         p.knobs = knob_sliders(h)
@@ -120,7 +122,8 @@ def sgl_settings(p, h: Handlers):
     sgl_note = (f"`{small.name}` answers first and ranks the visual tokens; `{vlm.name}` drops the rest "
                 "part-way through its layers, or is skipped when the small model is confident."
                 if small else "Start with `--small-model` (e.g. llava-ov-0.5b for llava-ov-7b) to enable SGL.")
-    with gr.Accordion("SGL: a small model guides the large one", open=h.method_default == "sgl"):
+    title = "SGL: a small model guides the large one" + ("" if small else " (unavailable: no small model)")
+    with gr.Accordion(title, open=h.method_default == "sgl"):
         gr.Markdown(sgl_note, elem_classes=["note"])
         on = small is not None
         p.keep_ratio = Slider(0.01, 1.0, value=0.35, step=0.01, label="keep ratio (visual tokens)", interactive=on,

@@ -34,16 +34,24 @@ ABOUT = ("**How it works.** **VisionZip** keeps the few visual tokens that matte
          "question.")
 IN_LLM_NOTE = ("FastV and SGL prune inside the language model, per question: they do not compress the image once, "
                "and the large model's KV cache is rebuilt every turn.")
-VLLM_NOTE = ("**Engine: vLLM.** Full, VisionZip, DivPrune, VisPruner, Random, Pool and Manual answer through vLLM from "
-             "zipchat's compressed embeddings (batched with everyone's questions, prefix-cached). FastV and SGL prune "
-             "inside the language model, so they answer on zipchat's own (transformers) engine, one at a time.")
+def vllm_note(on_vllm: list, own_engine: list) -> str:
+    """The settings panel's line on the vLLM engine: which of the offered methods answer where (labels)."""
+    note = (f"**Engine: vLLM.** {', '.join(on_vllm[:-1])} and {on_vllm[-1]} answer through vLLM from zipchat's "
+            "compressed embeddings (batched with everyone's questions, prefix-cached).")
+    if own_engine:
+        note += (f" {' and '.join(own_engine)} prune{'s' * (len(own_engine) == 1)} inside the language model, so "
+                 f"{'they answer' if len(own_engine) > 1 else 'it answers'} on zipchat's own (transformers) engine, "
+                 "one at a time.")
+    return note
 
 
 def format_stats(t) -> str:
     """The turn's numbers, two to a row (they sit under the map)."""
     if t is None:
         return "_Ask a question to see timings._"
-    reuse = "yes" if t.cache_reused else "no"
+    cached = getattr(t, "engine_cached_tokens", 0)  # (states pickled before it had none)
+    reuse = f"yes: {cached:,} of {t.prompt_tokens:,} prompt tokens from the cache" if t.cache_reused and cached \
+        else "yes" if t.cache_reused else "no"
     if t.images_ahead and not t.images_encoded:
         image = "compressed at launch (an example)"
     elif t.visual_tokens and not t.images_encoded:
@@ -64,7 +72,8 @@ def format_stats(t) -> str:
     ]
     if getattr(t, "engine", "transformers") == "vllm":  # (states pickled before engines had no field)
         rows[5] = ("prefill", "on vLLM (inside the time to first token)")
-        rows[7] = ("KV cache reused (vLLM prefix cache)", f"{reuse}: {t.engine_cached_tokens} prompt tokens")
+        rows[7] = ("KV cache reused (vLLM prefix cache)", f"{'yes' if t.cache_reused else 'no'}: "
+                                                         f"{t.engine_cached_tokens} prompt tokens")
         rows[9] = ("engine", f"vLLM (the image encoded on {t.device}, {t.dtype})")
     elif getattr(t, "engine", "transformers") != "transformers":  # another engine (engines/base.py)
         rows[9] = ("engine", f"{t.engine} (the image encoded on {t.device}, {t.dtype})")
