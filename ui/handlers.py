@@ -139,5 +139,7 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
                         "in the last turn (decided per question)")
             if view == "kept":  # the kept view draws those: the rest faded, as for every other method
                 comp = tokens_view(comp, guidance[3], g.source)
+        if comp.method == session.settings.method and session.method.kind == registry.MANUAL and not comp.num_tokens:
+            comp = session.compression(key, method=session.method.fallback)  # no picks: draw what is sent instead
         return (render_map(image, comp, view, *extra, mark=mark, source=source), caption,
                 gr.update(choices=choices, value=view))

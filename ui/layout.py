@@ -210,6 +210,7 @@ def wire_chat(p, h: Handlers, answers: dict):
                                    api_name="respond" if api else False, **answers)
         # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
         # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
+        submitted.then(h.readout_after_message, p.state, p.info, queue=False, api_name=False)
         answering.then(h.finish, p.state, [p.textbox, p.stop_btn], api_name=False)
         answering.then(h.image_choices, p.state, p.map_choice, queue=False, api_name=False)
         for event in (submitted, answering):

@@ -53,6 +53,14 @@ class MapEvents:
                 return state, gr.skip(), f"⚠️ {e.message}", gr.skip(), gr.skip()
         return state, *self.views(state, view), gr.update(visible=session.method.kind == registry.MANUAL)
 
+    @staticmethod
+    def readout_after_message(state):
+        """A message with images moves the map to the newest one: the click readout, about the image shown before,
+        is cleared; a question alone keeps it."""
+        if state is not None and state.chat.pending:
+            return ""
+        return gr.skip()
+
     def show_view(self, state, view):
         return self.views(state, view)[:2]
 
