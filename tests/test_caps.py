@@ -41,3 +41,16 @@ def test_the_message_event_runs_in_the_queue(tiny_llava):
     events = {d.api_name: d for d in demo.fns.values()}
     assert events["add_message"].queue and events["add_message"].concurrency_limit == 2
     assert events["add_message"].concurrency_id != events["respond"].concurrency_id  # (never behind an answer)
+
+
+def test_a_rebuilt_page_leaves_out_a_question_it_would_refuse(tiny_llava, monkeypatch):
+    """A text-only page whose earlier question is over today's limit is rebuilt without that turn, not told that
+    an image is gone."""
+    import pipeline.questions
+    h = handlers(tiny_llava)
+    history = [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "long"},
+               {"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]
+    monkeypatch.setattr(pipeline.questions, "MAX_QUESTION_CHARS", 20)
+    history, _, state, _ = h.add_message(history, {"text": "And now?", "files": []}, None, *VISIONZIP)
+    assert state is not None and [t.question for t in state.chat.turns] == ["short"]
+    assert "no longer on it" not in str(history[-1]["content"])

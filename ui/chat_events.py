@@ -30,6 +30,14 @@ def shown_path(path: str, session: ChatSession, key: str) -> str:
     return str(copy) if copy is not None else path
 
 
+def readable(question) -> bool:
+    """Whether a past question is one the server takes (not over the length limit, valid text)."""
+    try:
+        return bool(checked_question(question))
+    except InputError:
+        return False
+
+
 class ChatEvents:
     def add_message(self, history, message, state, *settings):
         """Checks the upload and the question and queues them; no model runs here. A message is taken
@@ -91,11 +99,12 @@ class ChatEvents:
         turns = bounded(turns, waiting)  # (its latest turns: what the window would keep anyway)
         state = self.new_state(settings)
         session = self.session_for(state)
+        turns = [t for t in turns if readable(t.question)]  # (a question the server would refuse now is left out)
         try:
             for t in turns:
                 session.add_past_turn(t.question, t.answer, t.images)
             session.add_images(waiting)
-        except InputError:
+        except InputError:  # an image that is gone
             raise ConversationLost(CONVERSATION_LOST) from None
         log.info("rebuilt a conversation of %d turns and %d images from its page", len(turns), len(state.chat.images))
         return state

@@ -29,6 +29,16 @@ class Slider(gr.Slider):
         return None if payload is None else super().preprocess(payload)
 
 
+class ImagePicker(gr.Radio):
+    """The picker of the image the map shows. Its choices follow the conversation in the page; an API call
+    (`/map_image`) may name any image, and the handler checks it (a value not among the choices the page was
+    built with reaches it, instead of failing in Gradio's own check). Drawn as a radio."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload if payload not in [value for _, value in self.choices] else super().preprocess(payload)
+
+
 class MapClick(gr.EventData):
     """A click on the map (gr.SelectData's `index`: [x, y]); None where an API call sent no event data,
     which gr.SelectData itself would fail on with a TypeError before the handler could say anything."""
@@ -170,11 +180,14 @@ def map_tab(p, h: Handlers):
         with gr.Row(elem_id="map-controls"):
             p.view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
                               value="kept", show_label=False, elem_id="view")
-            p.map_choice = gr.Radio([], show_label=False, visible=False, elem_id="map-image")
+            p.map_choice = ImagePicker([], show_label=False, visible=False, elem_id="map-image")
         p.caption = gr.Markdown(NO_IMAGE, elem_id="caption")
         p.map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
                                height=MAP_HEIGHT, buttons=["fullscreen", "download"])
         p.info = gr.Markdown("", elem_id="patch-info")
+        with gr.Row(visible=False):  # /click_at: a click through the API, at (x, y) of the map image
+            p.click_x, p.click_y = gr.Number(elem_id="click-x"), gr.Number(elem_id="click-y")
+            p.click_at = gr.Button(elem_id="click-at")
         with gr.Row(visible=registry.get(h.method_default).kind == registry.MANUAL, elem_id="pick-row") as pick_row:
             p.radius = Slider(0, 5, value=0, step=1, label="brush (patches around the click)", elem_id="radius")
             p.from_zip = gr.Button("Start from VisionZip's", elem_id="picks-from-visionzip")
@@ -236,6 +249,8 @@ def wire_map(p, h: Handlers):
         return h.click_map(state, view, radius, evt)
     p.map_image.select(click_map, [p.state, p.view, p.radius], [p.state, p.map_image, p.caption, p.info],
                        api_name="click")
+    p.click_at.click(h.click_at, [p.state, p.view, p.radius, p.click_x, p.click_y],
+                     [p.state, p.map_image, p.caption, p.info], api_name="click_at")
     p.from_zip.click(lambda s: h.set_picks(s, True), p.state, [p.state, p.map_image, p.caption, p.info],
                      api_name="picks_visionzip")
     p.no_picks.click(lambda s: h.set_picks(s, False), p.state, [p.state, p.map_image, p.caption, p.info],

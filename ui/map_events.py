@@ -2,6 +2,7 @@
 the map (what a patch is; Manual's picks). Methods of Handlers (handlers.py)."""
 
 import logging
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -92,8 +93,11 @@ class MapEvents:
     def click_map(self, state, view, radius, evt):
         """On the map: say what the clicked patch is; in the manual method, pick or unpick it (and the
         patches around it, `radius`). `evt`: the click (app.MapClick)."""
-        if state is None or state.chat.last_image_key is None or not isinstance(evt.index, (list, tuple)):
+        if state is None or state.chat.last_image_key is None:
             return state, gr.skip(), gr.skip(), "_Upload an image, then click the map._"
+        if not isinstance(evt.index, (list, tuple)) or len(evt.index) < 2:  # an API call sends no click: /click_at
+            return state, gr.skip(), gr.skip(), "_Click a patch of the map (through the API: /click_at with x and y " \
+                                                "in the map's pixels)._"
         session, key = self.session_for(state), self.shown_key(state)
         shown = session.current_view(compress=False, key=key)
         if shown is None:
@@ -116,6 +120,13 @@ class MapEvents:
         mapped, caption, _ = self.views(state, "kept", session, mark=spot)
         return state, mapped, caption, f"{picks_text(picked, self.image_name(state, key))} Ask again to answer with " \
                                        "exactly these."
+
+    def click_at(self, state, view, radius, x, y):
+        """A click at (x, y), in the map image's pixels, from the API (`/click_at`): as a click on the map."""
+        for name, value in (("x", x), ("y", y)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 100_000:
+                return state, gr.skip(), gr.skip(), f"⚠️ {name} must be a pixel of the map (got {value!r})."
+        return self.click_map(state, view, radius, SimpleNamespace(index=[x, y]))
 
     def set_picks(self, state, start_from_visionzip: bool):
         if state is None or state.chat.last_image_key is None:
