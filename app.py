@@ -139,7 +139,7 @@ def main(argv=None):
     options = {"stop_at_eos": False} if args.ignore_eos else {}
     if args.engine == "vllm":
         try:
-            options["engine"] = start_engine(vlm, args.vllm_url)
+            options["engine"] = start_engine(vlm, args.vllm_url, app_port=args.port)
         except (ModelUnavailable, InputError) as e:
             parser.exit(1, f"[zipchat] {e}\n")
     examples = None if args.no_warm_examples else ExampleCache()
@@ -160,7 +160,7 @@ def main(argv=None):
     demo.block_thread()
 
 
-def start_engine(vlm, url: str | None):
+def start_engine(vlm, url: str | None, app_port: int | None = None):
     """The vLLM engine for `vlm`: the server at `url`, or one zipchat starts for the model (stopped at exit)."""
     from pipeline.engines.vllm import VLLMEngine
     from pipeline.engines.vllm_client import VLLMServer
@@ -180,7 +180,7 @@ def start_engine(vlm, url: str | None):
                                "tiny-internvl-h32).")
     export = tiny_cache_dir().parent / "vllm" / vlm.name.replace("/", "--")
     log.info(f"Starting a vLLM server for {vlm.name}'s language model (exported to {export}) ...")
-    server = LocalVLLM(vlm, export, log=str(export) + ".log")
+    server = LocalVLLM(vlm, export, log=str(export) + ".log", avoid_ports=(app_port,))
     atexit.register(server.stop)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # (Docker, systemd, a Space's restart; a closed terminal): exit
         signal.signal(sig, lambda *_: sys.exit(0))  # normally, so that the server is stopped (atexit)

@@ -50,7 +50,7 @@ def text_delta(tokenizer, generated: list, text_so_far: str, final: bool = False
 def decode(engine, request: Request, tokenizer, stop_flag, generated: list, stats: TurnStats | None = None,
            t0: float = 0.0, usage: Usage | None = None):
     """The one decode loop, for every engine: the engine's ids until a stop id (unless the request ignores
-    them), the request's budget or a Stop; appends to `generated` as it goes (a cancelled turn keeps its
+    them), the end of the stream (the engine stops at the request's max_tokens) or a Stop; appends to `generated` as it goes (a cancelled turn keeps its
     partial answer). With `stats`: yields the text as it grows and fills in the turn's numbers (time to first
     token from `t0`, prefill, cache, tokens per second); without, it only collects the ids (SGL's small model).
     `usage`: the engine's report, where the caller wants it. Returns the answer ids."""
@@ -69,8 +69,8 @@ def decode(engine, request: Request, tokenizer, stop_flag, generated: list, stat
                 delta, text = text_delta(tokenizer, generated, text)
                 if delta:
                     yield delta
-            if len(generated) >= request.max_tokens or stop_flag.is_set():
-                break
+            if stop_flag.is_set():  # (the budget is the engine's: it ends the stream after max_tokens, and
+                break  # vLLM reports its usage once the stream has ended)
     finally:
         stream.close()  # a request still running ends (vLLM aborts it on the server)
         if stats is not None:

@@ -32,7 +32,7 @@ def test_map_image_and_click_at_work_from_the_api(url):
     shown, caption, view, info = c.predict("1", "kept", api_name="/map_image")
     assert caption.startswith("Image 1 of 2") and info == ""
     _, caption, _, info = c.predict("7", "kept", api_name="/map_image")
-    assert "No image '7' in this conversation (2 images)" in info
+    assert "No image '7' in this conversation (2 images)" in caption
     width, height = Image.open(shown).size
     _, _, info = c.predict("kept", 0, width // 2, height // 2, api_name="/click_at")
     assert "row" in info and "column" in info and ("dominant" in info or "contextual token" in info)

@@ -185,7 +185,7 @@ class ReplayEngine:
 
     def stream(self, request, usage=None):
         self.requests.append(request)
-        yield from self.ids
+        yield from self.ids[:request.max_tokens]
 
 
 class GreedyOnEmbeds:

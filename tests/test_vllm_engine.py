@@ -240,6 +240,9 @@ def test_the_vllm_server_never_outlives_the_app(tmp_path, how):
     app = AppProcess("--engine", "vllm", "--model", "tiny-ov-h32", timeout=600, log=log)
     group = None
     try:
+        deadline = time.time() + 60  # (the app answers on its port once its server is up: the line is written)
+        while not re.search(r"vLLM engine: http://127\.0\.0\.1:(\d+)", log.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
         port = int(re.search(r"vLLM engine: http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
         group = vllm_group(port)
         assert group is not None and group_members(group)

@@ -5,8 +5,9 @@ An engine has
   - `concurrent`: whether it answers several requests at once (vLLM batches them; zipchat's decoder
     answers one at a time);
   - `max_model_len()`: the positions it holds per request (prompt + answer), or None for the model's own;
-  - `stream(request, usage)`: a generator of the answer's token ids. Closing it ends the answer (a vLLM
-    request is aborted on the server); `usage` is filled in as the engine learns it.
+  - `stream(request, usage)`: a generator of the answer's token ids, at most `request.max_tokens` of them.
+    Closing it ends the answer (a vLLM request is aborted on the server); `usage` is filled in as the engine
+    learns it (vLLM: when the stream ends).
 The one decode loop (turn.py) turns the ids into text and the turn's stats, for every engine alike.
 """
 

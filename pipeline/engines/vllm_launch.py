@@ -24,10 +24,14 @@ from .vllm_client import VLLMServer
 from .vllm_export import export_language_model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid=()) -> int:
+    """A port free now on 127.0.0.1, not one of `avoid` (the app's own, not yet bound while the server starts)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def die_with(parent: int):
@@ -54,9 +58,10 @@ def server_command(model_dir, port: int, dtype: str, max_model_len: int, extra=(
 class LocalVLLM:
     """A vLLM server child process for `vlm`'s language model. `with LocalVLLM(vlm) as engine:` -> its VLLMEngine."""
 
-    def __init__(self, vlm, export_dir, max_model_len: int | None = None, log=None, extra=(), timeout: float = 600):
+    def __init__(self, vlm, export_dir, max_model_len: int | None = None, log=None, extra=(), timeout: float = 600,
+                 avoid_ports=()):
         self.model_dir = export_language_model(vlm, Path(export_dir))
-        self.port = free_port()
+        self.port = free_port(avoid_ports)
         dtype = str(vlm.dtype).replace("torch.", "")
         window = max_model_len or min(vlm.context_window, 32768)
         env = dict(os.environ)
