@@ -15,7 +15,7 @@ def test_the_stats_say_how_many_prompt_tokens_came_from_the_cache(tiny_llava, ph
     reused = t.prompt_tokens - t.prefill_tokens  # (the turn computed only the rest)
     assert 0 < reused < t.prompt_tokens and t.engine_cached_tokens == reused
     row = stat(format_stats(t), "KV cache reused / size")
-    assert row.startswith(f"yes: {reused:,} of {t.prompt_tokens:,} prompt tokens from the cache / ")
+    assert row.startswith(f"yes / {reused:,} of {t.prompt_tokens:,} prompt tokens from the cache / ")
 
 
 def test_after_a_fastv_turn_the_kept_view_draws_what_the_large_model_kept(tiny_llava):

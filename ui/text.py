@@ -50,8 +50,8 @@ def format_stats(t) -> str:
     if t is None:
         return "_Ask a question to see timings._"
     cached = getattr(t, "engine_cached_tokens", 0)  # (states pickled before it had none)
-    reuse = f"yes: {cached:,} of {t.prompt_tokens:,} prompt tokens from the cache" if t.cache_reused and cached \
-        else "yes" if t.cache_reused else "no"
+    reuse = ("yes" if t.cache_reused else "no") + (
+        f" / {cached:,} of {t.prompt_tokens:,} prompt tokens from the cache" if t.cache_reused and cached else "")
     if t.images_ahead and not t.images_encoded:
         image = "compressed at launch (an example)"
     elif t.visual_tokens and not t.images_encoded:
