@@ -252,7 +252,11 @@ def test_the_vllm_server_never_outlives_the_app(tmp_path, how):
             time.sleep(0.2)
         assert group_members(group) == [], f"still running after {how}: {group_members(group)}"
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free
+            # the port is free to listen on again: SO_REUSEADDR (which uvicorn and vLLM set) lets a bind pass the
+            # TIME_WAIT entries the server's closed connections leave, and fails only while something still listens
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         app.close()
         if group is not None and group_members(group):
