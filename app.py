@@ -40,12 +40,35 @@ from starlette.middleware import Middleware  # noqa: E402
 log = logging.getLogger("zipchat")
 ASSETS = Path(__file__).resolve().parent / "assets"
 CSS = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else None
-# the settings panel opens on a wide screen; on a phone it stays closed (open, it would cover the chat) until
-# its toggle is pressed
-PAGE_JS = """() => { if (window.innerWidth < 700) return;
-  const open = (tries) => { const b = document.querySelector('#settings:not(.open) .toggle-button');
-    if (b) b.click(); else if (tries > 0) setTimeout(() => open(tries - 1), 100); };
-  open(50); }"""
+# The settings panel opens on a wide screen; on a phone it stays closed (open, it would cover the chat) until
+# its toggle is pressed. On a phone, a new message (an example's photo and question) stays at the top of the
+# chat while its answer streams under it, where Gradio would follow the answer's tail; the person's own
+# scrolling (a touch, a wheel) lets go of it.
+PAGE_JS = """() => {
+  if (window.innerWidth >= 700) {
+    const open = (tries) => { const b = document.querySelector('#settings:not(.open) .toggle-button');
+      if (b) b.click(); else if (tries > 0) setTimeout(() => open(tries - 1), 100); };
+    open(50);
+  }
+  if (!window.matchMedia('(max-width: 600px)').matches) return;
+  let seen = -1, pinned = null, box = null;
+  const scroller = (el) => { for (let e = el.parentElement; e; e = e.parentElement) {
+    const s = getComputedStyle(e).overflowY;
+    if ((s === 'auto' || s === 'scroll') && e.scrollHeight > e.clientHeight) return e; } return null; };
+  const hold = () => { if (!pinned || !box) return;
+    const top = pinned.getBoundingClientRect().top - box.getBoundingClientRect().top + box.scrollTop - 8;
+    if (Math.abs(box.scrollTop - top) > 2) box.scrollTop = top; };
+  const release = () => { pinned = null; };
+  new MutationObserver(() => {
+    const users = document.querySelectorAll('#chatbot .message.user');
+    if (seen < 0 || users.length < seen) { seen = users.length; pinned = null; }
+    if (users.length > seen) { pinned = users[seen]; seen = users.length; }
+    if (pinned && !box) { box = scroller(pinned);
+      if (box) { box.addEventListener('scroll', hold);
+        for (const t of ['touchstart', 'wheel']) box.addEventListener(t, release, {passive: true}); } }
+    hold();
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
 demo = None  # the running app, once main() has built it (Gradio's reloader on a Space looks it up here)
 
 

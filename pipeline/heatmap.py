@@ -13,6 +13,12 @@ padding cut off; each tile numbered as the readout names it):
   attention in layer K - 1 (FastV), the tokens the large model keeps outlined.
 Work is per patch in numpy, upsampled with NEAREST; a panel is up to 900x600 pixels so a patch is
 several pixels, and very thin images are stretched to a readable height. A click's patch can be marked.
+
+Drawn for a `Display`, the space the page gives the map: on a wide screen the panels go side by side or
+stacked, whichever shows the photo larger in the map's box; on a narrow one (a phone: no height limit, the page
+scrolls) the tiles go under the whole image. Text is drawn so that it shows at least its nominal size (14 px)
+once the picture is fitted to the display; a legend that would not fit (VisionZip's 50 groups over 5 crops)
+becomes one line per crop, and a click on a patch names its token.
 """
 
 import functools
@@ -32,17 +38,44 @@ PANEL_HEIGHT = 600  # at most, pixels: a 384 px tile of 27 patches gets 17 pixel
 MAX_WIDTH = 900  # of a panel; the panels are stacked (whole image above the tiles) to fit a page's column
 MIN_SIDE = 48  # a panel is at least this many pixels on its short side (thin images are stretched)
 GAP, TITLE = 12, 26
-DISPLAY_WIDTH = 650  # pixels a page usually gives the map: text is drawn large enough to read there
-SCREEN_ASPECT = 1.5  # width / height of the space a map usually gets: panels go side by side or stacked to near it
+LEGEND_ROWS = 4  # a groups legend longer than this many rows is summed up in a line
 TARGET = (255, 140, 0)  # ring on a contextual token's target patch
 KEPT_OUTLINE = (255, 255, 255)
 MARK = (255, 0, 200)  # the clicked patch
 TEXT = (40, 40, 40)
 
 
-def text_scale(width: float) -> float:
-    """How much larger than its nominal size text is drawn on a canvas `width` wide (shown DISPLAY_WIDTH wide)."""
-    return max(1.0, width / DISPLAY_WIDTH)
+@dataclass(frozen=True)
+class Display:
+    """The space a page gives the map, in CSS pixels: `width`, and `height` (None: as tall as the picture
+    needs, where the page scrolls, as on a phone)."""
+    width: float = 650.0
+    height: float | None = 480.0
+
+    @staticmethod
+    def of(value) -> "Display":
+        """The page's measure of the map's box, [width, height] (height 0: no limit), checked; anything else
+        (an API call sends none) -> the desktop default."""
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            return DESKTOP
+        w, h = value
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 20_000 for v in (w, h)) \
+                or w < 120:
+            return DESKTOP
+        return Display(float(w), float(h) if h >= 120 else None)
+
+    def scale(self, width: float, height: float) -> float:
+        """Display pixels per canvas pixel, for a canvas `width` x `height` fitted into this space."""
+        return min(self.width / width, self.height / height) if self.height else self.width / width
+
+
+DESKTOP = Display()
+
+
+def text_scale(width: float, height: float, display: Display = None) -> float:
+    """How much larger than its nominal size text is drawn on a `width` x `height` canvas, so that it shows at
+    its nominal size (or larger) once the canvas is fitted to `display`."""
+    return max(1.0, 1.0 / (display or DESKTOP).scale(width, height))
 
 
 @functools.lru_cache(maxsize=32)
@@ -67,6 +100,7 @@ class Panel:
     region: tuple  # (x0, y0, x1, y1): the part of the original image shown
     origin: tuple  # (x, y) of the panel on the canvas (top-left of the photo, below the title)
     scale: tuple  # (sx, sy) canvas pixels per original pixel
+    text: float = 1.0  # the text scale of the canvas (text_scale)
 
     @property
     def size(self) -> tuple:
@@ -92,10 +126,12 @@ def crop_names(comp) -> list:
     return ["whole image" if i == whole else f"tile {next(tiles)}" for i in range(len(comp.crops))]
 
 
-def layout(comp) -> list:
+def layout(comp, display: Display = None) -> list:
     """The panels of a Compression's canvas: one for a single crop; else one for the crop(s) showing the
-    whole image and one for the tiles, side by side or stacked, whichever canvas is nearer SCREEN_ASPECT. A
-    single tile may cover the whole image too (a small square on OneVision): it still gets its own panel."""
+    whole image and one for the tiles, side by side or stacked, whichever shows the photo larger in `display`
+    (stacked where it has no height limit). A single tile may cover the whole image too (a small square on
+    OneVision): it still gets its own panel. The text scale allows a tenth of the height for a legend."""
+    display = display or DESKTOP
     h, w = comp.image_size
     whole = whole_crop(comp)
     if whole is None:
@@ -114,14 +150,19 @@ def layout(comp) -> list:
         sized.append(Panel(title, idx, region, (0, 0), (sx, sy)))
     if len(sized) == 1:
         a = sized[0]
-        return [Panel(a.title, a.crops, a.region, (0, round(TITLE * text_scale(a.size[0]))), a.scale)]
+        k = text_scale(a.size[0], (TITLE + a.size[1]) * 1.1, display)
+        return [Panel(a.title, a.crops, a.region, (0, round(TITLE * k)), a.scale, k)]
     (a, b) = sized
     wide = (a.size[0] + GAP + b.size[0], TITLE + max(a.size[1], b.size[1]))
     tall = (max(a.size[0], b.size[0]), 2 * TITLE + GAP + a.size[1] + b.size[1])
-    side_by_side = abs(np.log(wide[0] / wide[1] / SCREEN_ASPECT)) <= abs(np.log(tall[0] / tall[1] / SCREEN_ASPECT))
-    title = round(TITLE * text_scale(wide[0] if side_by_side else tall[0]))  # (the title rows grow with the text)
+    side_by_side = display.height is not None and display.scale(wide[0], wide[1] * 1.1) >= \
+        0.95 * display.scale(tall[0], tall[1] * 1.1)
+    w, h = wide if side_by_side else tall
+    k = text_scale(w, h * 1.1, display)
+    title = round(TITLE * k)  # (the title rows grow with the text)
     second = (a.size[0] + GAP, title) if side_by_side else (0, 2 * title + GAP + a.size[1])
-    return [Panel(a.title, a.crops, a.region, (0, title), a.scale), Panel(b.title, b.crops, b.region, second, b.scale)]
+    return [Panel(a.title, a.crops, a.region, (0, title), a.scale, k),
+            Panel(b.title, b.crops, b.region, second, b.scale, k)]
 
 
 def unit_rects(panel: Panel, crop) -> np.ndarray:
@@ -139,13 +180,22 @@ def unit_rects(panel: Panel, crop) -> np.ndarray:
 
 
 def render_map(image: Image.Image, comp, view: str = "kept", importance=None, kept=None, mark=None,
-               source: str = "SGL") -> Image.Image:
-    """One view of a Compression (see VIEWS). `importance`, `kept`: per visual token of this image
-    (SGL's or FastV's guidance: `source`), for the "importance" view. `mark`: (crop, unit) of a clicked
-    patch, outlined."""
+               source: str = "SGL", display: Display = None) -> Image.Image:
+    """One view of a Compression (see VIEWS), for `display` (the space the page gives it). `importance`,
+    `kept`: per visual token of this image (SGL's or FastV's guidance: `source`), for the "importance" view.
+    `mark`: (crop, unit) of a clicked patch, outlined."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}")
-    panels = layout(comp)
+    panels = layout(comp, display)
+    out = _render(image, comp, view, importance, kept, mark, source, panels, panels[0].text)
+    shown = (display or DESKTOP).scale(out.width, out.height) * panels[0].text
+    if shown < 0.95:  # a long legend made the picture shrink in its box: its text drawn larger to make up
+        out = _render(image, comp, view, importance, kept, mark, source, panels, panels[0].text / shown)
+    return out
+
+
+def _render(image, comp, view, importance, kept, mark, source, panels, legend_text):
+    """The map on `panels`; the legend or colour bar below it at text scale `legend_text`."""
     width = max(p.origin[0] + p.size[0] for p in panels)
     height = max(p.origin[1] + p.size[1] for p in panels)
     photo = np.full((height, width, 3), 255.0, dtype=np.float32)
@@ -153,11 +203,11 @@ def render_map(image: Image.Image, comp, view: str = "kept", importance=None, ke
         (ox, oy), (pw, ph) = p.origin, p.size
         region = image.crop(tuple(round(v) for v in p.region)).resize((pw, ph), Image.BILINEAR)
         photo[oy:oy + ph, ox:ox + pw] = np.asarray(region, dtype=np.float32)
-    legend, bar = None, None
+    legend, bar, k = None, None, panels[0].text
     if view == "kept":
         canvas = _kept(photo, comp, panels)
     elif view == "groups":
-        canvas, legend = _groups(photo, comp, panels)
+        canvas, legend = _groups(photo, comp, panels, legend_text)
     else:
         if view == "scores":
             values = [c.scores if c.scores is not None else np.full(c.grid[0] * c.grid[1], np.nan) for c in comp.crops]
@@ -169,10 +219,9 @@ def render_map(image: Image.Image, comp, view: str = "kept", importance=None, ke
             outline = [np.nan_to_num(k) > 0.5 for k in comp.per_patch(np.asarray(kept, dtype=np.float64))]
         label = f"{source} importance" if view == "importance" else "score (attention)"
         canvas, bar = _values(photo, comp, panels, values, "viridis" if view == "importance" else "inferno",
-                              outline, label)
+                              outline, label, legend_text)
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    k = text_scale(width)
     title = round(TITLE * k)
     for p in panels:
         draw.text((p.origin[0] + 2, p.origin[1] - title + round(4 * k)), p.title, fill=TEXT, font=font(round(16 * k)))
@@ -184,7 +233,7 @@ def render_map(image: Image.Image, comp, view: str = "kept", importance=None, ke
     if mark is not None:
         _mark(draw, comp, panels, *mark, width=max(3, round(3 * k)))
     if view == "kept":
-        legend = _kept_legend(comp, out.width, k)
+        legend = _kept_legend(comp, out.width, legend_text)
     for below in (bar, legend):
         if below is not None:
             out = _below(out, below)
@@ -228,8 +277,9 @@ def _kept(photo, comp, panels):
     return photo * (1 - FADE * fade) + 255 * FADE * fade
 
 
-def _groups(photo, comp, panels):
-    """Each contextual token's patches in its colour over the photo; a legend of the merged counts."""
+def _groups(photo, comp, panels, k):
+    """Each contextual token's patches in its colour over the photo; a legend of the merged counts (summed up
+    in a line where one entry per token would not fit in LEGEND_ROWS rows)."""
     colours = group_colours(max(1, max((group_count(c) for c in comp.crops), default=1))).astype(np.float32)
 
     def tint(i):
@@ -239,7 +289,6 @@ def _groups(photo, comp, panels):
     painted = _paint(photo, comp, panels, tint)
     has = np.isfinite(painted[..., :1])
     canvas = np.where(has, (1 - TINT) * photo + TINT * np.nan_to_num(painted), photo)
-    k = text_scale(canvas.shape[1])
     entries = []
     verb = registry.get(comp.method).words.merged
     names = crop_names(comp)
@@ -248,10 +297,18 @@ def _groups(photo, comp, panels):
             token = int(np.flatnonzero((comp.token_map[:, 0] == i) & (comp.token_map[:, 2] == g))[0])
             entries.append((colours[g % len(colours)], f"token {token} {verb} {int((c.groups == g).sum())}"
                             + (f" ({names[i]})" if len(comp.crops) > 1 else "")))
-    return canvas, _legend(entries, canvas.shape[1], k)
+    if -(-len(entries) // _legend_columns(entries, canvas.shape[1], k)[0]) <= LEGEND_ROWS:
+        return canvas, _legend(entries, canvas.shape[1], k)
+    counts = [group_count(c) for c in comp.crops]  # summed up: how many tokens, how many patches each
+    sizes = [int((c.groups == g).sum()) for c in comp.crops for g in range(group_count(c))]
+    per_crop = f"{counts[0]} per crop" if len(set(counts)) == 1 else f"{min(counts)} to {max(counts)} per crop"
+    summary = [(colours[:4], f"one colour per token: {len(sizes)} tokens ({per_crop}), each {verb} "
+                             f"{min(sizes)} to {max(sizes)} patches"),
+               (None, "ring: a token's target; click a patch for its token")]
+    return canvas, _legend(summary, canvas.shape[1], k)
 
 
-def _values(photo, comp, panels, values, cmap, outline, label):
+def _values(photo, comp, panels, values, cmap, outline, label, k):
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
     vmin, vmax = (float(finite.min()), float(np.percentile(finite, 99.5))) if finite.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1e-9
@@ -265,12 +322,14 @@ def _values(photo, comp, panels, values, cmap, outline, label):
     painted = _paint(photo, comp, panels, heat)
     has = np.isfinite(painted[..., :1])
     canvas = np.where(has, 0.35 * photo + 0.65 * np.nan_to_num(painted), photo * 0.5 + 127)
-    return canvas, _colour_bar(lut, vmin, vmax, canvas.shape[1], label, text_scale(canvas.shape[1]))
+    return canvas, _colour_bar(lut, vmin, vmax, canvas.shape[1], label, k)
 
 
 def _rings(draw, comp, panels):
-    """A ring on each contextual token's target patch."""
+    """A ring on each contextual token's target patch (none where the patch lies in the processor's padding,
+    off the photo)."""
     for p in panels:
+        (ox, oy), (pw, ph) = p.origin, p.size
         for i in p.crops:
             c = comp.crops[i]
             rect = unit_rects(p, c)
@@ -279,6 +338,8 @@ def _rings(draw, comp, panels):
                     continue
                 x0, y0, x1, y1 = rect[divmod(int(t), c.grid[1])]
                 cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.0, min(x1 - x0, y1 - y0) / 2.5)
+                if not (ox + r <= cx <= ox + pw - r and oy + r <= cy <= oy + ph - r):
+                    continue
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=TARGET, width=2)
 
 
@@ -311,21 +372,53 @@ def _colour_bar(lut, vmin, vmax, width, label, k=1.0):
     return bar
 
 
-def _legend(entries, width, k=1.0, col_w=230):
-    """Swatch-and-text entries in columns; `k`: the text scale. An entry's colour None draws a ring."""
-    row_h, col_w, f = round(20 * k), round(col_w * k), font(round(14 * k))
-    cols = max(1, width // col_w)
-    rows = (len(entries) + cols - 1) // cols
-    legend = Image.new("RGB", (max(width, col_w), round(8 * k) + rows * row_h), (255, 255, 255))
+def _legend_columns(entries, width, k=1.0) -> tuple:
+    """(columns, column width) of a legend `width` wide: as many columns as its widest entry allows."""
+    f = font(round(14 * k))
+    widest = max((round((30 + 12 * (max(1, len(c)) - 1 if np.ndim(c) == 2 else 0)) * k) + f.getlength(text)
+                  for c, text in entries), default=0)
+    cols = max(1, int(width // max(1, widest)))
+    return cols, width / cols
+
+
+def _wrap(text: str, f, width: float) -> list:
+    """`text` in lines no wider than `width` (a word longer than that keeps its own line)."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if lines[-1] and f.getlength(joined) > width:
+            lines.append(word)
+        else:
+            lines[-1] = joined
+    return lines
+
+
+def _legend(entries, width, k=1.0):
+    """Swatch-and-text entries in columns, as many as the widest fits in `width` (one column: long entries
+    wrap); `k`: the text scale. An entry's colour None draws a ring; a list of colours draws a strip of them."""
+    row_h, f = round(20 * k), font(round(14 * k))
+    cols, col_w = _legend_columns(entries, width, k)
+    if cols == 1:
+        entries = [(c, "\n".join(_wrap(t, f, width - round((30 + 12 * (len(c) - 1 if np.ndim(c) == 2 else 0)) * k))))
+                   for c, t in entries]
+    tops = np.cumsum([0] + [t.count("\n") + 1 for _, t in entries])  # (one column: the line each entry starts on)
+    rows = int(tops[-1]) if cols == 1 else -(-len(entries) // cols)
+    legend = Image.new("RGB", (width, round(8 * k) + rows * row_h), (255, 255, 255))
     draw = ImageDraw.Draw(legend)
     for n, (colour, text) in enumerate(entries):
-        x, y = (n % cols) * col_w + round(6 * k), round(4 * k) + (n // cols) * row_h
+        x = round((n % cols) * col_w) + round(6 * k)
+        y = round(4 * k) + (int(tops[n]) if cols == 1 else n // cols) * row_h
         swatch = [x, y + round(3 * k), x + round(12 * k), y + round(15 * k)]
         if colour is None:
             draw.ellipse(swatch, outline=TARGET, width=max(2, round(2 * k)))
+        elif np.ndim(colour) == 2:  # several colours: a strip, each as wide as one swatch
+            for j, c in enumerate(colour):
+                draw.rectangle([x + j * round(12 * k), swatch[1], x + (j + 1) * round(12 * k), swatch[3]],
+                               fill=tuple(int(v) for v in c), outline=(150, 150, 150))
+            x += (len(colour) - 1) * round(12 * k)
         else:
             draw.rectangle(swatch, fill=tuple(int(v) for v in colour), outline=(150, 150, 150))
-        draw.text((x + round(18 * k), y + round(k)), text, fill=TEXT, font=f)
+        draw.multiline_text((x + round(18 * k), y + round(k)), text, fill=TEXT, font=f, spacing=row_h - round(14 * k))
     return legend
 
 
@@ -338,7 +431,7 @@ def _kept_legend(comp, width, k=1.0):
     entries = [((255, 255, 255), method.words.clear), ((grey, grey, grey), method.words.faded)]
     if any(len(c.targets) for c in comp.crops):
         entries.append((None, "ring: a contextual token's target"))
-    return _legend(entries, width, k, col_w=310)
+    return _legend(entries, width, k)
 
 
 def _tile_numbers(draw, comp, panels, k=1.0):
@@ -381,9 +474,10 @@ def _below(a, b):
     return sheet
 
 
-def hit(comp, x: float, y: float):
-    """The unit under canvas point (x, y) of a map of `comp` -> (crop index, unit index), or None."""
-    for p in layout(comp):
+def hit(comp, x: float, y: float, display: Display = None):
+    """The unit under canvas point (x, y) of a map of `comp` drawn for `display` -> (crop index, unit index),
+    or None."""
+    for p in layout(comp, display):
         (ox, oy), (pw, ph) = p.origin, p.size
         if not (ox <= x < ox + pw and oy <= y < oy + ph):
             continue

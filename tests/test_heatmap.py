@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from pipeline import encode_image
-from pipeline.heatmap import FADE, TINT, describe, group_colours, hit, layout, render_map
+from pipeline.heatmap import (DESKTOP, FADE, TARGET, TINT, Display, describe, group_colours, hit, layout, render_map,
+                              unit_rects)
 
 
 def centres(comp, image):
@@ -120,12 +121,13 @@ def test_importance_view_outlines_the_kept_tokens(tiny_ov, tiny_ov_large, photo)
     assert edges[True] and np.mean(edges[True]) > 0.9 and np.mean(edges[False]) < 0.2
 
 
+@pytest.mark.parametrize("display", [None, Display(324, None), Display(1200, 400)])
 @pytest.mark.parametrize("size", [(451, 300), (8000, 20), (20, 8000), (1152, 768)])
-def test_a_click_finds_the_patch_under_it(tiny_ov, size):
+def test_a_click_finds_the_patch_under_it(tiny_ov, size, display):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     comp = encode_image(tiny_ov, image, "visionzip")
     found = 0
-    for p in layout(comp):
+    for p in layout(comp, display):
         for i in p.crops:
             c = comp.crops[i]
             rows, cols = c.grid
@@ -135,9 +137,9 @@ def test_a_click_finds_the_patch_under_it(tiny_ov, size):
                 x = ox + (c.box[0] + (col + 0.5) * (c.box[2] - c.box[0]) / cols - rx) * sx
                 y = oy + (c.box[1] + (r + 0.5) * (c.box[3] - c.box[1]) / rows - ry) * sy
                 if ox <= x < ox + p.size[0] and oy <= y < oy + p.size[1]:
-                    assert hit(comp, x, y) == (i, u)
+                    assert hit(comp, x, y, display) == (i, u)
                     found += 1
-    assert found > 10 and hit(comp, -5, -5) is None
+    assert found > 10 and hit(comp, -5, -5, display) is None
 
 
 def test_describe_says_what_a_patch_is(tiny_llava, photo):
@@ -149,3 +151,77 @@ def test_describe_says_what_a_patch_is(tiny_llava, photo):
     text = describe(comp, 0, joined)
     assert f"contextual token 3 of this image ({int((crop.groups == 3).sum())} units" in text
     assert f"rank {int((crop.scores > crop.scores[joined]).sum()) + 1} of 576" in text
+
+
+def panorama():
+    """Three copies of a random photo side by side (1353x300): on OneVision, the whole image and 4 tiles whose
+    grid reaches into the processor's padding."""
+    rng = np.random.default_rng(5)
+    return Image.fromarray(np.repeat(rng.integers(0, 255, (300, 451, 3), dtype=np.uint8), 1, 0)).resize((1353, 300))
+
+
+def test_on_a_narrow_screen_the_tiles_go_under_the_whole_image_and_text_shows_at_its_size(tiny_ov_large):
+    """The layout follows the display: a phone (no height limit) stacks the panels, a wide box puts a panorama's
+    side by side when that shows it larger; the text scale makes 14 px text show at 14 px or more once the
+    picture is fitted (the legend's own scale grows where a legend shrank the picture)."""
+    comp = encode_image(tiny_ov_large, panorama(), "visionzip", max_tiles=4)
+    assert len(comp.crops) == 5
+    phone = Display(324, None)
+    whole, tiles = layout(comp, phone)
+    assert tiles.origin[0] == 0 and tiles.origin[1] > whole.origin[1] + whole.size[1]  # stacked
+    wide = Display(1400, 300)
+    a, b = layout(comp, wide)
+    assert b.origin[0] >= a.origin[0] + a.size[0]  # a 6:1 box: side by side
+    for display in (phone, wide, DESKTOP):
+        for view in ("kept", "groups", "scores"):
+            picture = render_map(panorama(), comp, view, display=display)
+            k = layout(comp, display)[0].text
+            assert 14 * k * display.scale(picture.width, picture.height) >= 14 * 0.8, (display, view)
+
+
+def test_a_groups_legend_that_would_not_fit_is_summed_up(tiny_ov_large):
+    """50 contextual tokens over 5 crops: not 50 entries (a legend taller than the photo) but one line, with the
+    counts; a single crop's 10 tokens keep their own entries."""
+    comp = encode_image(tiny_ov_large, panorama(), "visionzip", max_tiles=4)
+    panels = layout(comp, DESKTOP)
+    photo_bottom = max(p.origin[1] + p.size[1] for p in panels)
+    picture = render_map(panorama(), comp, "groups")
+    legend_height = picture.height - photo_bottom
+    assert legend_height < 0.4 * photo_bottom, (legend_height, photo_bottom)
+    single = encode_image(tiny_ov_large, panorama().resize((300, 300)), "visionzip", max_tiles=0)
+    one = render_map(panorama().resize((300, 300)), single, "groups")
+    one_bottom = max(p.origin[1] + p.size[1] for p in layout(single))
+    assert one.height - one_bottom > legend_height  # (10 entries in rows: taller than the summed-up line)
+
+
+def test_rings_are_never_drawn_off_the_photo(tiny_ov_large):
+    """A contextual token's target in the processor's padding (off the photo) gets no ring: no ring colour
+    lands outside the panels' photos, on titles or past an edge."""
+    image = panorama()
+    comp = encode_image(tiny_ov_large, image, "visionzip", max_tiles=4)
+    panels = layout(comp)
+    off = 0
+    for p in panels:
+        for i in p.crops:
+            rect, c = unit_rects(p, comp.crops[i]), comp.crops[i]
+            for t in c.targets[c.targets >= 0]:
+                x0, y0, x1, y1 = rect[divmod(int(t), c.grid[1])]
+                off += not (p.origin[0] <= (x0 + x1) / 2 < p.origin[0] + p.size[0]
+                            and p.origin[1] <= (y0 + y1) / 2 < p.origin[1] + p.size[1])
+    shown = np.asarray(render_map(image, comp, "kept"), dtype=int)
+    ring = (np.abs(shown - TARGET).sum(-1) < 60)
+    inside = np.zeros(ring.shape, bool)
+    for p in panels:
+        inside[p.origin[1]:p.origin[1] + p.size[1], p.origin[0]:p.origin[0] + p.size[0]] = True
+    photo_bottom = max(p.origin[1] + p.size[1] for p in panels)
+    inside[photo_bottom:] = True  # (the legend's own ring)
+    assert off > 0  # (this image has targets in the padding: without the check they were ringed off the photo)
+    assert ring[inside].sum() > 50 and ring[~inside].sum() == 0
+
+
+def test_the_page_measure_is_checked():
+    """What the page (or a forged API call) sends as the map's box: two numbers in range, else the desktop."""
+    assert Display.of([324, 0]) == Display(324.0, None)
+    assert Display.of([650, 478]) == Display(650.0, 478.0)
+    for bad in (None, "wide", [1], [0, 400], [-5, 400], [True, 400], [1e9, 400], [float("nan"), 400], {"w": 3}):
+        assert Display.of(bad) == DESKTOP, bad

@@ -7,7 +7,7 @@ import gradio as gr
 
 from pipeline import InputError
 from pipeline.compare import compare_stream, kept_view, overlap, overlap_markdown
-from pipeline.heatmap import render_map
+from pipeline.heatmap import Display, render_map
 from pipeline.methods import registry
 from pipeline.stopflag import AnsweringFlag, ClearedFlag
 
@@ -17,15 +17,18 @@ log = logging.getLogger("zipchat")
 COMPARE_MAP_SIDE = 420  # pixels: the small kept-view map of each compared method
 
 
-def kept_maps(session, results: list) -> list:
-    """[(kept-view map, caption)] of the latest image, one per compared method that has one."""
+def kept_maps(session, results: list, display: Display = None) -> list:
+    """[(kept-view map, caption)] of the latest image, one per compared method that has one. On a narrow
+    screen (`display` without a height limit) the gallery shows one map per row, as wide as the map's box:
+    they are drawn for it; else small, three in a row."""
+    narrow = display is not None and display.height is None
     maps = []
     for method, _, stats in results:
         shown = kept_view(session, method, stats)
         if shown is not None:
             image, comp = shown
-            picture = render_map(image, comp, "kept")
-            picture.thumbnail((COMPARE_MAP_SIDE, COMPARE_MAP_SIDE))
+            picture = render_map(image, comp, "kept", display=display if narrow else None)
+            picture.thumbnail((2 * display.width, 4 * display.width) if narrow else (COMPARE_MAP_SIDE, COMPARE_MAP_SIDE))
             maps.append((picture, f"{registry.label(method)}: {comp.num_tokens} of {comp.full_tokens} tokens"))
     return maps
 
@@ -74,7 +77,7 @@ class CompareEvents:
             if not results:
                 yield "⏹ Compare was stopped before its first answer.", "", None, ""
                 return
-            maps = kept_maps(session, results)
+            maps = kept_maps(session, results, self.display(state))
             names, matrix = overlap(session, results)
         except InputError as e:
             yield f"⚠️ {e}", "", None, ""

@@ -13,7 +13,7 @@ import gradio as gr
 from pipeline import ChatSession, ChatState, KVStore
 from pipeline.compare import tokens_view
 from pipeline.examples import ExampleCache
-from pipeline.heatmap import render_map
+from pipeline.heatmap import Display, render_map
 from pipeline.kvstore import default_budget
 from pipeline.memory import MemoryBudget
 from pipeline.methods import registry
@@ -50,6 +50,7 @@ class AppState:
     question: str | None = None
     answering: str | None = None  # what this tab accepted and has not finished: "message" or "compare"
     map_key: str | None = None  # the image the map shows (None: the latest)
+    display: tuple | None = None  # the map's box on the page, [width, height] in CSS pixels (heatmap.Display.of)
 
 
 def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
@@ -102,6 +103,17 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
         return AppState(session.state)
 
     @staticmethod
+    def set_display(state: AppState | None, box):
+        """The page measured the map's box (as a message was sent): the maps are drawn for it from now on."""
+        if state is not None:
+            state.display = tuple(box) if isinstance(box, (list, tuple)) else None
+        return state
+
+    @staticmethod
+    def display(state: AppState | None) -> Display:
+        return Display.of(state.display if state is not None else None)
+
+    @staticmethod
     def shown_key(state: AppState | None) -> str | None:
         """The image the map shows: the one picked above the map, else the latest."""
         if state is None:
@@ -141,5 +153,5 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
                 comp = tokens_view(comp, guidance[3], g.source)
         if comp.method == session.settings.method and session.method.kind == registry.MANUAL and not comp.num_tokens:
             comp = session.compression(key, method=session.method.fallback)  # no picks: draw what is sent instead
-        return (render_map(image, comp, view, *extra, mark=mark, source=source), caption,
+        return (render_map(image, comp, view, *extra, mark=mark, source=source, display=self.display(state)), caption,
                 gr.update(choices=choices, value=view))

@@ -17,6 +17,12 @@ MESSAGES = "messages"  # a message's images are decoded and checked in the queue
 MESSAGES_AT_ONCE = 2
 CHAT_HEIGHT = 560  # pixels at most; the page's style sheet fits it to the screen (assets/style.css)
 MAP_HEIGHT = "min(48vh, 560px)"  # the map fits the first screen with its readout and stats under it
+# the map's box as the page lays it out when a message is sent (the settings panel opened or closed, the phone
+# turned): [width, height], height 0 on a narrow screen, where the style sheet lets the map be as tall as its
+# picture (the tiles go under the whole image). The state passes through untouched (Gradio keeps it on the server).
+MEASURE_MAP_JS = """(state, box) => { const m = document.querySelector('#map');
+  if (!m || !m.clientWidth) return [state, box];
+  return [state, [m.clientWidth, window.matchMedia('(max-width: 600px)').matches ? 0 : m.clientHeight]]; }"""
 SESSION_TTL_S = 3600  # a tab's state is dropped after an hour without use, or when the tab closes
 
 
@@ -177,14 +183,18 @@ def chat_column(p, h: Handlers, gallery_file):
 
 def map_tab(p, h: Handlers):
     with gr.Tab("Map", id="map-tab", elem_id="map-tab"):
+        # the image picker apart from the views, named, so that one choice of each never reads as two views
+        p.map_choice = ImagePicker([], label="Image on the map", visible=False, elem_id="map-image")
         with gr.Row(elem_id="map-controls"):
             p.view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
                               value="kept", show_label=False, elem_id="view")
-            p.map_choice = ImagePicker([], show_label=False, visible=False, elem_id="map-image")
-        p.caption = gr.Markdown(NO_IMAGE, elem_id="caption")
+        # no fullscreen: the click readout under the map would not show there; the caption under the map, so
+        # that a caption changing length (Manual's first pick) never moves the patches under a finger
         p.map_image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="map",
-                               height=MAP_HEIGHT, buttons=["fullscreen", "download"])
+                               height=MAP_HEIGHT, buttons=["download"])
+        p.caption = gr.Markdown(NO_IMAGE, elem_id="caption")
         p.info = gr.Markdown("", elem_id="patch-info")
+        p.map_box = gr.JSON(None, visible=False, elem_id="map-box")  # (filled by MEASURE_MAP_JS)
         with gr.Row(visible=False):  # /click_at: a click through the API, at (x, y) of the map image
             p.click_x, p.click_y = gr.Number(elem_id="click-x"), gr.Number(elem_id="click-y")
             p.click_at = gr.Button(elem_id="click-at")
@@ -219,8 +229,10 @@ def wire_chat(p, h: Handlers, answers: dict):
                             concurrency_limit=MESSAGES_AT_ONCE, show_progress="hidden",
                             api_name="add_message" if api else False)
         # every event that runs a model waits in one line (MODEL): one model call at a time, whatever the event
-        answering = submitted.then(h.respond, [p.chatbot, p.state, p.view], [p.chatbot, p.state, p.stats, *p.maps],
-                                   api_name="respond" if api else False, **answers)
+        measured = submitted.then(h.set_display, [p.state, p.map_box], p.state, js=MEASURE_MAP_JS, queue=False,
+                                  api_name=False)
+        answering = measured.then(h.respond, [p.chatbot, p.state, p.view], [p.chatbot, p.state, p.stats, *p.maps],
+                                  api_name="respond" if api else False, **answers)
         # the textbox comes back (and Stop goes) whatever happened: after the answer, or after a failure that
         # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
         submitted.then(h.readout_after_message, p.state, p.info, queue=False, api_name=False)

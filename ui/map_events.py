@@ -103,7 +103,7 @@ class MapEvents:
         if shown is None:
             return state, gr.skip(), gr.skip(), "_The map is being prepared._"
         image, comp = shown
-        spot = hit(comp, *evt.index[:2])
+        spot = hit(comp, *evt.index[:2], self.display(state))
         if spot is None:
             return state, gr.skip(), gr.skip(), "_Click on a patch of the photo._"
         crop, unit = spot
