@@ -181,6 +181,13 @@ def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
             page.wait_for_function("() => /prefix cache\\)\\s*yes: [1-9]/.test(document.querySelector('#stats')"
                                    ".innerText)", timeout=30_000)
             assert "vLLM" in stats.inner_text()
+            # what vLLM serves is what the stats say: the export it was started on is stamped with that dtype
+            import json
+            from pipeline.tiny import tiny_cache_dir
+            stamp = json.loads((tiny_cache_dir().parent / "vllm" / "tiny-ov-h32" / "zipchat_export.json").read_text())
+            import re
+            said = re.search(r"vLLM \(the image encoded on [^,]+, (\w+)\)", stats.inner_text())
+            assert said and said.group(1) == stamp["dtype"], (stats.inner_text(), stamp)
             page.screenshot(path=str(tmp_path / "vllm.png"))
 
         def conversation(_):
