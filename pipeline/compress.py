@@ -25,6 +25,8 @@ class CropInfo:
     groups: np.ndarray  # (rows*cols,) per patch: -1 sent as itself, g merged into token g, -2 not sent
     scores: np.ndarray | None  # (rows*cols,) selection score of each patch (None where the method has none: Full)
     targets: np.ndarray  # (contextual,) patch index of each contextual token's target (-1 if CLS)
+    kinds: np.ndarray | None = None  # (rows*cols,) what each kept patch is (Method.kinds: HiPrune's anchors,
+    # buffers, registers), 0 not kept; None where the method keeps one kind
 
     @property
     def dominant(self) -> np.ndarray:
@@ -72,27 +74,34 @@ class Compression:
         return out
 
 
-def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None) -> tuple:
+def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None, knobs=None) -> tuple:
     """What a compression depends on, beside the image and the model: the method and its budget (Full: none;
-    Manual: the picks, {crop: units} of one image)."""
+    Manual: the picks, {crop: units} of one image), and the method's own knobs (their defaults where unset)."""
     kind = registry.get(method).kind
     if kind == registry.FULL:
         return (method,)
     if kind == registry.MANUAL:
         return (method, max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
-    return (method, dominant, contextual, max_tiles)
+    own = tuple(sorted(method_knobs(method, knobs).items()))
+    return (method, dominant, contextual, max_tiles) + ((own,) if own else ())
+
+
+def method_knobs(method: str, knobs: dict | None) -> dict:
+    """A method's own knobs {name: value}: those given in `knobs`, the defaults for the rest."""
+    return {k.name: (knobs or {}).get(k.name, k.default) for k in registry.get(method).knobs}
 
 
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
-                 selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None
-                 ) -> Compression:
+                 selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None,
+                 knobs: dict | None = None) -> Compression:
     """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as
     transformers sends them), compress-once (its `pick` per crop) or manual.
     `selection_from`: reuse another model's VisionZip selection (same units and groups) on this
     model's features, so that two models of an SGL pair see the same tokens. `max_tiles` (> 0) caps
     the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would.
-    A manual method: exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order."""
+    A manual method: exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order. `knobs`: the
+    method's own settings (Method.knobs; unset ones at their defaults)."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     kind = registry.get(method).kind
@@ -111,14 +120,18 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
     if selection_from is None:
         check_not_above_full(family, prepared.crops, method, dominant, contextual, picks, len(full_map))
-    out = encode_distinct(family, model, prepared, with_stats=selection_from is None)
+    knobs = method_knobs(method, knobs)
+    wanted = registry.get(method).attention_layers
+    layers = tuple(wanted(family, knobs)) if wanted is not None and selection_from is None and not manual else ()
+    out = encode_distinct(family, model, prepared, with_stats=selection_from is None, received_at=layers)
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
     crops, selected, projected, token_map = [], [], [], []
     for i, crop in enumerate(prepared.crops):
         if manual:
             info, tokens, done, crop_map = picked_by_hand(family, out, i, crop, picks)
         elif selection_from is None:
-            info, tokens, done, crop_map = picked_by_method(vlm, method, out, i, crop, dominant, contextual, seed + i)
+            info, tokens, done, crop_map = picked_by_method(vlm, method, out, i, crop, dominant, contextual, seed + i,
+                                                            knobs, layers)
         else:
             info, tokens, done, crop_map = picked_by_other_model(family, out, i, selection_from.crops[i])
         crops.append(info)
@@ -153,7 +166,8 @@ def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
     return info, x[torch.as_tensor(units + offset, device=x.device)], False, [(i, int(u), -1) for u in units]
 
 
-def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, contextual: int, seed: int) -> tuple:
+def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, contextual: int, seed: int,
+                     knobs: dict | None = None, layers: tuple = ()) -> tuple:
     """Crop i as a compress-once method picks it (its record's `pick`) -> (CropInfo, tokens, projected, token map
     rows)."""
     family, model = vlm.family, vlm.model
@@ -162,11 +176,13 @@ def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, context
     picked = registry.get(method).pick(CropInput(
         units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
         contextual=c, seed=seed, project=lambda u: family.project(model, u[None])[0],
-        project_parts=family.project_parts(model)))
+        project_parts=family.project_parts(model), received={layer: out.received[layer][i] for layer in layers},
+        attention_layers=layers, knobs=dict(knobs or {})))
     info = CropInfo(grid=crop.grid, box=crop.box, kept=picked.kept.cpu().numpy(), includes_cls=picked.includes_cls,
                     groups=picked.groups.cpu().numpy(),
                     scores=None if picked.scores is None else picked.scores.float().cpu().numpy(),
-                    targets=picked.targets.cpu().numpy())
+                    targets=picked.targets.cpu().numpy(),
+                    kinds=None if picked.kinds is None else picked.kinds.cpu().numpy())
     crop_map = [(i, int(p), int(g)) for p, g in zip(picked.token_patches.tolist(), picked.token_groups.tolist())]
     return info, picked.tokens, picked.projected, crop_map
 
@@ -207,16 +223,17 @@ def check_not_above_full(family, crops: list, method: str, dominant: int, contex
                      f"{fits} per crop fits (dominant + contextual); or choose Full.")
 
 
-def encode_distinct(family, model, prepared, with_stats: bool) -> VisionOutput:
+def encode_distinct(family, model, prepared, with_stats: bool, received_at: tuple = ()) -> VisionOutput:
     """`family.encode`, running the tower once for crops whose preprocessed pixels are identical: the same
     tokens as encoding every crop, for less work."""
     if len(prepared.crops) < 2:  # (Qwen2.5-VL: one image, its pixel_values are patches, not crops)
-        return family.encode(model, prepared, with_stats)
+        return family.encode(model, prepared, with_stats, received_at=received_at)
     keep, inverse = distinct_crops(prepared.pixel_values)
     if len(keep) == len(inverse):
-        return family.encode(model, prepared, with_stats)
+        return family.encode(model, prepared, with_stats, received_at=received_at)
     out = family.encode(model, replace(prepared, pixel_values=prepared.pixel_values[keep],
-                                       crops=[prepared.crops[i] for i in keep]), with_stats)
+                                       crops=[prepared.crops[i] for i in keep]), with_stats, received_at=received_at)
     pick = torch.tensor(inverse, device=out.units.device)
     return VisionOutput(units=out.units[pick], scores=None if out.scores is None else out.scores[pick],
-                        keys=None if out.keys is None else out.keys[pick])
+                        keys=None if out.keys is None else out.keys[pick],
+                        received={layer: r[pick] for layer, r in out.received.items()})

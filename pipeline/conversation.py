@@ -78,7 +78,7 @@ class Images:
     def method_key(self, state, key: str, method: str) -> tuple:
         s = state.settings
         return method_key(self.method_for(state, key, method), s.dominant, s.contextual, s.max_tiles,
-                          state.picks.get(key))
+                          state.picks.get(key), s.knobs)
 
     def model(self, lane: str):
         return self.vlm if lane == "large" else self.small
@@ -106,7 +106,7 @@ class Images:
         with vlm.encode_lock:
             comp = encode_image(vlm, self.image(state, key), method, s.dominant, s.contextual, max_tiles=s.max_tiles,
                                 picks=state.picks.get(key, {}) if lane == "large" else None,
-                                selection_from=selection)
+                                selection_from=selection, knobs=s.knobs)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self.encoded[0] += 1
         self.encoded[1] += comp.encode_s

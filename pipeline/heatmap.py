@@ -42,6 +42,8 @@ LEGEND_ROWS = 4  # a groups legend longer than this many rows is summed up in a 
 TARGET = (255, 140, 0)  # ring on a contextual token's target patch
 KEPT_OUTLINE = (255, 255, 255)
 MARK = (255, 0, 200)  # the clicked patch
+KIND_COLOURS = {1: (220, 20, 60), 2: (30, 144, 255), 3: (46, 160, 67)}  # kept patches of several kinds (HiPrune's
+# anchors, buffers, registers: Method.kinds), outlined in the kept view
 TEXT = (40, 40, 40)
 
 
@@ -228,6 +230,8 @@ def _render(image, comp, view, importance, kept, mark, source, panels, legend_te
     _tile_numbers(draw, comp, panels, k)
     if view == "kept" or view == "groups":
         _rings(draw, comp, panels)
+    if view == "kept":
+        _kind_outlines(draw, comp, panels)
     if view == "importance" and outline is not None:
         _outlines(draw, comp, panels, outline)
     if mark is not None:
@@ -343,6 +347,21 @@ def _rings(draw, comp, panels):
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=TARGET, width=2)
 
 
+def _kind_outlines(draw, comp, panels):
+    """Each kept patch of a method with several kinds (Method.kinds) outlined in its kind's colour, just inside
+    the patch (neighbours never overdraw each other)."""
+    for p in panels:
+        for i in p.crops:
+            c = comp.crops[i]
+            if c.kinds is None:
+                continue
+            rect = unit_rects(p, c)
+            for u in np.flatnonzero(c.kinds):
+                x0, y0, x1, y1 = (round(v) for v in rect[divmod(int(u), c.grid[1])])
+                draw.rectangle([x0 + 1, y0 + 1, max(x0 + 1, x1 - 2), max(y0 + 1, y1 - 2)],
+                               outline=KIND_COLOURS.get(int(c.kinds[u]), KEPT_OUTLINE), width=1)
+
+
 def _outlines(draw, comp, panels, masks):
     for p in panels:
         for i in p.crops:
@@ -429,6 +448,8 @@ def _kept_legend(comp, width, k=1.0):
         return None
     grey = int(255 - FADE * 127)
     entries = [((255, 255, 255), method.words.clear), ((grey, grey, grey), method.words.faded)]
+    if method.kinds and any(c.kinds is not None for c in comp.crops):  # HiPrune: what each outline colour is
+        entries = [(KIND_COLOURS[k], f"outline: {name}") for k, name in method.kinds.items()] + entries[1:]
     if any(len(c.targets) for c in comp.crops):
         entries.append((None, "ring: a contextual token's target"))
     return _legend(entries, width, k)

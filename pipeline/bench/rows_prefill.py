@@ -174,10 +174,10 @@ def row_equal_budget_prefill(b) -> list:
     image = ov_image(1)
     full = prefill_inputs(ChatSession(vlm, method="full", max_new_tokens=1), image)
     rows = []
-    for k, method in enumerate(("divprune", "vispruner", "random", "pool")):
+    for k, method in enumerate(("divprune", "vispruner", "random", "pool", "hiprune")):
         ids, feats = prefill_inputs(ChatSession(vlm, method=method, max_new_tokens=1), image)
         ta, tb = side_by_side(clock, prefill_timer(vlm, ids, feats), prefill_timer(vlm, *full), args.repeats)
-        rows.append(Row(f"23{'abcd'[k]}", f"LLM prefill, {vlm.name}, {image.width}px image, {method} at 54+10 per "
+        rows.append(Row(f"23{'abcde'[k]}", f"LLM prefill, {vlm.name}, {image.width}px image, {method} at 54+10 per "
                         f"crop ({sum(len(f) for f in feats)} vs {sum(len(f) for f in full[1])} visual tokens)",
                         method, "full", ta, tb, target="<= 0.2",
                         floor_a_s=floor_s(llm_prefill_cost(vlm, len(ids)), hw),

@@ -154,11 +154,28 @@ def vision_only(name: str, args, quick: bool = False):
     return family, model
 
 
+def layer_inputs(family, model, prepared, layers: tuple) -> dict:
+    """The inputs of the tower layers `layers` (0-based) for `prepared`, captured in one encode."""
+    captured, tower_layers = {}, family.tower_layers(model)
+    hooks = [tower_layers[i].register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: captured.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True) for i in layers]
+    try:
+        with torch.inference_mode():
+            family.encode(model, prepared, with_stats=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
 @row('21', '22', title="each compress-once method's selection / the encode")
 def row_selection(b) -> list:
     """21-22: each compress-once method's selection (with the projection it needs) over the vision
     encode it follows, on CLIP-L/336 (LLaVA-1.5-7B: projector to 4096) and SigLIP-so400m (OneVision-0.5B,
-    a 384 px image: base + 1 tile). DivPrune and Pool project every unit (their rules work on P)."""
+    a 384 px image: base + 1 tile). DivPrune and Pool project every unit (their rules work on P). A method that
+    reads other layers' attention (HiPrune: its object and output layers) pays for those statistics here: they
+    are computed again from the layers' inputs (captured once, outside the clock) inside its selection's time."""
     args, clock = b.args, b.clock
     from ..methods import registry
     from ..methods.base import CropInput
@@ -172,14 +189,23 @@ def row_selection(b) -> list:
         offset = 1 if family.has_cls else 0
 
         def selection(method):
+            record = registry.get(method)
+            layers = tuple(record.attention_layers(family, {})) if record.attention_layers else ()
+            inputs = layer_inputs(family, model, prepared, layers)
+
             @torch.inference_mode()
             def run():
+                from ..families.llava_common import attention_statistics
+                received = {i: attention_statistics(family.tower_layers(model)[i], inputs[i], has_cls=False)[0]
+                            for i in layers}  # (what encode(received_at=layers) adds)
                 for i, crop in enumerate(prepared.crops):
                     d, c = family.budget(54, 10, out.units.shape[1] - offset)
-                    picked = registry.get(method).pick(CropInput(
+                    picked = record.pick(CropInput(
                         units=out.units[i], scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls,
                         grid=crop.grid, dominant=d, contextual=c, seed=i,
-                        project=lambda u: family.project(model, u[None])[0], project_parts=family.project_parts(model)))
+                        project=lambda u: family.project(model, u[None])[0], project_parts=family.project_parts(model),
+                        received={k: v[i] for k, v in received.items()}, attention_layers=layers,
+                        knobs={k.name: k.default for k in record.knobs}))
                     if not picked.projected:
                         family.project(model, picked.tokens[None])
             return run

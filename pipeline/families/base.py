@@ -45,6 +45,8 @@ class VisionOutput:
     units: torch.Tensor  # (crops, U, C) projector inputs of the selectable units (CLS first when has_cls)
     scores: torch.Tensor | None = None  # (crops, U) attention statistic per unit
     keys: torch.Tensor | None = None  # (crops, U, d) keys per unit, averaged over heads (not normalised)
+    received: dict = field(default_factory=dict)  # tower layer (0-based) -> (crops, U): the mean over heads and
+    # queries (CLS included) of the attention each unit receives there (`encode(received_at=...)`)
 
 
 class Family:
@@ -73,6 +75,8 @@ class Family:
         self.config = config
         self.image_processor = image_processor
         self.tokenizer = tokenizer
+        vc = config.vision_config
+        self.vision_depth = getattr(vc, "num_hidden_layers", None) or vc.depth  # the tower's layers (blocks)
 
     # ---- vision ------------------------------------------------------------------------------------
     @cached_property
@@ -135,9 +139,11 @@ class Family:
         """The vision tower's encoder layers (for tests and benchmarks that count what runs)."""
         raise NotImplementedError
 
-    def encode(self, model, prepared: Prepared, with_stats: bool) -> VisionOutput:
+    def encode(self, model, prepared: Prepared, with_stats: bool, received_at: tuple = ()) -> VisionOutput:
         """Run the tower to the feature layer (SDPA everywhere, nothing after it); with `with_stats`
-        also the unit scores and keys, computed from the captured input of the feature layer."""
+        also the unit scores and keys, computed from the captured input of the feature layer, and the global
+        attention each unit receives at the layers `received_at` (0-based, up to the feature layer), each
+        computed from that layer's captured input (no layer runs eager)."""
         raise NotImplementedError
 
     def project(self, model, units: torch.Tensor) -> torch.Tensor:

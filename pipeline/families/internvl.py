@@ -111,28 +111,32 @@ class InternVL(Family):
         shuffled = model.model.pixel_shuffle(index, scale_factor=self.config.downsample_ratio)  # (1, 16, 16, 4)
         return shuffled.reshape(-1, self.merge ** 2).long()
 
-    def encode(self, model, prepared, with_stats):
+    def encode(self, model, prepared, with_stats, received_at=()):
         tower = self.tower(model)
         pixels = prepared.pixel_values.to(tower.device, tower.dtype)
         layers = tower.encoder.layer
         captured = {}
-        hook = layers[self.num_layers_to_run - 1].register_forward_pre_hook(
-            lambda module, args: captured.__setitem__("x", args[0])) if with_stats else None
+        feature = self.num_layers_to_run - 1
+        wanted = {feature, *received_at} if with_stats else set()
+        hooks = [layers[i].register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
+                 for i in sorted(wanted)]
         try:
             h = tower.embeddings(pixels)  # (crops, 1 + 1024, C)
             for layer in layers[: self.num_layers_to_run]:
                 h = layer(h)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         if self.config.vision_feature_layer == -1:
             h = tower.layernorm(h)  # what transformers reads as last_hidden_state
         units = self.shuffle(model, h[:, 1:])  # (crops, 256, 4C)
         if not with_stats:
             return VisionOutput(units=units)
-        scores, keys = cls_attention(layers[self.num_layers_to_run - 1], captured["x"])  # (crops, 1 + 1024), ...
+        scores, keys = cls_attention(layers[feature], captured[feature])  # (crops, 1 + 1024), ...
         groups = self.unit_patches(model).to(scores.device)  # (256, 4)
-        return VisionOutput(units=units, scores=scores[:, 1:][:, groups].mean(-1), keys=keys[:, 1:][:, groups].mean(2))
+        received = {i: global_attention(layers[i], captured[i])[:, 1:][:, groups].mean(-1) for i in received_at}
+        return VisionOutput(units=units, scores=scores[:, 1:][:, groups].mean(-1), keys=keys[:, 1:][:, groups].mean(2),
+                            received=received)
 
     def shuffle(self, model, patches: torch.Tensor) -> torch.Tensor:
         """(crops, 1024, C) -> (crops, 256, 4C), as transformers' get_image_features does."""
@@ -169,6 +173,17 @@ class InternVL(Family):
     def processor():  # OpenGVLab/InternVL3-*-hf's preprocessor_config.json: tiling off here, on by InternVLProcessor
         return GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=False, min_patches=1,
                                         max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+def global_attention(layer, x: torch.Tensor) -> torch.Tensor:
+    """InternViT layer input x (B, T, C) -> (B, T): mean over heads and queries (CLS included) of
+    softmax(q_i . k_j * scale), the attention each token receives (HiPrune's statistic)."""
+    attn = layer.attention
+    B, T, _ = x.shape
+    x = layer.layernorm_before(x)
+    k = attn.k_norm(attn.k_proj(x)).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, d)
+    q = attn.q_norm(attn.q_proj(x)).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, d)
+    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=(1, 2))
 
 
 def cls_attention(layer, x: torch.Tensor):

@@ -27,16 +27,20 @@ def encoder_layers(vision_tower):
 
 
 def run_tower(vision_tower, pixel_values, num_layers: int, has_cls: bool, with_stats: bool,
-              crop_chunk: int = 4) -> VisionOutput:
-    """pixel_values (crops, 3, S, S) -> hidden_states[num_layers] and, optionally, scores/keys."""
+              crop_chunk: int = 4, received_at: tuple = ()) -> VisionOutput:
+    """pixel_values (crops, 3, S, S) -> hidden_states[num_layers] and, optionally, scores/keys and the global
+    attention received at the layers `received_at`."""
     body = tower_body(vision_tower)
     layers = encoder_layers(vision_tower)
     captured = {}
 
-    def capture_input(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
+    def capture(index):
+        def capture_input(module, args, kwargs):
+            captured[index] = args[0] if args else kwargs["hidden_states"]
+        return capture_input
 
-    hook = layers[num_layers - 1].register_forward_pre_hook(capture_input, with_kwargs=True) if with_stats else None
+    wanted = {num_layers - 1, *received_at} if with_stats else set()
+    hooks = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(wanted)]
     try:
         h = body.embeddings(pixel_values)  # (crops, T, C)
         if hasattr(body, "pre_layrnorm"):  # CLIP normalises the embeddings first
@@ -46,23 +50,26 @@ def run_tower(vision_tower, pixel_values, num_layers: int, has_cls: bool, with_s
             if isinstance(h, tuple):
                 h = h[0]
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     if not with_stats:
         return VisionOutput(units=h)
     scores, keys = [], []
-    for x in captured["x"].split(crop_chunk):  # bound the (H, T, T) attention memory for many crops
+    for x in captured[num_layers - 1].split(crop_chunk):  # bound the (H, T, T) attention memory for many crops
         s, k = attention_statistics(layers[num_layers - 1], x, has_cls)
         scores.append(s)
         keys.append(k)
-    return VisionOutput(units=h, scores=torch.cat(scores), keys=torch.cat(keys))
+    received = {i: torch.cat([attention_statistics(layers[i], x, has_cls=False)[0]
+                              for x in captured[i].split(crop_chunk)]) for i in received_at}
+    return VisionOutput(units=h, scores=torch.cat(scores), keys=torch.cat(keys), received=received)
 
 
 def attention_statistics(layer, x: torch.Tensor, has_cls: bool):
     """Layer input x (B, T, C) -> (scores (B, T), keys averaged over heads (B, T, d)).
 
     With CLS: score(j) = sum over heads of softmax(q_CLS . k_j / sqrt(d)).
-    Without:  score(j) = mean over heads and queries i of softmax(q_i . k_j / sqrt(d)).
+    Without:  score(j) = mean over heads and queries i of softmax(q_i . k_j / sqrt(d)) (also HiPrune's global
+    attention, CLS among the queries where the tower has it).
     """
     attn = layer.self_attn
     B, T, _ = x.shape
@@ -105,10 +112,10 @@ class LlavaStyle(Family):
     def tower_layers(self, model):
         return encoder_layers(self.tower(model))
 
-    def encode(self, model, prepared, with_stats):
+    def encode(self, model, prepared, with_stats, received_at=()):
         tower = self.tower(model)
         pixels = prepared.pixel_values.to(tower.device, tower.dtype)
-        return run_tower(tower, pixels, self.num_layers_to_run, self.has_cls, with_stats)
+        return run_tower(tower, pixels, self.num_layers_to_run, self.has_cls, with_stats, received_at=received_at)
 
     def project(self, model, units):
         return model.model.multi_modal_projector(units)

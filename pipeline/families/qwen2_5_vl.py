@@ -132,19 +132,23 @@ class Qwen25VL(Family):
         c = visual.config
         return get_vision_window_index(grid_thw, c.spatial_merge_size, c.window_size, c.patch_size)[0]
 
-    def encode(self, model, prepared, with_stats):
+    def encode(self, model, prepared, with_stats, received_at=()):
         visual = self.tower(model)
         grid_thw = prepared.extra["grid_thw"].to(visual.device)
         last = visual.blocks[-1]
         captured = {}
         hook = last.register_forward_hook(lambda m, args, out: captured.__setitem__("out", out))
+        others = {i: {} for i in received_at if i != len(visual.blocks) - 1} if with_stats else {}
         if with_stats:  # this instance's last attention computes the statistic with its output
             last.attn.forward = attention_with_statistics(last.attn, captured)
+            for i, into in others.items():  # (HiPrune's object layer: the same, within that block's windows)
+                visual.blocks[i].attn.forward = attention_with_statistics(visual.blocks[i].attn, into)
         try:
             visual(prepared.pixel_values.to(visual.device, visual.dtype), grid_thw=grid_thw)
         finally:
             hook.remove()
-            last.attn.__dict__.pop("forward", None)
+            for block in (last, *(visual.blocks[i] for i in others)):
+                block.attn.__dict__.pop("forward", None)
         unit = self.merge ** 2
         natural = torch.argsort(self.window_index(visual, grid_thw).to(visual.device))  # window order -> index order
         out = captured["out"]  # (patches, C) in window order, 4 consecutive patches per unit
@@ -154,7 +158,9 @@ class Qwen25VL(Family):
         scores, keys = captured["received"], captured["keys"]  # per patch, window order
         scores = scores.view(-1, unit).mean(1)[natural]
         keys = keys.view(-1, unit, keys.shape[-1]).mean(1)[natural]
-        return VisionOutput(units=units[None], scores=scores[None], keys=keys[None])
+        received = {i: (others[i]["received"].view(-1, unit).mean(1)[natural] if i in others else scores)[None]
+                    for i in received_at}
+        return VisionOutput(units=units[None], scores=scores[None], keys=keys[None], received=received)
 
     def project(self, model, units):
         """The merger: each patch of a unit normalised, then the MLP on the concatenation."""

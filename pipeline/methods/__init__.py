@@ -3,7 +3,7 @@
 - full: every visual token;
 - compress-once (`pick`: one crop's vision output -> what the LLM receives; methods/base.py),
   text-agnostic, so each image is compressed once and the KV cache is reused across turns: visionzip,
-  divprune, vispruner, random, pool;
+  divprune, vispruner, random, pool, hiprune;
 - in-LLM (`answer`: a turn of their own, on zipchat's decoder), pruning inside the language model per
   question: fastv (the large model's own attention) and sgl (a small model's attention);
 - manual: the units picked by hand on the map.
@@ -12,5 +12,5 @@ A new method is one file that calls `register(Method(...))`, and its import line
 the methods in this order).
 """
 
-from . import full, visionzip, divprune, vispruner, random, pool, fastv, sgl, manual  # noqa: F401 (they register)
+from . import full, visionzip, divprune, vispruner, random, pool, hiprune, fastv, sgl, manual  # noqa: F401 (they register)
 from .registry import COMPRESS_ONCE, FULL, IN_LLM, MANUAL, Method, get, label, names, of_kind  # noqa: F401

@@ -11,7 +11,7 @@ sent by them), selection arithmetic is float32, ties go to the lowest unit index
 are sent in index order.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -31,6 +31,10 @@ class CropInput:
     seed: int  # the image's content digest (first 15 hex digits) as an integer, plus the crop index
     project: Callable  # (k, C) -> (k, D): the family's projector on units of this crop
     project_parts: tuple | None = None  # (inner, last): project == last(inner(.)), `last` affine (Family)
+    received: dict = field(default_factory=dict)  # tower layer (0-based) -> (U,) its global attention per unit:
+    # mean over heads and queries (CLS included) of the attention each unit receives (Method.attention_layers)
+    attention_layers: tuple = ()  # the layers in `received`, in the order the method asked for them
+    knobs: dict = field(default_factory=dict)  # the method's own settings (Method.knobs), defaults filled in
 
     @property
     def budget(self) -> int:
@@ -62,6 +66,7 @@ class Pick:
     groups: torch.Tensor  # (rows*cols,) per patch: -1 sent as itself, g merged into token g, -2 not sent
     targets: torch.Tensor  # (c,) VisionZip: the target patch of each contextual token (ringed on the map)
     scores: torch.Tensor | None  # (rows*cols,) what the score map shows, None where the method has no score
+    kinds: torch.Tensor | None = None  # (rows*cols,) what each kept patch is (Method.kinds), 0 not kept; None: one kind
 
 
 FULL_MATRIX = 8192  # up to this many units, similarity matrices are computed whole, in one product

@@ -73,6 +73,10 @@ class Method:
     words: MapWords = field(default_factory=MapWords)
     caption: Callable | None = None  # (Compression) -> the map's caption; None: "Label: n <tokens> = n of N"
     stats_rows: Callable | None = None  # (TurnStats) -> [(name, value)] of its own, shown after the model's row
+    attention_layers: Callable | None = None  # COMPRESS_ONCE: (family, knobs) -> tower layers (0-based) whose
+    # global attention per unit its `pick` reads (CropInput.received); None: VisionZip's statistic alone
+    kinds: dict | None = None  # what its kept patches are, {Pick.kinds value: name} (HiPrune's three): the map
+    # colours each
     doc: str = ""  # one line: what it does
 
     def encodes(self, settings) -> str:
