@@ -106,8 +106,9 @@ def forward_layers(vlm, embeds: torch.Tensor, positions: torch.Tensor, cache: Dy
     """The decoder written out layer by layer, so that tokens can be dropped part-way (SGL).
 
     embeds (1, n, D) at `positions` (P, n) (the family's position ids) are run on top of `cache`. At
-    layer `prune_at` only the tokens where `keep` (n,) is True go on (`keep` may be a function giving
-    that mask, called once the layers below ran: FastV reads layer K - 1), with their original positions
+    layer `prune_at` only the tokens where `keep` (n,) is True go on (`keep` may be a function of the hidden
+    states entering layer K and the cache giving that mask, called once the layers below ran: FastV reads
+    layer K - 1's attention, DART its keys and those hidden states), with their original positions
     (for the rotary embedding); layers from there on cache only those tokens. Each layer's cache may
     therefore have its own length; a token attends to every earlier token in its layer's cache.
     Returns the logits (last, V) of the final `last` surviving positions."""
@@ -116,7 +117,7 @@ def forward_layers(vlm, embeds: torch.Tensor, positions: torch.Tensor, cache: Dy
     rope = lm.rotary_emb(h, vlm.family.position_ids(pos))
     for i, layer in enumerate(lm.layers):
         if i == prune_at and keep is not None:
-            mask = keep() if callable(keep) else keep
+            mask = keep(h, cache) if callable(keep) else keep
             h, pos = h[:, mask], pos[:, mask]
             rope = lm.rotary_emb(h, vlm.family.position_ids(pos))
         n_past = cache.layers[i].get_seq_length() if i < len(cache.layers) else 0

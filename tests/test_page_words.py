@@ -14,11 +14,11 @@ def texts_of(demo) -> dict:
 def test_the_engine_note_names_only_the_methods_offered(tiny_llava, tiny_ov_large, tiny_ov):
     alone = app.build_demo(tiny_llava, session_options={"engine": ReplayEngine([])})
     note = texts_of(alone)["engine-note"].value
-    assert "FastV prunes inside the language model" in note and "SGL" not in note and "Manual answer" in note
+    assert "FastV and DART prune inside the language model" in note and "SGL" not in note and "Manual answer" in note
     accordions = [b.label for b in alone.blocks.values() if isinstance(b, gr.Accordion)]
     assert "SGL: a small model guides the large one (unavailable: no small model)" in accordions
     paired = app.build_demo(tiny_ov_large, small=tiny_ov, session_options={"engine": ReplayEngine([])})
-    assert "FastV and SGL prune inside the language model" in texts_of(paired)["engine-note"].value
+    assert "FastV, DART and SGL prune inside the language model" in texts_of(paired)["engine-note"].value
     accordions = [b.label for b in paired.blocks.values() if isinstance(b, gr.Accordion)]
     assert "SGL: a small model guides the large one" in accordions
 

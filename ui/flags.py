@@ -55,7 +55,7 @@ def arguments() -> argparse.ArgumentParser:
         help="'auto': let accelerate place a model too large for one GPU across the GPUs (and CPU)")
     add("--engine", default=env("ZIPCHAT_ENGINE", "transformers"),
         help=f"what runs the language model for Full and the compress-once methods: {' or '.join(engines.NAMES)} "
-             "(vLLM from zipchat's compressed embeddings; needs requirements-vllm.txt; FastV and SGL stay on "
+             "(vLLM from zipchat's compressed embeddings; needs requirements-vllm.txt; FastV, DART and SGL stay on "
              "transformers). Default: $ZIPCHAT_ENGINE, else transformers")
     add("--vllm-url", default=env("ZIPCHAT_VLLM_URL"),
         help="a running vLLM server for --engine vllm (see docs/serving.md); default: $ZIPCHAT_VLLM_URL, else "

@@ -103,7 +103,7 @@ def settings_panel(p, h: Handlers, offered: list):
         p.contextual = Slider(0, 100, value=10, step=1, label="contextual", elem_id="contextual")
         p.tiles = Slider(0, 36, value=h.max_tiles, step=1, elem_id="max_tiles", visible=vlm.family.tiles,
                          label=f"{vlm.family.tile_cap_label} (0: all the checkpoint uses; fewer is faster on a "
-                               "CPU; Full, FastV and SGL always use all)")
+                               "CPU; Full, FastV, DART and SGL always use all)")
         gr.Markdown(IN_LLM_NOTE, elem_classes=["note"])
         if h.options.get("engine") is not None:  # --engine vllm
             gr.Markdown(vllm_note([m.label for m in offered if m.engines is None],

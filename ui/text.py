@@ -32,14 +32,15 @@ ABOUT = ("**How it works.** **VisionZip** keeps the few visual tokens that matte
          "rest merged into contextual tokens, once per image. DivPrune, VisPruner, FastV, Random and Pool are there to "
          "compare (the Compare tab); Manual sends the patches you pick on the map. Settings apply from the next "
          "question.")
-IN_LLM_NOTE = ("FastV and SGL prune inside the language model, per question: they do not compress the image once, "
+IN_LLM_NOTE = ("FastV, DART and SGL prune inside the language model, per question: they do not compress the image once, "
                "and the large model's KV cache is rebuilt every turn.")
 def vllm_note(on_vllm: list, own_engine: list) -> str:
     """The settings panel's line on the vLLM engine: which of the offered methods answer where (labels)."""
     note = (f"**Engine: vLLM.** {', '.join(on_vllm[:-1])} and {on_vllm[-1]} answer through vLLM from zipchat's "
             "compressed embeddings (batched with everyone's questions, prefix-cached).")
     if own_engine:
-        note += (f" {' and '.join(own_engine)} prune{'s' * (len(own_engine) == 1)} inside the language model, so "
+        named = own_engine[0] if len(own_engine) == 1 else f"{', '.join(own_engine[:-1])} and {own_engine[-1]}"
+        note += (f" {named} prune{'s' * (len(own_engine) == 1)} inside the language model, so "
                  f"{'they answer' if len(own_engine) > 1 else 'it answers'} on zipchat's own (transformers) engine, "
                  "one at a time.")
     return note

@@ -37,7 +37,7 @@ def row_sgl(b) -> list:
     return rows
 
 
-@row('24', title='FastV and SGL first turn')
+@row('24', title='FastV, SGL and DART first turn')
 def row_in_llm_first_turn(b) -> list:
     """24: FastV (K = 2, keep 50%) and SGL (small ranks, large keeps 35% from 0.4 depth, no early exit)
     first turn vs Full on the OneVision pair: a new image and question, 32 new tokens (stop tokens
@@ -65,4 +65,9 @@ def row_in_llm_first_turn(b) -> list:
     ta, tb = side_by_side(clock, first_turn(large, method="sgl", small=small, early_exit=None), full, args.repeats)
     rows.append(Row("24b", "first turn, the same: SGL (0.5b ranks, large keeps 35% from 0.4 depth) vs full",
                     "SGL, no early exit", "full", ta, tb, target="<= 0.9"))
+    ta, tb = side_by_side(clock, first_turn(large, method="dart"), full, args.repeats)
+    t = first_turn(large, method="dart")()
+    rows.append(Row("24c", "first turn, the same: DART (K=2, 4+4 pivots, keep 22.2%) vs full", "DART", "full", ta, tb,
+                    target="<= 0.9", notes=f"DART keeps {len(t.guidance.kept)} of {t.visual_tokens} visual tokens "
+                                           "from layer 2"))
     return rows

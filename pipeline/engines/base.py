@@ -31,7 +31,8 @@ class Request:
     ignore_stops: bool = False  # always max_tokens (benchmarks on random weights)
     # zipchat's decoder only (the in-LLM methods; vLLM refuses them):
     prune: tuple | None = None  # (layer K, keep): from layer K on only the tokens where keep (len(ids),) is True
-    # (or keep() -> that mask, called once the layers below ran); the cache is rebuilt for it
+    # (or keep(hidden states entering layer K, cache) -> that mask, called once the layers below ran); the cache
+    # is rebuilt for it
     watch: object = None  # (KV cache) -> a context manager around the prefill and decode (attention capture)
     max_probs: list | None = None  # filled with the largest probability at each picked token (SGL's confidence)
 

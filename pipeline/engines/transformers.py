@@ -70,8 +70,8 @@ class TransformersEngine:
         vlm, (k_layer, keep) = self.vlm, request.prune
         positions = vlm.family.positions(request.ids, request.slots)  # (P, L): the kept tokens keep theirs
 
-        def mask():
-            return (keep() if callable(keep) else keep).to(vlm.device)
+        def mask(h, cache):
+            return (keep(h, cache) if callable(keep) else keep).to(vlm.device)
         embeds = embed(vlm, request.ids, request.features)
         logits = forward_layers(vlm, embeds, positions, lane.cache, prune_at=k_layer, keep=mask)[-1]
         first, fed = int(positions.max()) + 1, [0]

@@ -5,12 +5,13 @@
   text-agnostic, so each image is compressed once and the KV cache is reused across turns: visionzip,
   divprune, vispruner, random, pool, hiprune;
 - in-LLM (`answer`: a turn of their own, on zipchat's decoder), pruning inside the language model per
-  question: fastv (the large model's own attention) and sgl (a small model's attention);
+  question: fastv (the large model's own attention), dart (duplicates of a few pivots dropped) and sgl (a
+  small model's attention);
 - manual: the units picked by hand on the map.
 
 A new method is one file that calls `register(Method(...))`, and its import line here (the app lists
 the methods in this order).
 """
 
-from . import full, visionzip, divprune, vispruner, random, pool, hiprune, fastv, sgl, manual  # noqa: F401 (they register)
+from . import full, visionzip, divprune, vispruner, random, pool, hiprune, fastv, dart, sgl, manual  # noqa: F401 (they register)
 from .registry import COMPRESS_ONCE, FULL, IN_LLM, MANUAL, Method, get, label, names, of_kind  # noqa: F401

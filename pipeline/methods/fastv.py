@@ -43,7 +43,7 @@ def fastv_answer(ctx):
                                          layers=[k_layer - 1]))
         return capture[0]
 
-    def keep():
+    def keep(h=None, cache=None):
         """After layer K - 1: the last prompt token's attention decides; the hooks come off."""
         capture[0].__exit__(None, None, None)
         attention = capture[0].importance.float().cpu() / heads  # (V,) heads averaged
