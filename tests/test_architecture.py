@@ -140,6 +140,12 @@ def test_an_in_llm_method_with_a_knob_answers_as_fastv_at_that_layer(deep_fastv,
     assert s.settings.knobs["deep_layer"] == 1  # nothing changed on a bad value
 
 
+def knob_values(**chosen) -> list:
+    """The page's knob sliders' values, in their API order: each knob's default, or the value chosen."""
+    from ui.text import drawn_knobs
+    return [chosen.get(k.name, k.default) for k in drawn_knobs()]
+
+
 def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny_llava):
     import app
     from ui.handlers import Handlers
@@ -150,7 +156,7 @@ def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny
     assert (slider.minimum, slider.maximum, slider.value, slider.step) == (1, 8, 3, 1)
     h = Handlers(tiny_llava, max_new_tokens=3)
     history, _, state, _ = h.add_message([], {"text": "What is it?", "files": [CAT]}, None,
-                                         "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, 0.1, 0, 2)
+                                         "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, *knob_values(deep_layer=2))
     *_, last = h.respond(history, state, "kept")
     history, state, stats, *_ = last
     assert state.chat.settings.knobs["deep_layer"] == 2 and stat(stats, "Deep: pruned at") == "2"
@@ -159,7 +165,7 @@ def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny
     assert compare_rows(table)["Deep FastV"][0] == "288 from layer 1 (576 below)"  # tiny-llava: K clamped to 1
     assert maps[0][1] == "Deep FastV: 288 of 576 tokens" and "| Deep FastV |" in overlap_table
     history, *_ = h.add_message(history, {"text": "Again?", "files": []}, state,
-                                "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, 0.1, 0, 99)
+                                "Deep FastV", *VISIONZIP[1:], 0, 3, 0.0, 0.9, 2, 0.5, *knob_values(deep_layer=99))
     assert "between 1 and 8" in history[-1]["content"]  # refused with a message; the session goes on
 
 
