@@ -8,6 +8,11 @@ compared turn (a merged token counts as its target unit). A method whose record 
 keeps no unit as itself, Full keeps all) is left out of the overlap. Overlap = Jaccard |A & B| / |A | B| over (crop, unit) of the latest image, between methods
 that cut it into the same crops (a tile cap makes the compress-once methods' crops differ from Full's
 and FastV's).
+
+"Ask again as turn 2": each method then answers a second question in its own conversation, on the same image:
+a compress-once method reuses its kept set and its KV cache, a question-conditioned one (FastV, DART, SGL)
+selects again and rebuilds the cache. Per method: the Jaccard overlap of what it kept in the two turns, turn 2's
+time to first token, how much of its prompt came from the cache (`SecondTurn`, on the first turn's stats).
 """
 
 import copy
@@ -49,6 +54,15 @@ def checked_methods(session, methods) -> list:
 
 
 @dataclass
+class SecondTurn:
+    """A method's second turn on the same image (Compare's "ask again as turn 2")."""
+    question: str
+    answer: str
+    stats: object  # its TurnStats
+    overlap: float | None  # Jaccard of the units kept in turn 1 and turn 2 (None: the method keeps no unit set)
+
+
+@dataclass
 class Progress:
     """Where a running Compare is: method `index` (0-based) of `total`, its answer so far."""
     method: str
@@ -59,12 +73,14 @@ class Progress:
 
 
 def compare_stream(session, methods: list | None = None, max_new_tokens: int | None = None,
-                   accepted: bool = False):
+                   accepted: bool = False, second: str | None = None):
     """`compare`, one method after another: yields a Progress at each method's start and with each piece of
     its answer; returns the results. The session's Stop (`session.stop()`, from any thread or process)
     ends it: inside a method's decode (that method's partial answer is its result, marked stopped) or
     between methods (the rest do not run). The session counts as answering while it runs (memory.py).
-    `accepted`: the app accepted it earlier (ChatSession.accept), and a Stop since then cancels it."""
+    `accepted`: the app accepted it earlier (ChatSession.accept), and a Stop since then cancels it.
+    `second`: a second question each method then answers in its own conversation (its `SecondTurn` lands on the
+    first turn's stats, `followup`)."""
     from .session import ChatSession
     st = session.state
     if not st.turns:
@@ -99,6 +115,19 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
             results.append((method, progress.answer, other.last_turn))
             if other.last_turn.stopped:
                 break
+            if second:
+                first = other.last_turn
+                progress.answer += "\n\n(turn 2) "
+                yield progress
+                for delta in other.ask_stream(second, accepted=True):
+                    progress.answer += delta
+                    yield progress
+                if other.last_turn is first:  # stopped before turn 2 began
+                    break
+                first.followup = SecondTurn(second, progress.answer.split("\n\n(turn 2) ", 1)[1], other.last_turn,
+                                            turn_overlap(other, method, first, other.last_turn))
+                if other.last_turn.stopped:
+                    break
     finally:
         while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
             st.compressions.popitem(last=False)
@@ -107,12 +136,14 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
     return results
 
 
-def compare(session, methods: list | None = None, max_new_tokens: int | None = None) -> list:
+def compare(session, methods: list | None = None, max_new_tokens: int | None = None, second: str | None = None
+            ) -> list:
     """Re-answer the last question once per method from the same history (no KV cache; the session's
     conversation and settings unchanged; the images compressed for a method join its compression
     cache). Default: the session's method, VisionZip and Full. -> [(method, answer, TurnStats)]; fewer
-    when a Stop ended it (the last one then says `stopped`)."""
-    stream = compare_stream(session, methods, max_new_tokens)
+    when a Stop ended it (the last one then says `stopped`). `second`: each method then answers it as turn 2
+    (`stats.followup`: a SecondTurn)."""
+    stream = compare_stream(session, methods, max_new_tokens, second=second)
     while True:
         try:
             next(stream)
@@ -172,6 +203,32 @@ def kept_units(session, method: str, stats=None) -> set | None:
     comp = kept_view(session, method, stats)[1]
     units = {(i, int(u)) for i, c in enumerate(comp.crops) for u in c.kept}
     return units | {(i, int(t)) for i, c in enumerate(comp.crops) for t in c.targets if t >= 0}
+
+
+def turn_overlap(session, method: str, first, second) -> float | None:
+    """Jaccard of the units `method` kept of the latest image in two turns of `session` (None: no kept set)."""
+    a, b = kept_units(session, method, first), kept_units(session, method, second)
+    if a is None or b is None:
+        return None
+    return len(a & b) / max(1, len(a | b))
+
+
+def second_turn_markdown(results: list) -> str:
+    """The table of Compare's second turn: per method, what it kept again and what turn 2 cost."""
+    rows = [(m, t.followup) for m, _, t in results if t.followup is not None]
+    if not rows:
+        return ""
+    out = [f"**Ask again as turn 2:** {rows[0][1].question}", "",
+           "| method | kept in both turns (Jaccard) | turn 2: first token | prompt tokens from the cache | selection |",
+           "|---|---|---|---|---|"]
+    for method, f in rows:
+        t = f.stats
+        kind = registry.get(method).kind
+        selection = "again, for the new question" if kind == registry.IN_LLM else "reused (compressed once)"
+        overlap_cell = "—" if f.overlap is None else f"{f.overlap:.2f}"
+        out.append(f"| {registry.label(method)} | {overlap_cell} | {t.ttft_s * 1000:.0f} ms | "
+                   f"{t.prompt_tokens - t.prefill_tokens} of {t.prompt_tokens} | {selection} |")
+    return "\n".join(out)
 
 
 def overlap(session, results: list) -> tuple:

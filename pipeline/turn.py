@@ -36,6 +36,7 @@ class TurnStats:
     engine_cached_tokens: int = 0  # prompt tokens the engine's cache held (zipchat's KV store, vLLM's prefix cache)
     dtype: str = ""
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
+    followup: object = None  # Compare's "ask again as turn 2": the second turn on the same image (SecondTurn)
 
 
 def text_delta(tokenizer, generated: list, text_so_far: str, final: bool = False) -> tuple:

@@ -6,7 +6,7 @@ import logging
 import gradio as gr
 
 from pipeline import InputError
-from pipeline.compare import compare_stream, kept_view, overlap, overlap_markdown
+from pipeline.compare import compare_stream, kept_view, overlap, overlap_markdown, second_turn_markdown
 from pipeline.heatmap import Display, render_map
 from pipeline.methods import registry
 from pipeline.stopflag import AnsweringFlag, ClearedFlag
@@ -46,21 +46,27 @@ class CompareEvents:
         self.memory.touch(state.chat)
         return state, gr.update(interactive=False), gr.update(visible=True)
 
-    def compare_answers(self, state, methods=None):
+    def compare_answers(self, state, methods=None, second=None):
         """The last question again with each chosen method (default: the session's, VisionZip and Full),
         streamed: the progress while it runs, then -> (table, answers, [(kept-view map, caption)], overlap
-        table). Stop ends it (the finished methods stay, the stopped one keeps its partial answer); after
-        Clear nothing of it appears. Nothing of the conversation changes."""
+        table). `second` (optional): each method then answers it as turn 2 on the same image, and the overlap
+        output adds what each kept again and what turn 2 cost. Stop ends it (the finished methods stay, the
+        stopped one keeps its partial answer); after Clear nothing of it appears. Nothing of the conversation
+        changes."""
         if state is None or not state.chat.turns:
             yield "_Ask a question first, then compare methods._", "", None, ""
             return
+        if second is not None and not isinstance(second, str):
+            yield f"⚠️ The turn-2 question must be text (got {type(second).__name__}).", "", None, ""
+            return
+        second = (second or "").strip() or None
         sid = state.chat.session_id
         cleared = ClearedFlag(sid)
         try:
             session = self.session_for(state)
             chosen = compare_choices(methods) or None
             # accepted by start_compare (the page), or not yet (an API call): then it accepts itself
-            stream = compare_stream(session, chosen, accepted=AnsweringFlag(sid).is_set())
+            stream = compare_stream(session, chosen, accepted=AnsweringFlag(sid).is_set(), second=second)
             progress = None
             while True:
                 try:
@@ -90,4 +96,6 @@ class CompareEvents:
         table = format_compare(results)
         if results[-1][2].stopped or len(results) < progress.total:
             table = f"⏹ Stopped: {len(results)} of {progress.total} methods answered (the last one in part).\n\n" + table
-        yield table, answers, maps or None, overlap_markdown(names, matrix, [m for m, _, _ in results])
+        follow = second_turn_markdown(results)
+        yield table, answers, maps or None, overlap_markdown(names, matrix, [m for m, _, _ in results]) + \
+            (f"\n\n{follow}" if follow else "")

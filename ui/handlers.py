@@ -88,8 +88,9 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
         # the handlers that run a model, as ZeroGPU calls (per instance: nothing global is wrapped)
         self.respond = gpu(duration=lambda history, state, view: gpu_seconds(state, self.big))(self.respond)
         self.compress_latest = gpu(duration=lambda state: 30 if self.big else 15)(self.compress_latest)
-        self.compare_answers = gpu(duration=lambda state, methods=None: gpu_seconds(
-            state, self.big, answers=len(methods) if isinstance(methods, (list, tuple)) and methods else 3)
+        self.compare_answers = gpu(duration=lambda state, methods=None, second=None: gpu_seconds(
+            state, self.big, answers=(len(methods) if isinstance(methods, (list, tuple)) and methods else 3)
+            * (2 if isinstance(second, str) and second.strip() else 1))
         )(self.compare_answers)
 
     # ---- helpers -------------------------------------------------------------------------------

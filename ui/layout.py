@@ -211,6 +211,9 @@ def compare_tab(p, offered: list):
         p.compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
             [(m.label, m.name) for m in offered], value=[], elem_id="compare-methods",
             label="Answer the last question again with (none checked: this chat's method, VisionZip and Full)")
+        p.compare_second = gr.Textbox("", label="Then ask again as turn 2 (optional): each method answers this on "
+                                      "the same image; compress-once methods reuse what they kept, FastV, DART and "
+                                      "SGL select again", elem_id="compare-second", max_lines=2)
         p.compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
         p.compare_table = gr.Markdown(elem_id="compare-table")
         p.compare_answers = gr.Markdown(elem_id="compare-answers")
@@ -272,7 +275,7 @@ def wire_map(p, h: Handlers):
 def wire_compare(p, h: Handlers, answers: dict):
     started = p.compare_btn.click(h.start_compare, p.state, [p.state, p.textbox, p.stop_btn], queue=False,
                                   api_name=False)  # (gr.Error while answering: nothing more runs)
-    comparing = started.success(h.compare_answers, [p.state, p.compare_methods],
+    comparing = started.success(h.compare_answers, [p.state, p.compare_methods, p.compare_second],
                                 [p.compare_table, p.compare_answers, p.compare_maps, p.compare_overlap],
                                 api_name="compare", **answers)
     comparing.then(h.finish_compare, p.state, [p.textbox, p.stop_btn], api_name=False)

@@ -183,3 +183,32 @@ def row_equal_budget_prefill(b) -> list:
                         floor_a_s=floor_s(llm_prefill_cost(vlm, len(ids)), hw),
                         floor_b_s=floor_s(llm_prefill_cost(vlm, len(full[0])), hw)))
     return rows
+
+
+@row('28', title="turn 2's time to first token: a kept set reused vs selected again")
+def row_turn2_reuse_vs_reselect(b) -> list:
+    """28: a second question on the same image (the first answered, 1 new token each), turn 2's time to first
+    token as the turn reports it: VisionZip and HiPrune reuse their compressed image and KV cache; DART (in the
+    LLM, at about the same number of visual tokens: keep 128 of 1,485) selects again for the new question and
+    rebuilds the cache. (CDPruner, question-conditioned before the LLM, is not built yet.)"""
+    args = b.args
+    vlm = b.model("llava-ov-0.5b-arch")
+    image = ov_image(1)
+
+    def ttfts(method, **knobs) -> list:
+        out = []
+        for _ in range(args.repeats + 1):  # (the first is a warm-up)
+            s = ChatSession(vlm, max_new_tokens=1)
+            s.set_method(method, **knobs)
+            s.add_image(image)
+            s.ask(QUESTION)
+            s.ask("And what colours dominate?")
+            out.append(s.last_turn.ttft_s)
+        return out[1:]
+    dart = ttfts("dart", dart_keep_ratio=128 / 1485)
+    rows = []
+    for k, method in enumerate(("visionzip", "hiprune")):
+        rows.append(Row(f"28{'ab'[k]}", f"turn-2 time to first token, {vlm.name}, {image.width}px image, {method} "
+                        "(kept set and KV reused) vs DART (selects again, cache rebuilt)", method, "dart",
+                        ttfts(method), dart, target="<= 0.5"))
+    return rows
