@@ -44,7 +44,7 @@ def conversation(vlm, engine, method="visionzip", tokens=16):
     return answers, stats
 
 
-@pytest.mark.parametrize("method", ["visionzip", "full", "divprune"])
+@pytest.mark.parametrize("method", ["visionzip", "full", "divprune", "hiprune"])
 def test_greedy_answers_equal_the_transformers_engine(served, method):
     vlm, engine = served
     expected, _ = conversation(vlm, None, method)
@@ -144,9 +144,10 @@ def test_bad_embeddings_never_reach_the_engine(served):
     assert len(session.state.turns) == 1
 
 
-def test_fastv_stays_on_transformers(served):
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_in_llm_methods_stay_on_transformers(served, method):
     vlm, engine = served
-    session = ChatSession(vlm, method="fastv", max_new_tokens=8, engine=engine)
+    session = ChatSession(vlm, method=method, max_new_tokens=8, engine=engine)
     session.add_image(images()[0])
     session.ask("Hi")
     assert session.last_turn.engine == "transformers"
