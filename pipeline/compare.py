@@ -81,7 +81,6 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
     `accepted`: the app accepted it earlier (ChatSession.accept), and a Stop since then cancels it.
     `second`: a second question each method then answers in its own conversation (its `SecondTurn` lands on the
     first turn's stats, `followup`)."""
-    from .session import ChatSession
     st = session.state
     if not st.turns:
         raise InputError("Ask a question first; then it can be compared across methods.")
@@ -93,47 +92,60 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
         for index, method in enumerate(methods):
             if session.stop_flag.is_set():
                 break
-            other_state = copy.copy(st)
-            other_state.session_id = uuid.uuid4().hex  # a private KV store entry; Stop is the session's own
-            other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
-            other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
-            other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
-            other_state.last_turn = None
-            other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
-                                context_window=session.context_window, examples=session.examples,
-                                stop_flag=session.stop_flag, engine=session.engine)
-            other.set_method(method)
+            other = private_session(session, method, max_new_tokens)
             progress = Progress(method, index, len(methods), done=list(results))
             yield progress
             for delta in other.ask_stream(st.turns[-1].question, accepted=True):
                 progress.answer += delta
                 yield progress
-            for key, comp in other_state.compressions.items():  # what it compressed is kept for the maps
+            for key, comp in other.state.compressions.items():  # what it compressed is kept for the maps
                 st.compressions.setdefault(key, comp)
             if other.last_turn is None:  # stopped before it began
                 break
             results.append((method, progress.answer, other.last_turn))
-            if other.last_turn.stopped:
+            if other.last_turn.stopped or (second and not (yield from second_turn(other, method, second, progress))):
                 break
-            if second:
-                first = other.last_turn
-                progress.answer += "\n\n(turn 2) "
-                yield progress
-                for delta in other.ask_stream(second, accepted=True):
-                    progress.answer += delta
-                    yield progress
-                if other.last_turn is first:  # stopped before turn 2 began
-                    break
-                first.followup = SecondTurn(second, progress.answer.split("\n\n(turn 2) ", 1)[1], other.last_turn,
-                                            turn_overlap(other, method, first, other.last_turn))
-                if other.last_turn.stopped:
-                    break
     finally:
         while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
             st.compressions.popitem(last=False)
         session.stop_flag.clear()  # a Stop that came as it ended does not reach the next question
         session.answering.clear()
     return results
+
+
+def private_session(session, method: str, max_new_tokens: int | None):
+    """A session on a copy of `session`'s conversation before its last turn (that turn's images pending), with
+    `method`: its own KV store entry, the same Stop, the compressions shared."""
+    from .session import ChatSession
+    st = session.state
+    other_state = copy.copy(st)
+    other_state.session_id = uuid.uuid4().hex  # a private KV store entry; Stop is the session's own
+    other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
+    other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
+    other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
+    other_state.last_turn = None
+    other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
+                        context_window=session.context_window, examples=session.examples,
+                        stop_flag=session.stop_flag, engine=session.engine)
+    other.set_method(method)
+    return other
+
+
+def second_turn(other, method: str, question: str, progress):
+    """`other` answers `question` as its next turn, streamed into `progress` after a "(turn 2)" mark; its
+    SecondTurn lands on the first turn's stats. -> whether it finished (not stopped)."""
+    first = other.last_turn
+    mark = "\n\n(turn 2) "
+    progress.answer += mark
+    yield progress
+    for delta in other.ask_stream(question, accepted=True):
+        progress.answer += delta
+        yield progress
+    if other.last_turn is first:  # stopped before turn 2 began
+        return False
+    first.followup = SecondTurn(question, progress.answer.split(mark, 1)[1], other.last_turn,
+                                turn_overlap(other, method, first, other.last_turn))
+    return not other.last_turn.stopped
 
 
 def compare(session, methods: list | None = None, max_new_tokens: int | None = None, second: str | None = None

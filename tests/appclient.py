@@ -18,6 +18,13 @@ CAT = str(ROOT / "assets" / "chelsea.png")
 VISIONZIP = ("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False)  # method, dominant, contextual, SGL knobs
 
 
+def knob_defaults() -> list:
+    """The methods' own knob sliders' defaults, in their API order: what a raw HTTP call (which must send
+    every input) appends after the generation settings."""
+    from ui.text import drawn_knobs
+    return [k.default for k in drawn_knobs()]
+
+
 def resend(history):
     """The client hands back file parts as local paths; sending them again needs handle_file."""
     for message in history:

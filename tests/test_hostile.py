@@ -292,11 +292,13 @@ def test_hostile_event_then_a_normal_follow_up(case, url):
 
 
 def test_nan_through_the_raw_api(url):
+    from tests.appclient import knob_defaults
+    knobs = "".join(f", {json.dumps(v)}" for v in knob_defaults())  # (raw HTTP: every input)
     data = post(url, "add_message", '{"data": [[], {"text": "hi", "files": []}, "VisionZip", NaN, 10, 0.35, 0.4, '
-                                    'true, 0.8, false, 0, 16, 0.0, 0.9, 2, 0.5]}')
+                                    'true, 0.8, false, 0, 16, 0.0, 0.9, 2, 0.5' + knobs + ']}')
     assert "dominant tokens must be a finite number" in data[0][-1]["content"][0]["text"]
     data = post(url, "settings_dominant", '{"data": ["kept", "VisionZip", 54, NaN, 0.35, 0.4, true, 0.8, false, 0, 16, 0.0, '
-                                          '0.9, 2, 0.5]}')
+                                          '0.9, 2, 0.5' + knobs + ']}')
     assert data  # no state yet: nothing to change, and no crash
 
 
@@ -304,7 +306,8 @@ def test_a_lone_surrogate_through_the_http_queue_leaves_the_session_working(url)
     """JSON can carry half a surrogate pair, which no UTF-8 encoder can write back: refused before any state
     changes, and the conversation is not left 'still answering'."""
     from gradio_client import Client
-    settings = GOOD + [0, 16, 0.0, 0.9, 2, 0.5]
+    from tests.appclient import knob_defaults
+    settings = GOOD + [0, 16, 0.0, 0.9, 2, 0.5, *knob_defaults()]
     data = post(url, "add_message", json.dumps({"data": [[], {"text": "why \ud800?", "files": []}, *settings]}))
     assert "not valid text" in data[0][-1]["content"][0]["text"]
     # the same surrogate in an earlier message of the history is repaired, not sent back (a 500 otherwise)

@@ -56,7 +56,8 @@ def test_a_restart_that_lost_the_images_says_so(temp_dir, tmp_path):
                 part["file"] = {"path": gone, "meta": {"_type": "gradio.FileData"}}
     server = AppProcess("--model", "tiny-llava", "--max-new-tokens", "4", env=temp_dir)
     try:
-        settings = ["VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False, 0, 4, 0.0, 0.9, 2, 0.5]
+        from tests.appclient import knob_defaults
+        settings = ["VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False, 0, 4, 0.0, 0.9, 2, 0.5, *knob_defaults()]
         message = {"text": "And its colour?", "files": []}  # (raw HTTP: the client would try to upload the path)
         after = post(server.url, "add_message", json.dumps({"data": [history, message, *settings]}))[0]
         notice = texts(after)[-1]
