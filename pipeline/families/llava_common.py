@@ -54,18 +54,23 @@ def run_tower(vision_tower, pixel_values, num_layers: int, has_cls: bool, with_s
             hook.remove()
     if not with_stats:
         return VisionOutput(units=h)
-    scores, keys = [], []
-    for x in captured[num_layers - 1].split(crop_chunk):  # bound the (H, T, T) attention memory for many crops
-        s, k = attention_statistics(layers[num_layers - 1], x, has_cls)
+    feature = num_layers - 1
+    scores, keys, at_feature = [], [], []
+    for x in captured[feature].split(crop_chunk):  # bound the (H, T, T) attention memory for many crops
+        s, k, g = attention_statistics(layers[feature], x, has_cls, received=feature in received_at)
         scores.append(s)
         keys.append(k)
+        at_feature.append(g)
     received = {i: torch.cat([attention_statistics(layers[i], x, has_cls=False)[0]
-                              for x in captured[i].split(crop_chunk)]) for i in received_at}
+                              for x in captured[i].split(crop_chunk)]) for i in received_at if i != feature}
+    if feature in received_at:  # (the feature layer's: from the same probabilities as VisionZip's statistic)
+        received[feature] = torch.cat(at_feature)
     return VisionOutput(units=h, scores=torch.cat(scores), keys=torch.cat(keys), received=received)
 
 
-def attention_statistics(layer, x: torch.Tensor, has_cls: bool):
-    """Layer input x (B, T, C) -> (scores (B, T), keys averaged over heads (B, T, d)).
+def attention_statistics(layer, x: torch.Tensor, has_cls: bool, received: bool = False):
+    """Layer input x (B, T, C) -> (scores (B, T), keys averaged over heads (B, T, d)), and with `received`
+    also the global attention (B, T) from the same probabilities (else None).
 
     With CLS: score(j) = sum over heads of softmax(q_CLS . k_j / sqrt(d)).
     Without:  score(j) = mean over heads and queries i of softmax(q_i . k_j / sqrt(d)) (also HiPrune's global
@@ -75,15 +80,12 @@ def attention_statistics(layer, x: torch.Tensor, has_cls: bool):
     B, T, _ = x.shape
     x = layer.layer_norm1(x)
     k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, d)
-    if has_cls:
-        q = attn.q_proj(x[:, :1]).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (B, H, 1, T)
-        scores = probs.sum(dim=1)[:, 0]  # (B, T)
-    else:
-        q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, d)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (B, H, T, T)
-        scores = probs.mean(dim=(1, 2))  # (B, T)
-    return scores, k.mean(dim=1)  # keys: (B, T, d)
+    rows = x[:, :1] if has_cls and not received else x  # the CLS row alone, unless every row is wanted
+    q = attn.q_proj(rows).view(B, rows.shape[1], -1, attn.head_dim).transpose(1, 2)  # (B, H, T or 1, d)
+    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (B, H, T or 1, T)
+    scores = probs[:, :, 0].sum(dim=1) if has_cls else probs.mean(dim=(1, 2))  # (B, T)
+    mean = (probs.mean(dim=(1, 2)) if has_cls else scores) if received else None
+    return scores, k.mean(dim=1), mean  # keys: (B, T, d)
 
 
 class LlavaStyle(Family):
