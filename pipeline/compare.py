@@ -135,6 +135,7 @@ def second_turn(other, method: str, question: str, progress):
     """`other` answers `question` as its next turn, streamed into `progress` after a "(turn 2)" mark; its
     SecondTurn lands on the first turn's stats. -> whether it finished (not stopped)."""
     first = other.last_turn
+    before = kept_units(other, method, first)  # (a method that selects per question selects again in turn 2)
     mark = "\n\n(turn 2) "
     progress.answer += mark
     yield progress
@@ -144,7 +145,7 @@ def second_turn(other, method: str, question: str, progress):
     if other.last_turn is first:  # stopped before turn 2 began
         return False
     first.followup = SecondTurn(question, progress.answer.split(mark, 1)[1], other.last_turn,
-                                turn_overlap(other, method, first, other.last_turn))
+                                jaccard(before, kept_units(other, method, other.last_turn)))
     return not other.last_turn.stopped
 
 
@@ -217,12 +218,9 @@ def kept_units(session, method: str, stats=None) -> set | None:
     return units | {(i, int(t)) for i, c in enumerate(comp.crops) for t in c.targets if t >= 0}
 
 
-def turn_overlap(session, method: str, first, second) -> float | None:
-    """Jaccard of the units `method` kept of the latest image in two turns of `session` (None: no kept set)."""
-    a, b = kept_units(session, method, first), kept_units(session, method, second)
-    if a is None or b is None:
-        return None
-    return len(a & b) / max(1, len(a | b))
+def jaccard(a: set | None, b: set | None) -> float | None:
+    """The Jaccard overlap of two kept sets (None: a method without one)."""
+    return None if a is None or b is None else len(a & b) / max(1, len(a | b))
 
 
 def second_turn_markdown(results: list) -> str:
@@ -236,7 +234,9 @@ def second_turn_markdown(results: list) -> str:
     for method, f in rows:
         t = f.stats
         kind = registry.get(method).kind
-        selection = "again, for the new question" if kind == registry.IN_LLM else "reused (compressed once)"
+        selection = {registry.IN_LLM: "again, for the new question (inside the LLM)",
+                     registry.QUESTION: "again, for the new question (KV rebuilt from the image)"}.get(
+            kind, "reused (compressed once)")
         overlap_cell = "—" if f.overlap is None else f"{f.overlap:.2f}"
         out.append(f"| {registry.label(method)} | {overlap_cell} | {t.ttft_s * 1000:.0f} ms | "
                    f"{t.prompt_tokens - t.prefill_tokens} of {t.prompt_tokens} | {selection} |")

@@ -46,6 +46,7 @@ class Compression:
     features: torch.Tensor  # (num_tokens, D) projected tokens; on the CPU once a conversation keeps them
     encode_s: float
     token_map: np.ndarray  # (num_tokens, 3): crop, patch (-1: CLS or newline), contextual id (-1: none)
+    question: str = ""  # the question a question-conditioned method selected for ("" before any question)
 
     @property
     def nbytes(self) -> int:
@@ -74,16 +75,30 @@ class Compression:
         return out
 
 
-def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None, knobs=None) -> tuple:
+def method_key(method: str, dominant: int, contextual: int, max_tiles: int = 0, picks=None, knobs=None,
+               question: str = "") -> tuple:
     """What a compression depends on, beside the image and the model: the method and its budget (Full: none;
-    Manual: the picks, {crop: units} of one image), and the method's own knobs (their defaults where unset)."""
+    Manual: the picks, {crop: units} of one image), the method's own knobs (their defaults where unset), and a
+    question-conditioned method's question."""
     kind = registry.get(method).kind
+    if kind == registry.QUESTION:
+        return method_key_of_selection(method, dominant, contextual, max_tiles, knobs) + (("question", question),)
     if kind == registry.FULL:
         return (method,)
     if kind == registry.MANUAL:
         return (method, max_tiles, tuple(sorted((c, tuple(sorted(u))) for c, u in (picks or {}).items() if u)))
+    return method_key_of_selection(method, dominant, contextual, max_tiles, knobs)
+
+
+def method_key_of_selection(method: str, dominant: int, contextual: int, max_tiles: int, knobs) -> tuple:
     own = tuple(sorted(method_knobs(method, knobs).items()))
     return (method, dominant, contextual, max_tiles) + ((own,) if own else ())
+
+
+def selection_digest(comp: "Compression") -> tuple:
+    """What a compression sends, as a key: its kept units and merges per crop (two selections for different
+    questions that keep the same units send the same tokens)."""
+    return tuple((c.includes_cls, c.kept.tobytes(), c.groups.tobytes()) for c in comp.crops)
 
 
 def method_knobs(method: str, knobs: dict | None) -> dict:
@@ -94,18 +109,17 @@ def method_knobs(method: str, knobs: dict | None) -> dict:
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
                  selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None,
-                 knobs: dict | None = None) -> Compression:
-    """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as
-    transformers sends them), compress-once (its `pick` per crop) or manual.
-    `selection_from`: reuse another model's VisionZip selection (same units and groups) on this
-    model's features, so that two models of an SGL pair see the same tokens. `max_tiles` (> 0) caps
-    the tiles VisionZip encodes (a CPU saving); "full" always sends what the checkpoint would.
-    A manual method: exactly the units in `picks` ({crop: [unit, ...]}), each as itself, in order. `knobs`: the
-    method's own settings (Method.knobs; unset ones at their defaults)."""
+                 knobs: dict | None = None, question: str = "") -> Compression:
+    """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as transformers
+    sends them), compress-once or question (its `pick` per crop; `question`: what it selects for, "" before any)
+    or manual (exactly the units in `picks`, {crop: [unit, ...]}, each as itself, in order). `selection_from`:
+    reuse another model's selection (same units and groups) on this model's features, so that two models of an
+    SGL pair see the same tokens. `max_tiles` (> 0) caps the tiles VisionZip encodes (a CPU saving); "full"
+    always sends what the checkpoint would. `knobs`: the method's own settings (unset ones at their defaults)."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     kind = registry.get(method).kind
-    if kind not in (registry.FULL, registry.COMPRESS_ONCE, registry.MANUAL):
+    if kind not in (registry.FULL, registry.MANUAL, *registry.BUDGETED):
         raise InputError(f"{registry.label(method)} does not compress an image once (it prunes inside the model).")
     full_map = family.full_token_map(model, family.layout(image))  # what the LLM would see without compression
     prepared = family.prepare(image, max_tiles if kind != registry.FULL and max_tiles else None)
@@ -124,6 +138,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     wanted = registry.get(method).attention_layers
     layers = tuple(wanted(family, knobs)) if wanted is not None and selection_from is None and not manual else ()
     out = encode_distinct(family, model, prepared, with_stats=selection_from is None, received_at=layers)
+    relevance = registry.get(method).relevance
+    relevance = relevance(vlm, out, question) if kind == registry.QUESTION and selection_from is None else None
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
     crops, selected, projected, token_map = [], [], [], []
     for i, crop in enumerate(prepared.crops):
@@ -131,7 +147,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
             info, tokens, done, crop_map = picked_by_hand(family, out, i, crop, picks)
         elif selection_from is None:
             info, tokens, done, crop_map = picked_by_method(vlm, method, out, i, crop, dominant, contextual, seed + i,
-                                                            knobs, layers)
+                                                            knobs, layers, relevance)
         else:
             info, tokens, done, crop_map = picked_by_other_model(family, out, i, selection_from.crops[i])
         crops.append(info)
@@ -149,7 +165,8 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                       features, time.perf_counter() - start, token_map)
+                       features, time.perf_counter() - start, token_map,
+                       question if kind == registry.QUESTION else "")
 
 
 def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
@@ -167,7 +184,7 @@ def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
 
 
 def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, contextual: int, seed: int,
-                     knobs: dict | None = None, layers: tuple = ()) -> tuple:
+                     knobs: dict | None = None, layers: tuple = (), relevance: list | None = None) -> tuple:
     """Crop i as a compress-once method picks it (its record's `pick`) -> (CropInfo, tokens, projected, token map
     rows)."""
     family, model = vlm.family, vlm.model
@@ -177,7 +194,7 @@ def picked_by_method(vlm, method: str, out, i: int, crop, dominant: int, context
         units=x, scores=out.scores[i], keys=out.keys[i], has_cls=family.has_cls, grid=crop.grid, dominant=d,
         contextual=c, seed=seed, project=lambda u: family.project(model, u[None])[0],
         project_parts=family.project_parts(model), received={layer: out.received[layer][i] for layer in layers},
-        attention_layers=layers, knobs=dict(knobs or {})))
+        attention_layers=layers, knobs=dict(knobs or {}), relevance=None if relevance is None else relevance[i]))
     info = CropInfo(grid=crop.grid, box=crop.box, kept=picked.kept.cpu().numpy(), includes_cls=picked.includes_cls,
                     groups=picked.groups.cpu().numpy(),
                     scores=None if picked.scores is None else picked.scores.float().cpu().numpy(),

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from .compress import Compression, encode_image, method_key
+from .compress import Compression, encode_image, method_key, selection_digest
 from .errors import InputError
 from .images import image_digest, load_image
 from .methods import registry
@@ -78,7 +78,7 @@ class Images:
     def method_key(self, state, key: str, method: str) -> tuple:
         s = state.settings
         return method_key(self.method_for(state, key, method), s.dominant, s.contextual, s.max_tiles,
-                          state.picks.get(key), s.knobs)
+                          state.picks.get(key), s.knobs, state.question)
 
     def model(self, lane: str):
         return self.vlm if lane == "large" else self.small
@@ -101,12 +101,12 @@ class Images:
             self.encoded[2] += 1
             return ahead
         selection = None  # the small model sees the same tokens: a compress-once method's selection by the large
-        if lane != "large" and registry.get(method).kind == registry.COMPRESS_ONCE:
+        if lane != "large" and registry.get(method).kind in registry.BUDGETED:
             selection = self.compression(state, key, method)
         with vlm.encode_lock:
             comp = encode_image(vlm, self.image(state, key), method, s.dominant, s.contextual, max_tiles=s.max_tiles,
                                 picks=state.picks.get(key, {}) if lane == "large" else None,
-                                selection_from=selection, knobs=s.knobs)
+                                selection_from=selection, knobs=s.knobs, question=state.question)
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self.encoded[0] += 1
         self.encoded[1] += comp.encode_s
@@ -114,6 +114,14 @@ class Images:
         while sum(c.nbytes for c in state.compressions.values()) > state.cache_bytes and len(state.compressions) > 1:
             state.compressions.popitem(last=False)  # dropped ones are re-encoded from state.images if needed
         return comp
+
+    def slot(self, state, key, method: str, lane: str = "large") -> tuple:
+        """-> (the key of image `key`'s slot in a prompt, its Compression for `method` and `lane`'s model). A
+        selection made for the question is keyed by what it sends: the KV cache stays where it is the same."""
+        comp, method_key = self.compression(state, key, method, lane), self.method_key(state, key, method)
+        if comp.question:
+            method_key = method_key[:-1] + (selection_digest(comp),)
+        return ("i", key) + method_key, comp
 
     def prepare(self, state, method: str):
         """Encode the images waiting for the next question now (their time counts in that turn's)."""

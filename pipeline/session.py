@@ -225,9 +225,10 @@ class ChatSession:
             self.answering.clear()
             self._lock.release()
 
-    def prepare_turn(self):
-        """Encode the images waiting for the next question now (the app's map shows before the answer); the
-        next turn reuses them, and their time counts in its time to first token."""
+    def prepare_turn(self, question: str | None = None):
+        """Encode the images waiting for the next `question` now (the app's map shows before the answer); the next
+        turn reuses them, and their time counts in its time to first token. (CDPruner selects for `question`.)"""
+        self.state.question = self.state.question if question is None else checked_question(question)
         self.images.prepare(self.state, self.visual_method)
 
     def plan(self, turn: Turn):
@@ -238,8 +239,7 @@ class ChatSession:
                            small, self._slot("small"))
 
     def _slot(self, lane: str):  # image key -> (its slot's key, its Compression for `lane`'s model)
-        return lambda key: (("i", key) + self.images.method_key(self.state, key, self.visual_method),
-                            self.compression(key, lane))
+        return lambda key: self.images.slot(self.state, key, self.visual_method, lane)
 
     def request(self, plan, lane: str = "large", **fields) -> Request:
         """What an engine is asked for `plan`'s answer (the small model's sequence on "small")."""
@@ -256,6 +256,7 @@ class ChatSession:
         t0 = time.perf_counter() - self.images.ahead_s  # (images encoded ahead by prepare_turn count in its time)
         self.images.ahead_s = 0.0
         turn = Turn(question=question, images=list(st.pending))
+        st.question = question  # (a question-conditioned method selects every image for it)
         if self.method.kind == registry.MANUAL:
             manual.check_picks(st)
         plan = self.plan(turn)

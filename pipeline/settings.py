@@ -41,7 +41,7 @@ def changed(s: Settings, family, has_small: bool, method: str, dominant=None, co
     new = replace(s, method=method, dominant=dominant, contextual=contextual, early_exit=early_exit,
                   sgl_tokens=sgl_tokens, max_new_tokens=max_new_tokens, max_tiles=max_tiles, knobs=extra,
                   sampling=replace(s.sampling, temperature=temperature, top_p=top_p), **fields)
-    if registry.get(record.encodes(new)).kind == registry.COMPRESS_ONCE:
+    if registry.get(record.encodes(new)).kind in registry.BUDGETED:
         units = family.units_per_crop
         check_budget(dominant, contextual, units, family.has_cls)
         if dominant + contextual >= units:  # would send at least what Full sends (OneVision: 729+0 x 3 crops > 1,836)

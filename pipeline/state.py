@@ -40,5 +40,7 @@ class ChatState:
     cache_bytes: int = 1 << 30  # bound of `compressions` (LRU by bytes)
     picks: dict = field(default_factory=dict)  # image key -> {crop: [units]} the "manual" method sends
     last_image_key: str | None = None
+    question: str = ""  # the question being answered, or the last one: what a question-conditioned method (CDPruner)
+    # selects every image for
     last_turn: object = None  # TurnStats of the latest turn
     images_dropped: bool = False  # the images were dropped to free memory (memory.py): the next message says so

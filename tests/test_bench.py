@@ -10,8 +10,8 @@ from pipeline import bench
 from pipeline.arch import ARCH_PRESETS, build_arch_model
 
 ALL_ROWS = ["1", "2", "3", "3b", "4", "5", "6", "7", "8", "9", "9b", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19",
-            "20", "21a", "21b", "21c", "21d", "21e", "21f", "22a", "22b", "22c", "22d", "22e", "22f", "23a", "23b", "23c",
-            "23d", "23e", "24", "24b", "24c", "28a", "28b"]
+            "20", "21a", "21b", "21c", "21d", "21e", "21f", "21g", "22a", "22b", "22c", "22d", "22e", "22f", "22g",
+            "23a", "23b", "23c", "23d", "23e", "23f", "24", "24b", "24c", "28a", "28b", "28c"]
 
 
 def test_every_bench_row_runs_and_is_reported(tmp_path, capsys):

@@ -58,3 +58,24 @@ def test_the_page_handler_takes_a_second_question(tiny_ov_large, photo):
     assert "turn 2" not in overlap_table  # blank: no second turn
     *_, (table, *_rest) = h.compare_answers(state, ["visionzip"], 42)
     assert "turn-2 question must be text" in table
+
+
+def test_cdpruner_selects_again_before_the_llm(tiny_ov_large, photo):
+    """CDPruner in Compare's turn 2: the Jaccard of its kept units for the two questions, each selection made again
+    by hand (encode_image with the question); the cache kept up to the image and rebuilt from it; the answer as a
+    fresh two-turn conversation's."""
+    from pipeline import encode_image
+    s = ChatSession(tiny_ov_large, method="visionzip", max_new_tokens=4)
+    s.add_image(photo)
+    s.ask(Q1)
+    (method, answer, first), = compare(s, ["cdpruner"], second=Q2)
+    f = first.followup
+    units = [{(i, int(u)) for i, c in enumerate(encode_image(tiny_ov_large, photo, "cdpruner", question=q).crops)
+              for u in c.kept} for q in (Q1, Q2)]
+    assert units[0] != units[1] and np.isclose(f.overlap, len(units[0] & units[1]) / len(units[0] | units[1]))
+    assert f.stats.images_encoded == 1 and 0 < f.stats.prompt_tokens - f.stats.prefill_tokens
+    fresh = ChatSession(tiny_ov_large, method="cdpruner", max_new_tokens=4, reuse_cache=False)
+    fresh.add_image(photo)
+    assert fresh.ask(Q1) == answer and fresh.ask(Q2) == f.answer
+    assert "| CDPruner |" in second_turn_markdown([(method, answer, first)]) and "KV rebuilt" in \
+        second_turn_markdown([(method, answer, first)])

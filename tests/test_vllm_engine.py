@@ -56,6 +56,16 @@ def test_greedy_answers_equal_the_transformers_engine(served, method):
     assert stats[1].prefill_tokens < stats[1].prompt_tokens
 
 
+def test_cdpruner_selects_again_and_answers_on_vllm(served):
+    """CDPruner (selected again for every question, before the LLM) sends its tokens through vLLM as it does through
+    zipchat's decoder: greedy answers equal over two images x two turns."""
+    vlm, engine = served
+    expected, _ = conversation(vlm, None, "cdpruner")
+    got, stats = conversation(vlm, engine, "cdpruner")
+    assert got == expected and all(got)
+    assert all(t.engine == "vllm" for t in stats) and stats[1].images_encoded == 1  # turn 2: selected again
+
+
 def test_a_method_registered_at_run_time_answers_on_vllm(served):
     """A compress-once method written in this test alone (tests/test_architecture.py's) answers on vLLM exactly as
     on zipchat's decoder."""

@@ -134,7 +134,7 @@ class ChatEvents:
             else:
                 turns = len(state.chat.turns)
                 if state.chat.pending and not session.stop_flag.is_set():  # the map as soon as the image is in
-                    session.prepare_turn()  # (the turn reuses this encode; its time counts in the turn's)
+                    session.prepare_turn(question)  # (the turn reuses this encode; its time counts in the turn's)
                     session.current_view(key=self.shown_key(state))
                     yield history, gr.skip(), ANSWERING, *self.views(state, view, session)
                 for delta in session.ask_stream(question, accepted=True):

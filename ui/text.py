@@ -29,8 +29,8 @@ ANSWERING = "_Answering… the stats follow when the answer ends._"
 CHAT_PLACEHOLDER = "**Attach a photo (the clip) and ask about it**, or try an example:"
 CHAT_PLACEHOLDER_FAST = "**Attach a photo (the clip) and ask about it**, or try an example (compressed at launch: fast):"
 ABOUT = ("**How it works.** **VisionZip** keeps the few visual tokens that matter: dominant tokens by attention, the "
-         "rest merged into contextual tokens, once per image. DivPrune, VisPruner, FastV, Random and Pool are there to "
-         "compare (the Compare tab); Manual sends the patches you pick on the map. Settings apply from the next "
+         "rest merged into contextual tokens, once per image. DivPrune, VisPruner, HiPrune, CDPruner (per question), FastV, DART, "
+         "Random and Pool are there to compare (the Compare tab); Manual sends the patches you pick on the map. Settings apply from the next "
          "question.")
 IN_LLM_NOTE = ("FastV, DART and SGL prune inside the language model, per question: they do not compress the image once, "
                "and the large model's KV cache is rebuilt every turn.")

@@ -11,7 +11,7 @@ from ..heatmap import render_map
 from ..models import load_vlm
 from ..families.llava_common import attention_statistics, run_tower
 from ..methods.visionzip import select
-from .core import ASSETS, SMOKE_MODELS, Row, arch, floor_s, ov_image, qwen_preset, row, side_by_side
+from .core import ASSETS, QUESTION, SMOKE_MODELS, Row, arch, floor_s, ov_image, qwen_preset, row, side_by_side
 
 
 @row('1', '2', title="CLIP-L/336 encode + VisionZip vs the reference-style encode; the selection's share")
@@ -131,6 +131,18 @@ def row_identical_crops(b) -> Row:
                "the same pixels)", "identical crops encoded once", "every crop encoded", ta, tb, target="<= 0.6")
 
 
+def as_vlm(name: str, family, model, args):
+    """The vision side as a VLM record: CDPruner's relevance reads the language model's word embeddings (given
+    random weights here where they were left on the meta device) or CLIP's text tower (text_tower.py)."""
+    from ..models import VLM
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight.is_meta:
+        embeddings.to_empty(device=args.device)
+        torch.nn.init.normal_(embeddings.weight, 0, 0.02)
+    return VLM(name=name, model=model, tokenizer=family.tokenizer, image_processor=family.image_processor,
+               family=family, device=torch.device(args.device), dtype=args.dtype, is_tiny=True)
+
+
 def vision_only(name: str, args, quick: bool = False):
     """A preset's vision tower and projector with random weights, its language model left on the meta
     device (a 7B preset's vision side fits anywhere) -> (family, model, image processor)."""
@@ -154,11 +166,13 @@ def vision_only(name: str, args, quick: bool = False):
     return family, model
 
 
-@row('21', '22', title="each compress-once method's selection / the encode")
+@row('21', '22', title="each compress-once and question-conditioned method's selection / the encode")
 def row_selection(b) -> list:
     """21-22: each compress-once method's selection (with the projection it needs) over the vision
     encode it follows, on CLIP-L/336 (LLaVA-1.5-7B: projector to 4096) and SigLIP-so400m (OneVision-0.5B,
-    a 384 px image: base + 1 tile). DivPrune and Pool project every unit (their rules work on P). A method that
+    a 384 px image: base + 1 tile). DivPrune, Pool and CDPruner project every unit (their rules work on P;
+    CDPruner's also measures the question's relevance: CLIP's text tower on CLIP-L, the word embeddings on
+    SigLIP). A method that
     reads other layers' attention (HiPrune: its object and output layers) is timed whole: its encode with those
     statistics and its selection, against the encode VisionZip needs (its extra cost is the ratio above 1)."""
     args, clock = b.args, b.clock
@@ -173,6 +187,8 @@ def row_selection(b) -> list:
             out = family.encode(model, prepared, with_stats=True)
         offset = 1 if family.has_cls else 0
 
+        vlm = as_vlm(preset, family, model, args)
+
         def selection(method):
             record = registry.get(method)
             layers = tuple(record.attention_layers(family, {})) if record.attention_layers else ()
@@ -180,6 +196,7 @@ def row_selection(b) -> list:
             @torch.inference_mode()
             def run():  # a method that reads other layers' attention: its whole encode (minus VisionZip's, in B)
                 o = family.encode(model, prepared, with_stats=True, received_at=layers) if layers else out
+                relevance = record.relevance(vlm, o, QUESTION) if record.relevance else None  # (CDPruner)
                 for i, crop in enumerate(prepared.crops):
                     d, c = family.budget(54, 10, o.units.shape[1] - offset)
                     picked = record.pick(CropInput(
@@ -187,16 +204,18 @@ def row_selection(b) -> list:
                         grid=crop.grid, dominant=d, contextual=c, seed=i,
                         project=lambda u: family.project(model, u[None])[0], project_parts=family.project_parts(model),
                         received={k: v[i] for k, v in o.received.items()}, attention_layers=layers,
-                        knobs={k.name: k.default for k in record.knobs}))
+                        knobs={k.name: k.default for k in record.knobs},
+                        relevance=None if relevance is None else relevance[i]))
                     if not picked.projected:
                         family.project(model, picked.tokens[None])
             return run, bool(layers)
 
         encode = torch.inference_mode()(lambda: family.encode(model, prepared, with_stats=True))
-        targets = {"divprune": "<= 0.08"}
+        targets = {"divprune": "<= 0.08", "cdpruner": "<= 0.10"}
         crops = f"({len(prepared.crops)} crop{'s' * (len(prepared.crops) > 1)})"
-        for k, method in enumerate(registry.of_kind(registry.COMPRESS_ONCE)):
+        for k, method in enumerate(registry.of_kind(registry.COMPRESS_ONCE) + registry.of_kind(registry.QUESTION)):
             run, whole = selection(method)
+            run()  # (CDPruner: CLIP's text tower is loaded at its first use)
             ta, tb = side_by_side(clock, run, encode, args.repeats)
             if whole:  # (its extra statistics are part of its encode: the whole against VisionZip's encode)
                 rows.append(Row(f"{row_id}{chr(ord('a') + k)}", f"{method} encode with its statistics + selection / "

@@ -68,6 +68,8 @@ class Family:
     image_end: str | None = None
     position_rows = 1  # P of `positions`: 1, or 3 for M-RoPE (t, h, w)
     tiles = False  # `prepare(max_tiles=)` caps what is encoded (tiles; Qwen2.5-VL: the area of as many)
+    clip_text_source: str | None = None  # the CLIP checkpoint its vision tower was cut from, for CLIP's text tower
+    # (CDPruner's relevance; text_tower.py); None: the tower has no per-token image-text space to use
     tile_cap_label = "tiles per image VisionZip encodes"  # what the cap means, in the UI
     keeps_index_order = False  # compressed tokens in unit order (M-RoPE), not dominant-then-contextual
 

@@ -37,6 +37,7 @@ class Llava(LlavaStyle):
     model_class = LlavaForConditionalGeneration
     image_processor_class = CLIPImageProcessorPil  # the PIL backend: no torchvision needed
     has_cls = True
+    clip_text_source = "openai/clip-vit-large-patch14-336"  # CLIP ViT-L/14-336, whole (text tower, projections)
     chat_template = TEMPLATE
     stop_strings = ("</s>",)
     presets = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf"}

@@ -20,6 +20,7 @@ class LlavaNext(AnyresStyle):
     image_processor_class = LlavaNextImageProcessorPil  # the PIL backend: no torchvision needed
     # LlavaNextProcessor sets do_pad (it pads a batch to one tile count: one image is unchanged)
     has_cls = True
+    clip_text_source = "openai/clip-vit-large-patch14-336"  # CLIP ViT-L/14-336, whole (text tower, projections)
     chat_template = TEMPLATE  # llava-v1.6-vicuna ships the same template as llava-1.5
     stop_strings = ("</s>",)
     presets = {"llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-next-13b": "llava-hf/llava-v1.6-vicuna-13b-hf"}

@@ -13,5 +13,5 @@ A new method is one file that calls `register(Method(...))`, and its import line
 the methods in this order).
 """
 
-from . import full, visionzip, divprune, vispruner, random, pool, hiprune, fastv, dart, sgl, manual  # noqa: F401 (they register)
-from .registry import COMPRESS_ONCE, FULL, IN_LLM, MANUAL, Method, get, label, names, of_kind  # noqa: F401
+from . import full, visionzip, divprune, vispruner, random, pool, hiprune, cdpruner, fastv, dart, sgl, manual  # noqa: F401 (they register)
+from .registry import COMPRESS_ONCE, FULL, IN_LLM, MANUAL, QUESTION, Method, get, label, names, of_kind  # noqa: F401

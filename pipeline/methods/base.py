@@ -35,6 +35,8 @@ class CropInput:
     # mean over heads and queries (CLS included) of the attention each unit receives (Method.attention_layers)
     attention_layers: tuple = ()  # the layers in `received`, in the order the method asked for them
     knobs: dict = field(default_factory=dict)  # the method's own settings (Method.knobs), defaults filled in
+    relevance: torch.Tensor | None = None  # (N,) a question-conditioned method's relevance of each patch to the
+    # turn's question (Method.relevance), None for the others
 
     @property
     def budget(self) -> int:

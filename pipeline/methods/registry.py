@@ -18,6 +18,9 @@ FULL = "full"  # every visual token, as the checkpoint sends them
 COMPRESS_ONCE = "compress-once"  # a text-agnostic selection per crop (`pick`): each image compressed once
 IN_LLM = "in-llm"  # pruning inside the language model, decided per question (`answer`: a turn runner)
 MANUAL = "manual"  # the units a person picks on the map
+QUESTION = "question"  # a selection per crop conditioned on the turn's question (`pick` with `relevance`):
+# every image is selected again for each question (CDPruner)
+BUDGETED = (COMPRESS_ONCE, QUESTION)  # the kinds that pick per crop at the budget dominant + contextual
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class Knob:
 class Method:
     name: str  # the API's and the UI values' name
     label: str  # as the page shows it
-    kind: str  # FULL, COMPRESS_ONCE, IN_LLM or MANUAL
-    pick: Callable | None = None  # COMPRESS_ONCE: (CropInput) -> Pick (methods/base.py)
+    kind: str  # FULL, COMPRESS_ONCE, QUESTION, IN_LLM or MANUAL
+    pick: Callable | None = None  # COMPRESS_ONCE, QUESTION: (CropInput) -> Pick (methods/base.py)
     answer: Callable | None = None  # IN_LLM: (turn.TurnContext) -> a generator of text deltas
     # that returns the answer ids
     images: str | Callable | None = None  # the method its images are encoded as: None (itself), a name (FastV:
@@ -75,6 +78,8 @@ class Method:
     stats_rows: Callable | None = None  # (TurnStats) -> [(name, value)] of its own, shown after the model's row
     attention_layers: Callable | None = None  # COMPRESS_ONCE: (family, knobs) -> tower layers (0-based) whose
     # global attention per unit its `pick` reads (CropInput.received); None: VisionZip's statistic alone
+    relevance: Callable | None = None  # QUESTION: (vlm, VisionOutput, question) -> [(N,) per crop]: each patch's
+    # relevance to the question, as its `pick` reads it (CropInput.relevance)
     kinds: dict | None = None  # what its kept patches are, {Pick.kinds value: name} (HiPrune's three): the map
     # colours each
     doc: str = ""  # one line: what it does
@@ -91,11 +96,13 @@ _REGISTRY: dict = {}  # name -> Method, in registration order (the app lists the
 
 def register(method: Method) -> Method:
     """Add a method (a method's file calls this once, at import). A name registered again is replaced."""
-    if method.kind not in (FULL, COMPRESS_ONCE, IN_LLM, MANUAL):
+    if method.kind not in (FULL, COMPRESS_ONCE, QUESTION, IN_LLM, MANUAL):
         raise ValueError(f"unknown kind {method.kind!r} for method {method.name!r}")
-    if method.kind == COMPRESS_ONCE and method.pick is None or method.kind == IN_LLM and method.answer is None:
+    if method.kind in BUDGETED and method.pick is None or method.kind == IN_LLM and method.answer is None:
         raise ValueError(f"method {method.name!r} ({method.kind}) needs its "
-                         f"{'pick' if method.kind == COMPRESS_ONCE else 'answer'} function")
+                         f"{'pick' if method.kind in BUDGETED else 'answer'} function")
+    if method.kind == QUESTION and method.relevance is None:
+        raise ValueError(f"method {method.name!r} ({method.kind}) needs its relevance function")
     _REGISTRY[method.name] = method
     return method
 
