@@ -47,10 +47,14 @@ class Compression:
     encode_s: float
     token_map: np.ndarray  # (num_tokens, 3): crop, patch (-1: CLS or newline), contextual id (-1: none)
     question: str = ""  # the question a question-conditioned method selected for ("" before any question)
+    vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), kept so that the
+    # next question selects again without running the tower again
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size()
+        kept = [self.features] + ([] if self.vision is None else [self.vision.units, self.vision.scores,
+                                                                    self.vision.keys])
+        return sum(t.numel() * t.element_size() for t in kept if t is not None)
 
     def caption(self) -> str:
         """What the map shows, in a line: the method's own caption (registry.Method.caption), or
@@ -109,13 +113,14 @@ def method_knobs(method: str, knobs: dict | None) -> dict:
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
                  selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None,
-                 knobs: dict | None = None, question: str = "") -> Compression:
+                 knobs: dict | None = None, question: str = "", vision: VisionOutput | None = None) -> Compression:
     """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as transformers
     sends them), compress-once or question (its `pick` per crop; `question`: what it selects for, "" before any)
     or manual (exactly the units in `picks`, {crop: [unit, ...]}, each as itself, in order). `selection_from`:
     reuse another model's selection (same units and groups) on this model's features, so that two models of an
     SGL pair see the same tokens. `max_tiles` (> 0) caps the tiles VisionZip encodes (a CPU saving); "full"
-    always sends what the checkpoint would. `knobs`: the method's own settings (unset ones at their defaults)."""
+    always sends what the checkpoint would. `knobs`: the method's own settings (unset ones at their defaults).
+    `vision`: the tower's output for this image from an earlier question (Compression.vision), not run again."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     kind = registry.get(method).kind
@@ -124,11 +129,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     full_map = family.full_token_map(model, family.layout(image))  # what the LLM would see without compression
     prepared = family.prepare(image, max_tiles if kind != registry.FULL and max_tiles else None)
     if kind == registry.FULL:
-        features = family.encode_full(model, prepared)
-        crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
-                          None, np.zeros(0, int)) for c in prepared.crops]
-        return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                           features, time.perf_counter() - start, full_map)
+        return encoded_full(family, model, prepared, method, dominant, contextual, full_map, start)
     manual = kind == registry.MANUAL
     if manual and not any(picks.get(i) for i in range(len(prepared.crops))):
         raise InputError("Pick at least one patch on the map for the manual method (or start from VisionZip's).")
@@ -137,9 +138,10 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     knobs = method_knobs(method, knobs)
     wanted = registry.get(method).attention_layers
     layers = tuple(wanted(family, knobs)) if wanted is not None and selection_from is None and not manual else ()
-    out = encode_distinct(family, model, prepared, with_stats=selection_from is None, received_at=layers)
-    relevance = registry.get(method).relevance
-    relevance = relevance(vlm, out, question) if kind == registry.QUESTION and selection_from is None else None
+    out = encode_distinct(family, model, prepared, selection_from is None, layers) if vision is None \
+        else on_device(vision, next(family.tower(model).parameters()).device)  # (the tower's earlier output)
+    asked = kind == registry.QUESTION and selection_from is None
+    relevance = registry.get(method).relevance(vlm, out, question) if asked else None
     seed = int(image_digest(image)[:15], 16)  # Random: the same draw for the same image, every turn
     crops, selected, projected, token_map = [], [], [], []
     for i, crop in enumerate(prepared.crops):
@@ -165,8 +167,18 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
         features = family.project(model, torch.stack(selected)).flatten(0, 1)  # (crops * budget, D)
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                       features, time.perf_counter() - start, token_map,
-                       question if kind == registry.QUESTION else "")
+                       features, time.perf_counter() - start, token_map, question if asked else "",
+                       on_device(out, "cpu") if asked else None)
+
+
+def encoded_full(family, model, prepared, method: str, dominant: int, contextual: int, full_map, start: float
+                 ) -> Compression:
+    """Every token exactly as transformers sends them."""
+    features = family.encode_full(model, prepared)
+    crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
+                      None, np.zeros(0, int)) for c in prepared.crops]
+    return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
+                       features, time.perf_counter() - start, full_map)
 
 
 def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
@@ -238,6 +250,12 @@ def check_not_above_full(family, crops: list, method: str, dominant: int, contex
     raise InputError(f"{registry.label(method)} at {dominant}+{contextual} tokens per crop would send {sent:,} visual tokens "
                      f"for this image{where}, more than the {full:,} that Full sends for it. A budget of at most "
                      f"{fits} per crop fits (dominant + contextual); or choose Full.")
+
+
+def on_device(out: VisionOutput, device) -> VisionOutput:
+    move = (lambda t: None if t is None else t.to(device))
+    return VisionOutput(units=move(out.units), scores=move(out.scores), keys=move(out.keys),
+                        received={layer: move(r) for layer, r in out.received.items()})
 
 
 def encode_distinct(family, model, prepared, with_stats: bool, received_at: tuple = ()) -> VisionOutput:

@@ -106,7 +106,8 @@ class Images:
         with vlm.encode_lock:
             comp = encode_image(vlm, self.image(state, key), method, s.dominant, s.contextual, max_tiles=s.max_tiles,
                                 picks=state.picks.get(key, {}) if lane == "large" else None,
-                                selection_from=selection, knobs=s.knobs, question=state.question)
+                                selection_from=selection, knobs=s.knobs, question=state.question,
+                                vision=self.earlier_vision(state, ck))
         comp.features = comp.features.cpu()  # the state holds no device tensor
         self.encoded[0] += 1
         self.encoded[1] += comp.encode_s
@@ -114,6 +115,16 @@ class Images:
         while sum(c.nbytes for c in state.compressions.values()) > state.cache_bytes and len(state.compressions) > 1:
             state.compressions.popitem(last=False)  # dropped ones are re-encoded from state.images if needed
         return comp
+
+    @staticmethod
+    def earlier_vision(state, ck: tuple):
+        """The tower output kept by this image's selection for another question (same method, budget and model),
+        or None: a question-conditioned method selects again without running the tower again."""
+        key, method_key, model = ck
+        for (k, other, m), comp in state.compressions.items():
+            if k == key and m == model and comp.vision is not None and other[:-1] == method_key[:-1]:
+                return comp.vision
+        return None
 
     def slot(self, state, key, method: str, lane: str = "large") -> tuple:
         """-> (the key of image `key`'s slot in a prompt, its Compression for `method` and `lane`'s model). A

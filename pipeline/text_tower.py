@@ -39,12 +39,13 @@ class ClipText:
     @torch.inference_mode()
     def text_embeds(self, text: str) -> torch.Tensor:
         """A question -> (S, E) projected text embeddings, one per stretch of 77 tokens, as the authors cut a long
-        question: the tokens padded with id 0 (masked) to a multiple of 77 and split into rows."""
+        question: the tokens padded with id 0 (masked) to a multiple of 77 and split into rows. (A question of one
+        row is not padded: CLIP's text attention is causal, so padding after it changes nothing it pools.)"""
         inputs = self.tokenizer(text=[text], return_tensors="pt")
         length = inputs["input_ids"].shape[1]
         rows = (length - 1) // self.positions + 1
-        pad = rows * self.positions - length
-        inputs = {k: torch.cat([v, v.new_zeros((1, pad))], dim=1).reshape(-1, self.positions).to(self.device)
+        pad = rows * self.positions - length if rows > 1 else 0
+        inputs = {k: torch.cat([v, v.new_zeros((1, pad))], dim=1).reshape(rows, -1).to(self.device)
                   for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         pooled = self.text_model(**inputs).pooler_output  # (S, hidden): at each row's end-of-text token
         return self.text_projection(pooled)  # (S, E)

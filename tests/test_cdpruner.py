@@ -159,3 +159,35 @@ def test_before_a_question_the_map_shows_diversity_alone(tiny_llava, photo):
     assert "before a question" in comp.caption() and np.allclose(comp.crops[0].scores, 1)
     asked = encode_image(tiny_llava, photo, "cdpruner", 6, 2, question=Q1)
     assert f"for “{Q1}”" in asked.caption()
+
+
+def test_a_new_question_reuses_the_tower_output(tiny_next, photo, monkeypatch):
+    """Turn 2 selects again from the tower output its image's first selection kept: the tower does not run again,
+    and the selection equals one made from scratch."""
+    s = ChatSession(tiny_next, method="cdpruner", max_new_tokens=3)
+    s.add_image(photo)
+    s.ask(Q1)
+    calls = []
+    real = tiny_next.family.encode
+    monkeypatch.setattr(tiny_next.family, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s.ask(Q2)
+    assert calls == [] and s.last_turn.images_encoded == 1
+    scratch = encode_image(tiny_next, photo, "cdpruner", question=Q2)
+    assert [c.kept.tolist() for c in s.current_view()[1].crops] == [c.kept.tolist() for c in scratch.crops]
+    assert torch.equal(s.current_view()[1].features, scratch.features.cpu())
+
+
+def test_a_long_question_is_cut_into_rows_of_77_tokens(tiny_llava, photo):
+    """As the authors cut it: each 77-token row gives one text embedding; one row is not padded (causal attention:
+    the same embedding as padded)."""
+    from pipeline.text_tower import clip_text
+    tower = clip_text(tiny_llava)
+    long = " ".join(["red cat on a table"] * 30)
+    n = len(tower.tokenizer(long)["input_ids"])
+    assert tower.text_embeds(long).shape[0] == (n - 1) // 77 + 1 >= 2
+    ids = tower.tokenizer([Q1], return_tensors="pt")
+    padded = {k: torch.cat([v, v.new_zeros((1, 77 - v.shape[1]))], dim=1) for k, v in ids.items()}
+    with torch.no_grad():
+        whole = tower.text_projection(tower.text_model(**padded).pooler_output)
+    assert torch.allclose(tower.text_embeds(Q1), whole, atol=1e-5)
+    encode_image(tiny_llava, photo, "cdpruner", question=long)  # (selects)
