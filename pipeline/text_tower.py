@@ -73,7 +73,8 @@ def load(vlm) -> tuple:
     if vlm.is_tiny and vlm.name.endswith(("-arch", "-arch-quick")):
         torch.manual_seed(0)
         config = clip_config(vision_hidden, CLIP_L_336_PROJECTION, dict(CLIP_L_336_TEXT, vocab_size=len(vlm.tokenizer),
-                             eos_token_id=vlm.tokenizer.eos_token_id))
+                             eos_token_id=vlm.tokenizer.eos_token_id, bos_token_id=vlm.tokenizer.bos_token_id,
+                             pad_token_id=vlm.tokenizer.pad_token_id))
         return without_vision(CLIPModel(config)), vlm.tokenizer
     source = str(ensure_tiny_clip(vision_hidden)) if vlm.is_tiny else vlm.family.clip_text_source
     try:

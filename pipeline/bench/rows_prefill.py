@@ -190,8 +190,9 @@ def row_turn2_reuse_vs_reselect(b) -> list:
     """28: a second question on the same image (the first answered, 1 new token each), turn 2's time to first
     token as the turn reports it: VisionZip and HiPrune reuse their compressed image and KV cache; DART (in the
     LLM, at about the same number of visual tokens: keep 128 of 1,485) selects again for the new question and
-    rebuilds the cache. 28c: CDPruner (before the LLM, the same 128 tokens) selects again too: the tower runs
-    again, the relevance, the DPP, and the cache from the image on; against VisionZip's reuse."""
+    rebuilds the cache. 28c: CDPruner (before the LLM, the same 128 tokens) selects again too (from the tower
+    output it kept: the relevance, the projection, the DPP) and rebuilds the cache from the image on; against
+    VisionZip's reuse."""
     args = b.args
     vlm = b.model("llava-ov-0.5b-arch")
     image = ov_image(1)

@@ -112,7 +112,8 @@ def shorten(text: str, most: int = 48) -> str:
 
 def stats_rows(t) -> list:
     n = t.images_encoded
-    return [("selection", f"for this question ({n} image{'s' * (n != 1)} selected again)")]
+    return [("selection", f"for this question: {n} image{'s' * (n != 1)} selected for it (each question selects "
+                          "again)")]
 
 
 register(Method("cdpruner", "CDPruner", QUESTION, pick=pick, relevance=relevance, caption=caption,
