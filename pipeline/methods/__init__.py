@@ -4,6 +4,8 @@
 - compress-once (`pick`: one crop's vision output -> what the LLM receives; methods/base.py),
   text-agnostic, so each image is compressed once and the KV cache is reused across turns: visionzip,
   divprune, vispruner, random, pool, hiprune;
+- question-conditioned (`pick` with the relevance of each patch to the turn's question, `relevance`): every
+  image selected again for each question, before the LLM: cdpruner;
 - in-LLM (`answer`: a turn of their own, on zipchat's decoder), pruning inside the language model per
   question: fastv (the large model's own attention), dart (duplicates of a few pivots dropped) and sgl (a
   small model's attention);
