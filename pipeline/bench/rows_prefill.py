@@ -215,5 +215,6 @@ def row_turn2_reuse_vs_reselect(b) -> list:
                         ttfts(method), dart, target="<= 0.5"))
     rows.append(Row("28c", f"turn-2 time to first token, {vlm.name}, {image.width}px image, CDPruner (selects again "
                     "before the LLM, cache rebuilt from the image) vs VisionZip (kept set and KV reused)", "cdpruner",
-                    "visionzip", ttfts("cdpruner"), rows[0].a_s))
+                    "visionzip", ttfts("cdpruner"), rows[0].a_s,
+                    notes="no target: what selecting again for a new question costs, shown"))
     return rows
