@@ -145,13 +145,22 @@ def test_the_second_turn_selects_again_and_equals_a_fresh_session(tiny_vlm, phot
 
 
 def test_kv_is_kept_where_the_selection_is_the_same(tiny_ov, photo):
-    """The same question again selects the same units: the slot's key is what is sent, so the cache is reused."""
-    s = ChatSession(tiny_ov, method="cdpruner", max_new_tokens=4)
-    s.add_image(photo)
-    s.ask(Q1)
-    s.ask(Q1)
-    t = s.last_turn
-    assert t.cache_reused and t.prefill_tokens < t.prompt_tokens / 2
+    """Two different questions that select the same units (here a relevance that ignores the question): the slot's
+    key is what is sent, not the question, so the cache is reused."""
+    from dataclasses import replace
+    from pipeline.methods import registry
+    record = registry.get("cdpruner")
+    registry.register(replace(record, relevance=lambda vlm, out, q: [torch.ones(out.units.shape[1])] * len(out.units)))
+    try:
+        s = ChatSession(tiny_ov, method="cdpruner", max_new_tokens=4)
+        s.add_image(photo)
+        s.ask(Q1)
+        s.ask(Q2)
+        t = s.last_turn
+        assert s.current_view()[1].question == Q2 and t.images_encoded == 1  # selected again, for Q2
+        assert t.cache_reused and t.prefill_tokens < t.prompt_tokens / 2  # the same units: the cache kept
+    finally:
+        registry.register(record)
 
 
 def test_before_a_question_the_map_shows_diversity_alone(tiny_llava, photo):
