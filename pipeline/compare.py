@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .agreement import agreements_stream
 from .errors import InputError
 from .methods import registry
 from .methods.base import units_view
@@ -70,17 +71,19 @@ class Progress:
     total: int
     answer: str = ""
     done: list = field(default_factory=list)  # [(method, answer, TurnStats)] of the methods finished
+    stage: str = "answer"  # "answer", or "agreement": Full's answer being scored under `method`
 
 
 def compare_stream(session, methods: list | None = None, max_new_tokens: int | None = None,
-                   accepted: bool = False, second: str | None = None):
+                   accepted: bool = False, second: str | None = None, agreement: bool = True):
     """`compare`, one method after another: yields a Progress at each method's start and with each piece of
     its answer; returns the results. The session's Stop (`session.stop()`, from any thread or process)
     ends it: inside a method's decode (that method's partial answer is its result, marked stopped) or
     between methods (the rest do not run). The session counts as answering while it runs (memory.py).
     `accepted`: the app accepted it earlier (ChatSession.accept), and a Stop since then cancels it.
     `second`: a second question each method then answers in its own conversation (its `SecondTurn` lands on the
-    first turn's stats, `followup`)."""
+    first turn's stats, `followup`). `agreement`: with Full among the methods, each answer's agreement with Full's
+    is scored once all have answered (agreement.py; on each first turn's stats, `agreement`)."""
     st = session.state
     if not st.turns:
         raise InputError("Ask a question first; then it can be compared across methods.")
@@ -105,6 +108,9 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
             results.append((method, progress.answer, other.last_turn))
             if other.last_turn.stopped or (second and not (yield from second_turn(other, method, second, progress))):
                 break
+        if agreement and not session.stop_flag.is_set():
+            for method in agreements_stream(session, results):
+                yield Progress(method, len(results), len(results), done=list(results), stage="agreement")
     finally:
         while sum(c.nbytes for c in st.compressions.values()) > st.cache_bytes and len(st.compressions) > 1:
             st.compressions.popitem(last=False)
@@ -149,14 +155,14 @@ def second_turn(other, method: str, question: str, progress):
     return not other.last_turn.stopped
 
 
-def compare(session, methods: list | None = None, max_new_tokens: int | None = None, second: str | None = None
-            ) -> list:
+def compare(session, methods: list | None = None, max_new_tokens: int | None = None, second: str | None = None,
+            agreement: bool = True) -> list:
     """Re-answer the last question once per method from the same history (no KV cache; the session's
     conversation and settings unchanged; the images compressed for a method join its compression
     cache). Default: the session's method, VisionZip and Full. -> [(method, answer, TurnStats)]; fewer
     when a Stop ended it (the last one then says `stopped`). `second`: each method then answers it as turn 2
-    (`stats.followup`: a SecondTurn)."""
-    stream = compare_stream(session, methods, max_new_tokens, second=second)
+    (`stats.followup`: a SecondTurn). With Full among them, `stats.agreement` (agreement.py) on each."""
+    stream = compare_stream(session, methods, max_new_tokens, second=second, agreement=agreement)
     while True:
         try:
             next(stream)

@@ -32,20 +32,29 @@ def embed(vlm, ids: list, features: list) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward(vlm, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Run new tokens (1, n, D) on top of `cache` (extended in place) -> logits of the last (V,).
-    `positions` (P, n): the family's position ids of these tokens (default: the next n indices)."""
+def forward(vlm, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Tensor | None = None,
+            last: int | None = None) -> torch.Tensor:
+    """Run new tokens (1, n, D) on top of `cache` (extended in place) -> logits of the last (V,), or of the
+    last `last` positions (last, V). `positions` (P, n): the family's position ids of these tokens (default:
+    the next n indices)."""
     if positions is None:
         start = cache.get_seq_length()
         positions = torch.arange(start, start + embeds.shape[1])[None]
     position_ids = vlm.family.position_ids(positions.to(embeds.device))
     lm = vlm.language_model
     out = lm(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **{cache_argument(lm): cache})
-    return vlm.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
+    if last is None:
+        return vlm.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
+    return vlm.model.lm_head(out.last_hidden_state[:, -last:]).float()[0]
 
 
 def embed_token(vlm, token_id: int) -> torch.Tensor:
     return vlm.model.get_input_embeddings()(torch.tensor([[token_id]], device=vlm.device))
+
+
+def embed_tokens(vlm, token_ids: list) -> torch.Tensor:
+    """Text token ids (n,) -> (1, n, D)."""
+    return vlm.model.get_input_embeddings()(torch.tensor([token_ids], device=vlm.device))
 
 
 def suppress(logits: torch.Tensor, vlm) -> torch.Tensor:

@@ -7,7 +7,7 @@ matches (the same tokens and the same compressed images) and prefill only the re
 
 import torch
 
-from .generate import embed, embed_token, forward, new_cache, truncate_cache
+from .generate import embed, embed_token, embed_tokens, forward, new_cache, truncate_cache
 
 
 class Lane:
@@ -52,4 +52,13 @@ class Lane:
         logits = forward(self.vlm, embed_token(self.vlm, token), self.cache, position)
         self.signature.append(("t", token))
         self.next_position += 1
+        return logits
+
+    def feed(self, tokens: list) -> torch.Tensor:
+        """Feed several text tokens at once (a forced answer) -> logits after each (n, V)."""
+        n = len(tokens)
+        position = self.next_position + torch.arange(n)[None].expand(self.vlm.family.position_rows, n)
+        logits = forward(self.vlm, embed_tokens(self.vlm, tokens), self.cache, position, last=n)
+        self.signature += [("t", t) for t in tokens]
+        self.next_position += n
         return logits

@@ -37,6 +37,8 @@ class TurnStats:
     dtype: str = ""
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
     followup: object = None  # Compare's "ask again as turn 2": the second turn on the same image (SecondTurn)
+    agreement: object = None  # Compare: how close its answer is to Full's (agreement.Agreement)
+    answer_ids: list = field(default_factory=list)  # the answer's token ids (the agreement compares them)
 
 
 def text_delta(tokenizer, generated: list, text_so_far: str, final: bool = False) -> tuple:
@@ -111,7 +113,7 @@ def record_turn(state, turn, plan, stats: TurnStats, t0: float, generated: list,
     if not stats.ttft_s:
         stats.ttft_s = time.perf_counter() - t0
     turn.answer = answered_by.tokenizer.decode(generated, skip_special_tokens=True)
-    turn.answer_tokens, turn.stopped = len(generated), stats.stopped
+    turn.answer_tokens, turn.stopped, stats.answer_ids = len(generated), stats.stopped, list(generated)
     state.turns.append(turn)
     state.pending, state.window_start, state.last_turn = [], plan.window_start, stats
 

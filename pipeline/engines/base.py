@@ -35,6 +35,8 @@ class Request:
     # is rebuilt for it
     watch: object = None  # (KV cache) -> a context manager around the prefill and decode (attention capture)
     max_probs: list | None = None  # filled with the largest probability at each picked token (SGL's confidence)
+    forced: list | None = None  # a given answer (ids) instead of picking: teacher forcing, for its log-likelihood
+    logprobs: list | None = None  # with `forced`: filled with each forced token's log-probability
 
     @property
     def features(self) -> list:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..generate import embed, embed_token, forward_layers, pick, suppress
+from ..generate import embed, embed_tokens, forward_layers, pick, suppress
 from ..kvstore import cache_nbytes
 from ..lane import Lane
 from .base import Usage
@@ -43,11 +43,14 @@ class TransformersEngine:
             with request.watch(lane.cache) if request.watch is not None else contextlib.nullcontext():
                 p0 = time.perf_counter()
                 if request.prune is None:
-                    logits, step = lane.prefill(request.ids, request.slots, start, features), lane.step
+                    logits, feed = lane.prefill(request.ids, request.slots, start, features), lane.feed
                 else:
-                    logits, step = self._pruned_prefill(lane, request)
+                    logits, feed = self._pruned_prefill(lane, request)
                 usage.prefill_s = time.perf_counter() - p0
-                yield from self._picks(request, logits, step, usage)
+                if request.forced is not None:
+                    yield from self._forced(request, logits, feed, usage)
+                else:
+                    yield from self._picks(request, logits, lambda token: feed([token])[-1], usage)
         finally:
             if lane.cache is not None:
                 usage.kv_cache_bytes = cache_nbytes(lane.cache)
@@ -65,8 +68,22 @@ class TransformersEngine:
             if n + 1 < request.max_tokens:
                 logits = step(token)
 
+    def _forced(self, request, logits, feed, usage):
+        """Teacher forcing: the log-probability of each of `request.forced` (under the distribution picks come
+        from: `suppress`ed logits), the answer fed in one forward after the prompt's last position."""
+        forced = list(request.forced)
+        if forced:
+            after = feed(forced[:-1]) if len(forced) > 1 else logits.new_zeros((0, logits.shape[-1]))
+            rows = suppress(torch.cat([logits[None], after]), self.vlm)  # (n, V): row i predicts forced[i]
+            picked = torch.log_softmax(rows, -1)[torch.arange(len(forced)), torch.tensor(forced, device=rows.device)]
+            if request.logprobs is not None:
+                request.logprobs.extend(picked.tolist())
+        for n, token in enumerate(forced):
+            usage.completion_tokens = n + 1
+            yield token
+
     def _pruned_prefill(self, lane, request) -> tuple:
-        """The prompt pruned at layer K -> (logits of its last position, step(token) -> next logits)."""
+        """The prompt pruned at layer K -> (logits of its last position, feed(tokens) -> logits after each)."""
         vlm, (k_layer, keep) = self.vlm, request.prune
         positions = vlm.family.positions(request.ids, request.slots)  # (P, L): the kept tokens keep theirs
 
@@ -76,8 +93,9 @@ class TransformersEngine:
         logits = forward_layers(vlm, embeds, positions, lane.cache, prune_at=k_layer, keep=mask)[-1]
         first, fed = int(positions.max()) + 1, [0]
 
-        def step(token):
-            position = torch.full((vlm.family.position_rows, 1), first + fed[0])
-            fed[0] += 1
-            return forward_layers(vlm, embed_token(vlm, token), position, lane.cache)[-1]
-        return logits, step
+        def feed(tokens):
+            n = len(tokens)
+            position = first + fed[0] + torch.arange(n)[None].expand(vlm.family.position_rows, n)
+            fed[0] += n
+            return forward_layers(vlm, embed_tokens(vlm, tokens), position, lane.cache, last=n)
+        return logits, feed
