@@ -48,11 +48,12 @@ class ForcedAnswer:
         return self.inner.stream(forced, usage)
 
 
-def forced_logprobs(session, method: str, answer_ids: list) -> list:
+def forced_logprobs(session, method: str, answer_ids: list, **settings) -> list:
     """The log-probability of each of `answer_ids` as the answer to the session's last question, under `method`
-    (a private copy of the conversation before that turn: compare.private_session)."""
+    (with `settings`, set_method's keywords; a private copy of the conversation before that turn:
+    compare.private_session)."""
     from .compare import private_session
-    other = private_session(session, method, None)
+    other = private_session(session, method, None, **settings)
     other.engine = None  # zipchat's decoder
     other.state.settings = replace(other.state.settings, early_exit=None)  # SGL: its large model scores
     forcing = ForcedAnswer(other.decoders["large"], answer_ids)
@@ -71,6 +72,14 @@ def first_parting(ids: list, reference: list) -> int | None:
         if a != b:
             return i
     return None if len(ids) == len(reference) else min(len(ids), len(reference))
+
+
+def agreement_of(answer: str, ids: list, logprobs: list, full_text: str, full_ids: list, full_logprob: float | None,
+                 seconds: float = 0.0) -> Agreement:
+    """An answer's Agreement with Full's, from Full's answer's `logprobs` under its method."""
+    lp = mean(logprobs)
+    share = None if lp is None or full_logprob is None else math.exp(lp - full_logprob)
+    return Agreement(lp, share, first_parting(ids, full_ids), token_f1(answer, full_text), len(full_ids), seconds)
 
 
 def mean(values: list) -> float | None:
@@ -97,12 +106,9 @@ def agreements_stream(session, results: list):
         logprobs = forced_logprobs(session, method, full_ids)
         if session.stop_flag.is_set() or len(logprobs) != len(full_ids):
             continue
-        lp = mean(logprobs)
-        full_lp = lp if method == "full" else full_lp
-        share = None if lp is None or full_lp is None else math.exp(lp - full_lp)
-        out[method] = stats.agreement = Agreement(
-            lp, share, first_parting(stats.answer_ids, full_ids), token_f1(answer, full_text), len(full_ids),
-            time.perf_counter() - t0)
+        full_lp = mean(logprobs) if method == "full" else full_lp
+        out[method] = stats.agreement = agreement_of(answer, stats.answer_ids, logprobs, full_text, full_ids, full_lp,
+                                                     time.perf_counter() - t0)
     return out
 
 

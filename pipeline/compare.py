@@ -119,9 +119,10 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
     return results
 
 
-def private_session(session, method: str, max_new_tokens: int | None):
+def private_session(session, method: str, max_new_tokens: int | None, **settings):
     """A session on a copy of `session`'s conversation before its last turn (that turn's images pending), with
-    `method`: its own KV store entry, the same Stop, the compressions shared."""
+    `method` (and `settings`: set_method's keywords, a sweep's budget): its own KV store entry, the same Stop, the
+    compressions shared."""
     from .session import ChatSession
     st = session.state
     other_state = copy.copy(st)
@@ -133,7 +134,7 @@ def private_session(session, method: str, max_new_tokens: int | None):
     other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
                         context_window=session.context_window, examples=session.examples,
                         stop_flag=session.stop_flag, engine=session.engine)
-    other.set_method(method)
+    other.set_method(method, **settings)
     return other
 
 

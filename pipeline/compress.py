@@ -113,14 +113,16 @@ def method_knobs(method: str, knobs: dict | None) -> dict:
 @torch.inference_mode()
 def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
                  selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None,
-                 knobs: dict | None = None, question: str = "", vision: VisionOutput | None = None) -> Compression:
+                 knobs: dict | None = None, question: str = "", vision: VisionOutput | None = None,
+                 keep_vision: bool = False) -> Compression:
     """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as transformers
     sends them), compress-once or question (its `pick` per crop; `question`: what it selects for, "" before any)
     or manual (exactly the units in `picks`, {crop: [unit, ...]}, each as itself, in order). `selection_from`:
     reuse another model's selection (same units and groups) on this model's features, so that two models of an
     SGL pair see the same tokens. `max_tiles` (> 0) caps the tiles VisionZip encodes (a CPU saving); "full"
     always sends what the checkpoint would. `knobs`: the method's own settings (unset ones at their defaults).
-    `vision`: the tower's output for this image from an earlier question (Compression.vision), not run again."""
+    `vision`: the tower's output for this image from an earlier question (Compression.vision), not run again.
+    `keep_vision`: keep the tower's output on the Compression (a question-conditioned method always does)."""
     start = time.perf_counter()
     family, model = vlm.family, vlm.model
     kind = registry.get(method).kind
@@ -168,7 +170,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map, question if asked else "",
-                       on_device(out, "cpu") if asked else None)
+                       on_device(out, "cpu") if asked or keep_vision else None)
 
 
 def encoded_full(family, model, prepared, method: str, dominant: int, contextual: int, full_map, start: float

@@ -133,7 +133,7 @@ def test_chat_maps_views_and_manual_picks(url, tiny_ov_large, tmp_path):
             picked = int(page.locator("#patch-info").inner_text().split()[0])
             assert picked in (before - 1, before + 1)
             ask(page, "Look again?")
-            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('(manual)')",
+            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('(Manual)')",
                                    timeout=60_000)
             wait_until_textbox_is_back(page)
             assert f"{picked} of 1836" in page.locator("#stats").inner_text()

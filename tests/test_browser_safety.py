@@ -119,11 +119,11 @@ def test_stop_shows_for_compare_and_ends_it(served):
         for label in ("VisionZip", "DivPrune", "Random", "Full"):
             page.locator("#compare-methods label", has_text=label).click()
         page.locator("#compare").click()
-        page.wait_for_selector("#stop", state="visible", timeout=15_000)
+        page.wait_for_selector("#compare-stop", state="visible", timeout=15_000)
         page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('answering, 1 of 4')",
                                timeout=60_000)
-        page.locator("#stop").click()
+        page.locator("#compare-stop").click()
         page.wait_for_function("() => document.querySelector('#compare-table').innerText.includes('Stopped: 1 of 4')",
                                timeout=30_000)
-        page.wait_for_selector("#stop", state="hidden", timeout=15_000)
+        page.wait_for_selector("#compare-stop", state="hidden", timeout=15_000)
         wait_until_textbox_is_back(page)

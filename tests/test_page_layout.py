@@ -147,12 +147,15 @@ def test_desktop_first_screen(url, tmp_path):
         shoot(page, tmp_path, "desktop.png", "screenshot.png")
         # Compare: in the right column, its results right under its button, its progress while it runs
         page.get_by_role("tab", name="Compare").click()
+        assert page.locator("#compare-maps").bounding_box() is None  # no empty gallery box before any maps
         for label in ("VisionZip", "DivPrune", "Pool", "Full"):
             page.locator("#compare-methods label", has_text=label).click()
         page.locator("#compare").click()
         page.wait_for_function("() => /answering, \\d of 4/.test(document.querySelector('#compare-table').innerText)",
                                timeout=60_000)
-        assert page.locator("#stop").is_visible()
+        stop, progress = box(page, "#compare-stop"), box(page, "#compare-table")
+        assert not page.locator("#stop").is_visible()  # the chat's Stop stays hidden: Compare's is beside its progress
+        assert stop["x"] > 700 and 0 <= progress["y"] - (stop["y"] + stop["height"]) < 40, (stop, progress)
         page.wait_for_function("() => document.querySelectorAll('#compare-maps img').length === 4", timeout=120_000)
         button, table = box(page, "#compare"), box(page, "#compare-table table")
         assert 0 <= table["y"] - (button["y"] + button["height"]) < 1000
@@ -160,6 +163,8 @@ def test_desktop_first_screen(url, tmp_path):
         headers = page.locator("#compare-table th").all_inner_texts()
         rows = [r.split("\t")[0] for r in page.locator("#compare-table tbody tr").all_inner_texts()]
         assert headers[0] == "method" and rows == ["VisionZip", "DivPrune", "Pool", "Full"]
+        assert {"agreement with Full", "parts from Full", "F1 vs Full"} <= set(headers)
+        assert "Agreement with Full: Full's answer scored" in page.locator("#compare-table").inner_text()
         assert "Not in the overlap: Pool keeps no patch as itself" in page.locator("#compare-overlap").inner_text()
         for caption in page.locator("#compare-maps .caption-label").all():  # captions under whole thumbnails
             image = caption.locator("xpath=preceding-sibling::*//img | preceding-sibling::img").first

@@ -214,7 +214,9 @@ def compare_tab(p, offered: list):
         p.compare_second = gr.Textbox("", label="Then ask again as turn 2 (optional): each method answers this on "
                                       "the same image; compress-once methods reuse what they kept, FastV, DART and "
                                       "SGL select again", elem_id="compare-second", max_lines=2)
-        p.compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+        with gr.Row(elem_id="compare-buttons"):  # Stop beside the button, right above the progress line
+            p.compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+            p.compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop", visible=False, min_width=80)
         p.compare_table = gr.Markdown(elem_id="compare-table")
         p.compare_answers = gr.Markdown(elem_id="compare-answers")
         p.compare_maps = gr.Gallery(label="The tokens each method kept (clear) of the latest image",
@@ -273,18 +275,19 @@ def wire_map(p, h: Handlers):
 
 
 def wire_compare(p, h: Handlers, answers: dict):
-    started = p.compare_btn.click(h.start_compare, p.state, [p.state, p.textbox, p.stop_btn], queue=False,
+    started = p.compare_btn.click(h.start_compare, p.state, [p.state, p.textbox, p.compare_stop], queue=False,
                                   api_name=False)  # (gr.Error while answering: nothing more runs)
     comparing = started.success(h.compare_answers, [p.state, p.compare_methods, p.compare_second],
                                 [p.compare_table, p.compare_answers, p.compare_maps, p.compare_overlap],
                                 api_name="compare", **answers)
-    comparing.then(h.finish_compare, p.state, [p.textbox, p.stop_btn], api_name=False)
-    comparing.failure(h.finish_compare, p.state, [p.textbox, p.stop_btn], api_name=False)
+    comparing.then(h.finish_compare, p.state, [p.textbox, p.compare_stop], api_name=False)
+    comparing.failure(h.finish_compare, p.state, [p.textbox, p.compare_stop], api_name=False)
+    p.compare_stop.click(h.stop, p.state, None, queue=False, api_name="stop_compare")
 
 
 def wire_clear(p, h: Handlers):
     p.clear_btn.click(h.clear, p.state, [p.chatbot, p.state, p.textbox, p.map_image, p.caption, p.view, p.stats, p.info,
                                          p.compare_table, p.compare_answers, p.stop_btn, p.compare_maps,
-                                         p.compare_overlap],
+                                         p.compare_overlap, p.compare_stop],
                       queue=False, api_name="clear").then(h.image_choices, p.state, p.map_choice, queue=False,
                                                           api_name=False)

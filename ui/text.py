@@ -60,7 +60,7 @@ def format_stats(t) -> str:
     else:
         image = f"{t.images_encoded} encoded" + (f", {t.images_ahead} compressed at launch" if t.images_ahead else "")
     rows = [
-        ("model", f"{t.model_used} ({t.method})"),
+        ("model", f"{t.model_used} ({registry.label(t.method) if t.method in registry.names() else t.method})"),
         ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}"),
         ("prompt tokens (computed this turn)", f"{t.prompt_tokens} ({t.prefill_tokens})"),
         ("time to first token", f"{t.ttft_s * 1000:.0f} ms"),
@@ -96,19 +96,36 @@ COMPARE_COLUMNS = [  # (header, value of a TurnStats); on a phone each row stack
     ("first token", lambda t: f"{t.ttft_s * 1000:.0f} ms"),
     ("encode", lambda t: f"{t.encode_s * 1000:.0f} ms"),
     ("prefill", lambda t: f"{t.prefill_s * 1000:.0f} ms"),
-    ("decode", lambda t: f"{t.decode_tok_per_s:.1f} tok/s" + (" (stopped)" if t.stopped else ""))]
+    ("decode", lambda t: f"{t.decode_tok_per_s:.1f} tok/s" + (" (stopped)" if t.stopped else "")),
+    ("agreement with Full", lambda t: "—" if t.agreement is None else f"{t.agreement.share:.2f}"),
+    ("log-lik / token", lambda t: "—" if t.agreement is None or t.agreement.logprob is None
+     else f"{t.agreement.logprob:.2f}"),
+    ("parts from Full", lambda t: "—" if t.agreement is None
+     else ("never" if t.agreement.parting is None else f"token {t.agreement.parting + 1}")),
+    ("F1 vs Full", lambda t: "—" if t.agreement is None else f"{t.agreement.f1:.2f}")]
+AGREEMENT_NOTE = ("_Agreement with Full: Full's answer scored under each method by teacher forcing, its per-token "
+                  "probability as a share of Full's own (1.00: as likely as under Full), the mean log-likelihood per "
+                  "token, the first token where the method's greedy answer leaves Full's, and the token F1 of the "
+                  "two answers._")
+NO_FULL_NOTE = "_Add Full to the methods to see each one's agreement with Full's answer._"
 
 
 def format_compare(results: list) -> str:
     """Markdown table, one row per method, named as the page names it: [(method, answer, TurnStats)]."""
     head = "| method | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |\n|---|" + "---|" * len(COMPARE_COLUMNS)
-    return head + "\n" + "\n".join(f"| {registry.label(m)} | " + " | ".join(str(f(t)) for _, f in COMPARE_COLUMNS) + " |"
-                                    for m, _, t in results)
+    table = head + "\n" + "\n".join(f"| {registry.label(m)} | " + " | ".join(str(f(t)) for _, f in COMPARE_COLUMNS)
+                                     + " |" for m, _, t in results)
+    scored = any(t.agreement is not None for _, _, t in results)
+    return table + "\n\n" + (AGREEMENT_NOTE if scored else NO_FULL_NOTE if "full" not in [m for m, _, _ in results]
+                               else "")
 
 
 def format_progress(p) -> str:
     """A running Compare: which method answers, of how many, and which are done."""
     done = ", ".join(registry.label(m) for m, _, _ in p.done)
+    if getattr(p, "stage", "answer") == "agreement":
+        return (f"**Compare: scoring Full's answer under {registry.label(p.method)}** (agreement with Full; all "
+                f"{p.total} answered) — Stop ends it.")
     return (f"**Compare: {registry.label(p.method)} answering, {p.index + 1} of {p.total}**"
             + (f" (done: {done})" if done else "") + " — Stop ends it.")
 

@@ -114,5 +114,5 @@ KNOBS = (Knob("dart_layer", "DART layer", 1, 1000, DEFAULT_LAYER, step=1, intege
               help="share of the visual tokens kept from layer K on (1: all)"))
 
 register(Method("dart", "DART", IN_LLM, answer=dart_answer, images="full", engines=("transformers",),
-                stats_rows=stats_rows, knobs=KNOBS,
+                stats_rows=stats_rows, knobs=KNOBS, share_knob="dart_keep_ratio",
                 doc="the large model drops the visual tokens that duplicate a few pivots, at layer K"))

@@ -77,4 +77,4 @@ KNOBS = (Knob("fastv_layer", "FastV layer", 1, 1000, DEFAULT_LAYER, step=1, inte
               "tokens, at most 1", alias="keep_ratio", help="share of the visual tokens kept from layer K on"))
 
 register(Method("fastv", "FastV", IN_LLM, answer=fastv_answer, images="full", engines=("transformers",),
-                stats_rows=stats_rows, knobs=KNOBS, doc="the large model keeps the visual tokens its own layer K-1 attends to most"))
+                stats_rows=stats_rows, knobs=KNOBS, share_knob="fastv_keep_ratio", doc="the large model keeps the visual tokens its own layer K-1 attends to most"))

@@ -73,6 +73,7 @@ class Method:
     not_in_overlap: str = ""  # why it is left out of the overlap, where it is
     needs_small: bool = False  # answers with a small model beside the large one (SGL)
     knobs: tuple = ()  # its own settings (Knob)
+    share_knob: str = ""  # IN_LLM: the knob holding the share of visual tokens it keeps (a sweep's budget sets it)
     words: MapWords = field(default_factory=MapWords)
     caption: Callable | None = None  # (Compression) -> the map's caption; None: "Label: n <tokens> = n of N"
     stats_rows: Callable | None = None  # (TurnStats) -> [(name, value)] of its own, shown after the model's row

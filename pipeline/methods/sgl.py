@@ -194,5 +194,5 @@ KNOBS = (Knob("keep_ratio", "SGL keep ratio", 0, 1, 0.35, above_zero="a share of
          Knob("prune_layer", "prune layer", 0, 1, 0.4, step=0.05, help="K as a fraction of the large model's depth"))
 
 register(Method("sgl", "SGL", IN_LLM, answer=sgl_answer, images=lambda settings: settings.sgl_tokens,
-                engines=("transformers",), needs_small=True, stats_rows=stats_rows, knobs=KNOBS,
+                engines=("transformers",), needs_small=True, stats_rows=stats_rows, knobs=KNOBS, share_knob="keep_ratio",
                 doc="a small model answers first and ranks the visual tokens; the large model prunes the rest"))
