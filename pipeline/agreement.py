@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+from .replay import private_session
 from .scoring import token_f1
 
 
@@ -52,7 +53,6 @@ def forced_logprobs(session, method: str, answer_ids: list, **settings) -> list:
     """The log-probability of each of `answer_ids` as the answer to the session's last question, under `method`
     (with `settings`, set_method's keywords; a private copy of the conversation before that turn:
     compare.private_session)."""
-    from .compare import private_session
     other = private_session(session, method, None, **settings)
     other.engine = None  # zipchat's decoder
     other.state.settings = replace(other.state.settings, early_exit=None)  # SGL: its large model scores

@@ -15,9 +15,7 @@ selects again and rebuilds the cache. Per method: the Jaccard overlap of what it
 time to first token, how much of its prompt came from the cache (`SecondTurn`, on the first turn's stats).
 """
 
-import copy
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +23,7 @@ from .agreement import agreements_stream
 from .errors import InputError
 from .methods import registry
 from .methods.base import units_view
+from .replay import private_session
 
 
 def default_methods(method: str) -> list:
@@ -117,25 +116,6 @@ def compare_stream(session, methods: list | None = None, max_new_tokens: int | N
         session.stop_flag.clear()  # a Stop that came as it ended does not reach the next question
         session.answering.clear()
     return results
-
-
-def private_session(session, method: str, max_new_tokens: int | None, **settings):
-    """A session on a copy of `session`'s conversation before its last turn (that turn's images pending), with
-    `method` (and `settings`: set_method's keywords, a sweep's budget): its own KV store entry, the same Stop, the
-    compressions shared."""
-    from .session import ChatSession
-    st = session.state
-    other_state = copy.copy(st)
-    other_state.session_id = uuid.uuid4().hex  # a private KV store entry; Stop is the session's own
-    other_state.turns, other_state.pending = st.turns[:-1], list(st.turns[-1].images)
-    other_state.compressions = copy.copy(st.compressions)  # shared entries, private bookkeeping
-    other_state.settings = replace(st.settings, max_new_tokens=max_new_tokens or st.settings.max_new_tokens)
-    other_state.last_turn = None
-    other = ChatSession(session.vlm, small=session.small, state=other_state, stop_at_eos=session.stop_at_eos,
-                        context_window=session.context_window, examples=session.examples,
-                        stop_flag=session.stop_flag, engine=session.engine)
-    other.set_method(method, **settings)
-    return other
 
 
 def second_turn(other, method: str, question: str, progress):

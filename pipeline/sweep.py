@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 from .agreement import Agreement, agreement_of, forced_logprobs
-from .compare import checked_methods, private_session
+from .compare import checked_methods
 from .compress import encode_image, method_knobs
 from .errors import InputError
 from .methods import registry
+from .replay import private_session
 
 DEFAULT_BUDGETS = (16, 32, 64, 128, 192)
 

@@ -88,7 +88,7 @@ def test_a_method_registered_at_run_time_is_offered_by_the_app(throwaway, tiny_l
     *_, last = h.respond(history, state, "kept")
     history, state, stats, shown, caption, _ = last
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and caption.startswith("Least attended: 64")
-    assert stat(stats, "model") == f"{tiny_llava.name} (least)" and history[-1]["role"] == "assistant"
+    assert stat(stats, "model") == f"{tiny_llava.name} (Least attended)" and history[-1]["role"] == "assistant"
     *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["least", "full"])
     assert list(compare_rows(table)) == ["Least attended", "Full"] and "**Least attended:**" in answers
     assert len(maps) == 2 and maps[0][1].startswith("Least attended: 64 of")
