@@ -57,7 +57,7 @@ def test_method_switch_applies_next_turn(url):
 def test_compare(url, method):
     c = Client(url, verbose=False)
     send(c, [], "What is it?", [CAT], settings=(method,) + VISIONZIP[1:])
-    table, answers, maps, overlap = c.predict(api_name="/compare")  # called as before this had a method choice
+    table, answers, maps, overlap, files = c.predict(api_name="/compare")  # called as before this had a method choice
     assert len(maps) == 2 and "kept overlap" not in overlap  # (Full has no kept set of its own)
     if method == "VisionZip":
         assert [(m, cells[0]) for m, cells in compare_rows(table).items()] == [("VisionZip", "64"), ("Full", "576")]
@@ -73,7 +73,7 @@ def test_compare_any_set_of_methods(url):
     c = Client(url, verbose=False)
     send(c, [], "What is it?", [CAT], settings=VISIONZIP)
     chosen = ["visionzip", "divprune", "vispruner", "random", "pool", "fastv", "full"]
-    table, answers, maps, overlap = c.predict(chosen, api_name="/compare")
+    table, answers, maps, overlap, files = c.predict(chosen, api_name="/compare")
     rows = compare_rows(table)
     assert list(rows) == ["VisionZip", "DivPrune", "VisPruner", "Random", "Pool", "FastV", "Full"]
     assert [cells[0] for cells in rows.values()] == ["64"] * 5 + ["288 from layer 1 (576 below)", "576"]
@@ -86,6 +86,17 @@ def test_compare_any_set_of_methods(url):
     assert [matrix[i][i] for i in range(5)] == ["1.00"] * 5 and not any(r.startswith("| Pool") for r in rows)
     assert "Not in the overlap: Pool keeps no patch as itself" in overlap and "Full keeps every patch" in overlap
     assert all(matrix[i][j] == matrix[j][i] for i in range(5) for j in range(5))
+    # the files: JSON and CSV of the results (the table's numbers), a PNG per map
+    import json
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    assert names[:2] == ["compare.json", "compare.csv"] and len([n for n in names if n.endswith(".png")]) == 7
+    record = json.loads(open(files[0]).read())
+    assert [r["label"] for r in record["rows"]] == list(compare_rows(table))
+    assert [str(r["visual_tokens"]) for r in record["rows"][:5]] == ["64"] * 5
+    full = record["rows"][-1]
+    assert full["agreement_share"] == 1.0 and full["agreement_parting"] is None
+    cells = compare_rows(table)["Full"]
+    assert cells[6:] == ["1.00", f"{full['agreement_logprob']:.2f}", "never", "1.00"], cells
     for bad in (["nope"], ["sgl"], "visionzip"):  # (no small model here: no SGL)
         try:
             table, *_ = c.predict(bad, api_name="/compare")
@@ -95,6 +106,34 @@ def test_compare_any_set_of_methods(url):
             assert table.startswith("⚠️"), table
     history, stats, _, _ = send(c, [], "And now?")  # the conversation goes on, on its own method and cache
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and stat(stats, "KV cache reused / size").startswith("yes")
+
+
+def test_sweep_through_the_api(url):
+    """The budget sweep: a table with Full and each method x budget, the plot, the files; bad budgets are a
+    message; the conversation goes on."""
+    import json
+    from PIL import Image
+    c = Client(url, verbose=False)
+    send(c, [], "What is it?", [CAT], settings=VISIONZIP)
+    table, plot, files = c.predict(["visionzip", "fastv"], [16, 32], api_name="/sweep")
+    lines = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| method")]
+    assert [r.split(" | ")[0:2] for r in lines] == [["| Full", "all"], ["| VisionZip", "16"], ["| VisionZip", "32"],
+                                                   ["| FastV", "16"], ["| FastV", "32"]]
+    assert "the vision tower ran 1 time(s) for 4 compressed point(s)" in table
+    assert Image.open(plot).size == (900, 400)
+    record = json.loads(open(next(f for f in files if f.endswith(".json"))).read())
+    assert [(r["method"], r["budget"]) for r in record["rows"]] == [("full", None), ("visionzip", 16), ("visionzip", 32),
+                                                                    ("fastv", 16), ("fastv", 32)]
+    assert record["rows"][1]["visual_tokens"] == 16 and record["tower_passes"] == 1
+    for bad in ([0], ["x"], "16"):
+        try:
+            table, *_ = c.predict(["visionzip"], bad, api_name="/sweep")
+        except Exception as e:  # Gradio's own check of the choices
+            assert "not in the list of choices" in str(e) or "must be a list" in str(e), e
+        else:
+            assert table.startswith("⚠️"), table
+    history, stats, _, _ = send(c, [], "And now?")
+    assert stat(stats, "KV cache reused / size").startswith("yes")
 
 
 def test_bad_uploads_are_messages(url, tmp_path):
@@ -147,7 +186,7 @@ def test_sgl_turns_show_guidance(sgl_url):
     # early exit at threshold 0: the small model answers, the large one is not run
     history, stats, _, _ = send(c, history, "And now?", settings=sgl[:5] + (True, 0.0, False))
     assert stat(stats, "SGL: answered by") == "tiny-ov-small (early exit)" and stat(stats, "SGL: large model") == "not run"
-    table, answers, maps, overlap = c.predict(api_name="/compare")
+    table, answers, maps, overlap, files = c.predict(api_name="/compare")
     assert list(compare_rows(table)) == ["SGL", "VisionZip", "Full"] and answers.startswith("**SGL:**")
     assert "| SGL |" in overlap and "| VisionZip |" in overlap
 
@@ -200,6 +239,6 @@ def test_a_handler_runs_alone_without_a_server(tiny_llava):
     *_, last = h.respond(history, state, "kept")
     history, state, stats, shown, caption, _ = last
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and "64 of 576" in caption and shown is not None
-    *_, (table, answers, maps, overlap) = h.compare_answers(state, ["divprune", "pool", "full"])  # (it streams)
+    *_, (table, answers, maps, overlap, files) = h.compare_answers(state, ["divprune", "pool", "full"])  # (it streams)
     assert list(compare_rows(table)) == ["DivPrune", "Pool", "Full"] and len(maps) == 3 and answers.count("**") == 6
     assert "needs two methods" in overlap  # DivPrune alone keeps units as themselves here

@@ -89,7 +89,7 @@ def test_a_method_registered_at_run_time_is_offered_by_the_app(throwaway, tiny_l
     history, state, stats, shown, caption, _ = last
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and caption.startswith("Least attended: 64")
     assert stat(stats, "model") == f"{tiny_llava.name} (Least attended)" and history[-1]["role"] == "assistant"
-    *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["least", "full"])
+    *_, (table, answers, maps, overlap_table, _files) = h.compare_answers(state, ["least", "full"])
     assert list(compare_rows(table)) == ["Least attended", "Full"] and "**Least attended:**" in answers
     assert len(maps) == 2 and maps[0][1].startswith("Least attended: 64 of")
 
@@ -160,7 +160,7 @@ def test_an_in_llm_method_with_a_knob_gets_a_slider_on_the_page(deep_fastv, tiny
     *_, last = h.respond(history, state, "kept")
     history, state, stats, *_ = last
     assert state.chat.settings.knobs["deep_layer"] == 2 and stat(stats, "Deep: pruned at") == "2"
-    *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["deep", "visionzip", "full"])
+    *_, (table, answers, maps, overlap_table, _files) = h.compare_answers(state, ["deep", "visionzip", "full"])
     assert list(compare_rows(table)) == ["Deep FastV", "VisionZip", "Full"]
     assert compare_rows(table)["Deep FastV"][0] == "288 from layer 1 (576 below)"  # tiny-llava: K clamped to 1
     assert maps[0][1] == "Deep FastV: 288 of 576 tokens" and "| Deep FastV |" in overlap_table

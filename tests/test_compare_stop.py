@@ -60,7 +60,7 @@ def test_stop_ends_a_long_compare_and_the_queue_moves_on(url):
     assert not answer_b.done()
     pressed = time.time()
     a.predict(api_name="/stop")
-    table, answers, maps, overlap = wait(job, 30)
+    table, answers, maps, overlap, files = wait(job, 30)
     stopped_in = time.time() - pressed
     assert table.startswith("⏹ Stopped: 1 of 8 methods answered") and list(compare_rows(table)) == ["VisionZip"], table
     assert answers.startswith("**VisionZip:**") and len(maps) == 1
@@ -69,14 +69,14 @@ def test_stop_ends_a_long_compare_and_the_queue_moves_on(url):
     assert stopped_in < 15, stopped_in
     # A goes on: its conversation is whole, and a Compare that nobody stops runs to its end
     a.predict("kept", *VISIONZIP, 0, 3, api_name="/settings_max_new_tokens")
-    table, answers, maps, _ = a.predict(["visionzip", "full"], api_name="/compare")
+    table, answers, maps, _, _ = a.predict(["visionzip", "full"], api_name="/compare")
     assert "Stopped" not in table and len(maps) == 2
 
 
 def test_clear_during_a_compare_discards_it(url):
     a, _, job = long_compare(url)
     a.predict(api_name="/clear")
-    table, answers, maps, overlap = wait(job, 30)
+    table, answers, maps, overlap, files = wait(job, 30)
     assert (table, answers, maps or None, overlap) == ("", "", None, "")  # nothing of the cleared conversation comes back
     history, stats, _, caption = send(a, [], "A new start?", [CAT])  # the tab starts anew
     assert stat(stats, "visual tokens to the LLM") == "64 of 576" and len(texts(history)) == 2

@@ -51,10 +51,10 @@ def test_the_page_handler_takes_a_second_question(tiny_ov_large, photo):
     history, _, state, _ = h.add_message([], {"text": Q1, "files": [CAT]}, None, *VISIONZIP)
     *_, last = h.respond(history, state, "kept")
     state = last[1]
-    *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["visionzip", "dart"], Q2)
+    *_, (table, answers, maps, overlap_table, _files) = h.compare_answers(state, ["visionzip", "dart"], Q2)
     assert "Ask again as turn 2:** " + Q2 in overlap_table and "| DART |" in overlap_table
     assert "(turn 2)" not in answers  # the answers are turn 1's, as before
-    *_, (table, answers, maps, overlap_table) = h.compare_answers(state, ["visionzip"], "   ")
+    *_, (table, answers, maps, overlap_table, _files) = h.compare_answers(state, ["visionzip"], "   ")
     assert "turn 2" not in overlap_table  # blank: no second turn
     *_, (table, *_rest) = h.compare_answers(state, ["visionzip"], 42)
     assert "turn-2 question must be text" in table

@@ -206,7 +206,8 @@ class ChatEvents:
             self.memory.forget(sid)
             self.kv.drop(sid)
         return ([], None, gr.update(value=None, interactive=True), None, NO_IMAGE, gr.skip(), format_stats(None),
-                "", "", "", gr.update(visible=False), None, "", gr.update(visible=False))
+                "", "", "", gr.update(visible=False), None, "", gr.update(visible=False), None, "", None, None,
+                gr.update(visible=False))
 
     def forget(self, state):
         if state is not None:

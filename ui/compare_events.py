@@ -2,11 +2,14 @@
 map per method and the overlap of their kept sets. Methods of Handlers (handlers.py)."""
 
 import logging
+import re
+import tempfile
 
 import gradio as gr
 
 from pipeline import InputError
 from pipeline.compare import compare_stream, kept_view, overlap, overlap_markdown, second_turn_markdown
+from pipeline.export import compare_record, write_files
 from pipeline.heatmap import Display, render_map
 from pipeline.methods import registry
 from pipeline.stopflag import AnsweringFlag, ClearedFlag
@@ -33,6 +36,17 @@ def kept_maps(session, results: list, display: Display = None) -> list:
     return maps
 
 
+def export_compare(session, results: list, maps: list) -> list:
+    """Compare's files: JSON and CSV of its results, and each kept-view map as PNG -> their paths."""
+    folder = tempfile.mkdtemp(prefix="zipchat-compare-")
+    files = write_files(compare_record(session, results), folder, "compare")
+    for (picture, caption), (method, _, _) in zip(maps, [r for r in results if kept_view(session, r[0], r[2])]):
+        path = f"{folder}/kept-{re.sub(r'[^a-z0-9_-]', '', method.lower())}.png"
+        picture.save(path)
+        files.append(path)
+    return files
+
+
 class CompareEvents:
     def start_compare(self, state):
         """Compare pressed, before it queues: refused (gr.Error) while this conversation answers; else
@@ -49,15 +63,15 @@ class CompareEvents:
     def compare_answers(self, state, methods=None, second=None):
         """The last question again with each chosen method (default: the session's, VisionZip and Full),
         streamed: the progress while it runs, then -> (table, answers, [(kept-view map, caption)], overlap
-        table). `second` (optional): each method then answers it as turn 2 on the same image, and the overlap
+        table, [files: JSON, CSV, each map as PNG]). `second` (optional): each method then answers it as turn 2 on the same image, and the overlap
         output adds what each kept again and what turn 2 cost. Stop ends it (the finished methods stay, the
         stopped one keeps its partial answer); after Clear nothing of it appears. Nothing of the conversation
         changes."""
         if state is None or not state.chat.turns:
-            yield "_Ask a question first, then compare methods._", "", None, ""
+            yield "_Ask a question first, then compare methods._", "", None, "", None
             return
         if second is not None and not isinstance(second, str):
-            yield f"⚠️ The turn-2 question must be text (got {type(second).__name__}).", "", None, ""
+            yield f"⚠️ The turn-2 question must be text (got {type(second).__name__}).", "", None, "", None
             return
         second = (second or "").strip() or None
         sid = state.chat.session_id
@@ -75,22 +89,23 @@ class CompareEvents:
                     results = end.value
                     break
                 if not cleared.is_set():
-                    yield format_progress(progress), progress_answers(progress), gr.skip(), gr.skip()
+                    yield format_progress(progress), progress_answers(progress), gr.skip(), gr.skip(), gr.skip()
             if cleared.is_set():  # Clear was pressed during it: nothing of it comes back
                 cleared.clear()
-                yield "", "", None, ""
+                yield "", "", None, "", None
                 return
             if not results:
-                yield "⏹ Compare was stopped before its first answer.", "", None, ""
+                yield "⏹ Compare was stopped before its first answer.", "", None, "", None
                 return
             maps = kept_maps(session, results, self.display(state))
             names, matrix = overlap(session, results)
+            files = export_compare(session, results, maps)
         except InputError as e:
-            yield f"⚠️ {e}", "", None, ""
+            yield f"⚠️ {e}", "", None, "", None
             return
         except Exception as e:  # reported here: on ZeroGPU it would reach the page as a bare class name
             log.exception("compare failed")
-            yield f"⚠️ Compare failed: {type(e).__name__}: {e}", "", None, ""
+            yield f"⚠️ Compare failed: {type(e).__name__}: {e}", "", None, "", None
             return
         answers = "\n\n".join(f"**{registry.label(m)}:** {a}" for m, a, _ in results)
         table = format_compare(results)
@@ -98,4 +113,4 @@ class CompareEvents:
             table = f"⏹ Stopped: {len(results)} of {progress.total} methods answered (the last one in part).\n\n" + table
         follow = second_turn_markdown(results)
         yield table, answers, maps or None, overlap_markdown(names, matrix, [m for m, _, _ in results]) + \
-            (f"\n\n{follow}" if follow else "")
+            (f"\n\n{follow}" if follow else ""), files

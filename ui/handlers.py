@@ -21,6 +21,7 @@ from pipeline.methods import registry
 from .chat_events import ChatEvents
 from .compare_events import CompareEvents
 from .map_events import MapEvents
+from .sweep_events import SweepEvents
 from .text import NO_IMAGE, VIEW_NAMES
 
 try:  # Hugging Face ZeroGPU (app.py imports it before torch, as the package asks)
@@ -67,7 +68,7 @@ def gpu_seconds(state: AppState | None, big: bool, answers: int = 1) -> int:
     return min(300, seconds * answers)
 
 
-class Handlers(ChatEvents, MapEvents, CompareEvents):
+class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
     """`max_tiles`: the tiles per image the compress-once methods encode by default (tiling families);
     `image_memory`: bytes of images and compressed features all conversations keep together
     (memory.py); `examples`: the example images compressed ahead (examples.py); `example_paths`: their
@@ -92,6 +93,10 @@ class Handlers(ChatEvents, MapEvents, CompareEvents):
             state, self.big, answers=(len(methods) if isinstance(methods, (list, tuple)) and methods else 3)
             * (2 if isinstance(second, str) and second.strip() else 1))
         )(self.compare_answers)
+        self.sweep_budgets = gpu(duration=lambda state, methods=None, budgets=None: gpu_seconds(
+            state, self.big, answers=2 * (1 + (len(methods) if isinstance(methods, (list, tuple)) and methods else 2)
+                                          * (len(budgets) if isinstance(budgets, (list, tuple)) and budgets else 5)))
+        )(self.sweep_budgets)
 
     # ---- helpers -------------------------------------------------------------------------------
     def session_for(self, state: AppState) -> ChatSession:

@@ -8,6 +8,7 @@ import gradio as gr
 from pipeline.methods import registry
 
 from .handlers import Handlers
+from .compare_layout import compare_tab, wire_compare
 from .text import (ABOUT, CHAT_PLACEHOLDER, CHAT_PLACEHOLDER_FAST, IN_LLM_NOTE, NO_IMAGE, VIEW_NAMES, drawn_knobs,
                    format_stats, vllm_note)
 
@@ -206,25 +207,6 @@ def map_tab(p, h: Handlers):
         p.stats = gr.Markdown(format_stats(None), elem_id="stats")
 
 
-def compare_tab(p, offered: list):
-    with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
-        p.compare_methods = gr.CheckboxGroup(  # values are the method names (the API takes those)
-            [(m.label, m.name) for m in offered], value=[], elem_id="compare-methods",
-            label="Answer the last question again with (none checked: this chat's method, VisionZip and Full)")
-        p.compare_second = gr.Textbox("", label="Then ask again as turn 2 (optional): each method answers this on "
-                                      "the same image; compress-once methods reuse what they kept, FastV, DART and "
-                                      "SGL select again", elem_id="compare-second", max_lines=2)
-        with gr.Row(elem_id="compare-buttons"):  # Stop beside the button, right above the progress line
-            p.compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
-            p.compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop", visible=False, min_width=80)
-        p.compare_table = gr.Markdown(elem_id="compare-table")
-        p.compare_answers = gr.Markdown(elem_id="compare-answers")
-        p.compare_maps = gr.Gallery(label="The tokens each method kept (clear) of the latest image",
-                                    show_label=False, columns=3, height="auto", elem_id="compare-maps",
-                                    object_fit="contain", allow_preview=True, buttons=["fullscreen", "download"])
-        p.compare_overlap = gr.Markdown(elem_id="compare-overlap")
-
-
 def wire_chat(p, h: Handlers, answers: dict):
     """A message, then its answer; Stop."""
     def answer(trigger, api: bool):
@@ -274,20 +256,10 @@ def wire_map(p, h: Handlers):
                      api_name="picks_clear")
 
 
-def wire_compare(p, h: Handlers, answers: dict):
-    started = p.compare_btn.click(h.start_compare, p.state, [p.state, p.textbox, p.compare_stop], queue=False,
-                                  api_name=False)  # (gr.Error while answering: nothing more runs)
-    comparing = started.success(h.compare_answers, [p.state, p.compare_methods, p.compare_second],
-                                [p.compare_table, p.compare_answers, p.compare_maps, p.compare_overlap],
-                                api_name="compare", **answers)
-    comparing.then(h.finish_compare, p.state, [p.textbox, p.compare_stop], api_name=False)
-    comparing.failure(h.finish_compare, p.state, [p.textbox, p.compare_stop], api_name=False)
-    p.compare_stop.click(h.stop, p.state, None, queue=False, api_name="stop_compare")
-
-
 def wire_clear(p, h: Handlers):
     p.clear_btn.click(h.clear, p.state, [p.chatbot, p.state, p.textbox, p.map_image, p.caption, p.view, p.stats, p.info,
                                          p.compare_table, p.compare_answers, p.stop_btn, p.compare_maps,
-                                         p.compare_overlap, p.compare_stop],
+                                         p.compare_overlap, p.compare_stop, p.compare_files, p.sweep_table,
+                                         p.sweep_plot, p.sweep_files, p.sweep_stop],
                       queue=False, api_name="clear").then(h.image_choices, p.state, p.map_choice, queue=False,
                                                           api_name=False)
