@@ -37,16 +37,33 @@ class ForcedAnswer:
     name, concurrent = "transformers", False
 
     def __init__(self, inner, answer_ids: list):
-        self.inner, self.answer_ids, self.logprobs = inner, list(answer_ids), []
+        self.inner, self.answer_ids, self.logprobs, self.greedy = inner, list(answer_ids), [], []
 
     def max_model_len(self):
         return None
 
     def stream(self, request, usage=None):
         self.logprobs.clear()
-        forced = replace(request, forced=self.answer_ids, logprobs=self.logprobs, max_tokens=len(self.answer_ids),
-                         ignore_stops=True, reuse=False)
+        self.greedy.clear()
+        forced = replace(request, forced=self.answer_ids, logprobs=self.logprobs, greedy=self.greedy,
+                         max_tokens=len(self.answer_ids), ignore_stops=True, reuse=False)
         return self.inner.stream(forced, usage)
+
+
+def answer_logprobs(session, question: str, answer_ids: list) -> tuple:
+    """Ask `question` in `session` with `answer_ids` as the answer (teacher forcing, on zipchat's decoder; SGL
+    under its large model) -> (each id's log-probability, whether each id is the most likely there). The turn
+    is recorded in `session` with that answer."""
+    session.engine = None  # zipchat's decoder
+    session.state.settings = replace(session.state.settings, early_exit=None)  # SGL: its large model scores
+    large = session.decoders["large"]
+    forcing = session.decoders["large"] = ForcedAnswer(large, answer_ids)
+    try:
+        for _ in session.ask_stream(question, accepted=True):
+            pass
+    finally:
+        session.decoders["large"] = large
+    return list(forcing.logprobs), list(forcing.greedy)
 
 
 def forced_logprobs(session, method: str, answer_ids: list, **settings) -> list:
@@ -54,16 +71,10 @@ def forced_logprobs(session, method: str, answer_ids: list, **settings) -> list:
     (with `settings`, set_method's keywords; a private copy of the conversation before that turn:
     compare.private_session)."""
     other = private_session(session, method, None, **settings)
-    other.engine = None  # zipchat's decoder
-    other.state.settings = replace(other.state.settings, early_exit=None)  # SGL: its large model scores
-    forcing = ForcedAnswer(other.decoders["large"], answer_ids)
-    other.decoders["large"] = forcing
     try:
-        for _ in other.ask_stream(session.state.turns[-1].question, accepted=True):
-            pass
+        return answer_logprobs(other, session.state.turns[-1].question, answer_ids)[0]
     finally:
         session.kv.drop(other.state.session_id)
-    return list(forcing.logprobs)
 
 
 def first_parting(ids: list, reference: list) -> int | None:

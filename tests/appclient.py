@@ -1,6 +1,7 @@
 """Driving the app the way a browser or an API user does: gradio_client calls, and `python app.py`
 started as a separate process (with the environment a Space gives it)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,20 @@ from tests.conftest import ROOT
 
 CAT = str(ROOT / "assets" / "chelsea.png")
 VISIONZIP = ("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False)  # method, dominant, contextual, SGL knobs
+
+
+@contextlib.contextmanager
+def tiny_llava_app(max_new_tokens: int):
+    """The app on the tiny LLaVA twin (float32), served in this process -> its local URL."""
+    import app
+    vlm, _, banner = app.load_models("tiny-llava", None, dtype="float32")
+    demo = app.build_demo(vlm, banner=banner, max_new_tokens=max_new_tokens)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
+    try:
+        yield local_url
+    finally:
+        demo.close()
 
 
 def knob_defaults() -> list:

@@ -101,3 +101,16 @@ def test_compare_scores_every_method_and_a_stop_scores_none(tiny_ov_large, photo
     assert all(a is not None for a in scored.values())
     assert agreements(s, [r for r in results if r[0] != "full"]) == {}  # no Full: nothing to agree with
     assert len(s.state.turns) == 1  # the conversation is unchanged
+
+
+def test_greedy_flags_of_a_forced_answer(tiny_llava, photo):
+    """lmms-eval's "is greedy": Full's own greedy answer is the most likely token at every step under Full; a
+    first token swapped for another is not."""
+    from pipeline.agreement import answer_logprobs
+    s = conversation(tiny_llava, photo, method="full")
+    ids = s.last_turn.answer_ids
+    other = private_session(s, "full", None)
+    logprobs, greedy = answer_logprobs(other, Q, ids)
+    assert greedy == [True] * len(ids) and len(logprobs) == len(ids)
+    swapped = [(ids[0] + 1) % len(tiny_llava.tokenizer)] + ids[1:]
+    assert answer_logprobs(private_session(s, "full", None), Q, swapped)[1][0] is False

@@ -6,6 +6,7 @@ than the screen. Screenshots go to the test's tmp_path (looked at when this was 
 import numpy as np
 import pytest
 
+from tests.appclient import tiny_llava_app
 from tests.conftest import ROOT
 from tests.test_browser import ask, wait_until_textbox_is_back
 from tests.test_page_layout import CLIPPED, TOO_WIDE, box, page_of  # noqa: F401
@@ -19,13 +20,8 @@ SWEEP_DONE = "() => document.querySelector('#sweep-table').innerText.includes('B
 
 @pytest.fixture(scope="module")
 def url(tiny_llava):
-    import app
-    vlm, small, banner = app.load_models("tiny-llava", None, dtype="float32")
-    demo = app.build_demo(vlm, banner=banner, max_new_tokens=6)
-    demo.queue(default_concurrency_limit=1)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
-    yield local_url
-    demo.close()
+    with tiny_llava_app(max_new_tokens=6) as local_url:
+        yield local_url
 
 
 def asked(page):

@@ -37,6 +37,7 @@ class Request:
     max_probs: list | None = None  # filled with the largest probability at each picked token (SGL's confidence)
     forced: list | None = None  # a given answer (ids) instead of picking: teacher forcing, for its log-likelihood
     logprobs: list | None = None  # with `forced`: filled with each forced token's log-probability
+    greedy: list | None = None  # with `forced`: filled with whether each forced token is the most likely one
 
     @property
     def features(self) -> list:

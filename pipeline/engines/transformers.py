@@ -75,9 +75,12 @@ class TransformersEngine:
         if forced:
             after = feed(forced[:-1]) if len(forced) > 1 else logits.new_zeros((0, logits.shape[-1]))
             rows = suppress(torch.cat([logits[None], after]), self.vlm)  # (n, V): row i predicts forced[i]
-            picked = torch.log_softmax(rows, -1)[torch.arange(len(forced)), torch.tensor(forced, device=rows.device)]
+            ids = torch.tensor(forced, device=rows.device)
+            picked = torch.log_softmax(rows, -1)[torch.arange(len(forced)), ids]
             if request.logprobs is not None:
                 request.logprobs.extend(picked.tolist())
+            if request.greedy is not None:
+                request.greedy.extend((rows.argmax(-1) == ids).tolist())
         for n, token in enumerate(forced):
             usage.completion_tokens = n + 1
             yield token
