@@ -164,6 +164,38 @@ def test_in_llm_methods_stay_on_transformers(served, method):
 
 
 @pytest.mark.browser
+def test_eval_and_compare_agreement_on_vllm(served, tmp_path):
+    """`python -m pipeline.eval --vllm-url`: the items answered on vLLM equal those answered on zipchat's decoder
+    (the same answers, scores and agreement with Full, which is scored on zipchat's decoder either way); Compare's
+    agreement columns on a session answering on vLLM equal those on zipchat's decoder."""
+    import json
+    from pipeline.compare import compare
+    from pipeline.dataset import load_items
+    from pipeline.eval import evaluate, read_results
+    vlm, engine = served
+    images()[0].save(tmp_path / "red.png")
+    rows = [{"id": "yn", "image": "red.png", "question": "Is it red?", "answer": "yes"},
+            {"id": "two", "image": "red.png", "questions": ["What is it?", "What colour?"], "answers": ["box", "red"]}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_items(str(tmp_path / "items.jsonl"))
+    for name, e in (("mine", None), ("vllm", engine)):
+        evaluate(vlm, items, ["visionzip", "divprune"], [32], tmp_path / name, 8, e)
+    mine, on_vllm = (read_results(tmp_path / name / "results.jsonl") for name in ("mine", "vllm"))
+    assert len(mine) == len(on_vllm) == 2 * 3  # Full, VisionZip and DivPrune per item
+    for a, b in zip(mine, on_vllm):
+        assert (a["id"], a["method"]) == (b["id"], b["method"]) and a["turns"]
+        assert [t["answer"] for t in a["turns"]] == [t["answer"] for t in b["turns"]]
+        for x, y in zip(a["turns"], b["turns"]):
+            assert x["score"] == y["score"] and x["share"] == pytest.approx(y["share"], abs=1e-4)
+    shares = []
+    for e in (None, engine):
+        s = ChatSession(vlm, method="visionzip", max_new_tokens=8, engine=e)
+        s.add_image(images()[0])
+        s.ask(QUESTIONS[0])
+        shares.append([t.agreement.share for _, _, t in compare(s, ["full", "visionzip"])])
+    assert shares[0][0] == shares[1][0] == 1.0 and shares[0] == pytest.approx(shares[1], abs=1e-4)
+
+
 def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
     """`python app.py --engine vllm` (it starts its own vLLM server): a conversation in Chromium streams its
     answers from vLLM, says so, and turn 2 hits vLLM's prefix cache; two API clients answered together get
