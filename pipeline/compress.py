@@ -13,6 +13,7 @@ from .images import image_digest
 from .methods import registry
 from .methods.base import CropInput
 from .methods.visionzip import gather
+from .video import Frames
 
 
 @dataclass
@@ -115,7 +116,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
                  selection_from: Compression | None = None, max_tiles: int = 0, picks: dict | None = None,
                  knobs: dict | None = None, question: str = "", vision: VisionOutput | None = None,
                  keep_vision: bool = False) -> Compression:
-    """PIL image -> Compression. `method`: a registered method of kind full (every token exactly as transformers
+    """PIL image (or video.Frames: a clip, one crop per frame) -> Compression. `method`: a registered method of kind full (every token exactly as transformers
     sends them), compress-once or question (its `pick` per crop; `question`: what it selects for, "" before any)
     or manual (exactly the units in `picks`, {crop: [unit, ...]}, each as itself, in order). `selection_from`:
     reuse another model's selection (same units and groups) on this model's features, so that two models of an
@@ -128,8 +129,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     kind = registry.get(method).kind
     if kind not in (registry.FULL, registry.MANUAL, *registry.BUDGETED):
         raise InputError(f"{registry.label(method)} does not compress an image once (it prunes inside the model).")
-    full_map = family.full_token_map(model, family.layout(image))  # what the LLM would see without compression
-    prepared = family.prepare(image, max_tiles if kind != registry.FULL and max_tiles else None)
+    prepared, full_map = prepared_input(vlm, image, max_tiles if kind != registry.FULL and max_tiles else None)
     if kind == registry.FULL:
         return encoded_full(family, model, prepared, method, dominant, contextual, full_map, start)
     manual = kind == registry.MANUAL
@@ -173,10 +173,21 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
                        on_device(out, "cpu") if asked or keep_vision else None)
 
 
+def prepared_input(vlm, image, max_tiles: int | None) -> tuple:
+    """-> (the tower's input, the token map of what the LLM would see without compression). A clip (video.Frames):
+    one crop per frame, as the family's video processor gives them."""
+    family, model = vlm.family, vlm.model
+    if isinstance(image, Frames):
+        prepared = family.prepare_video(image)
+        return prepared, family.video_token_map(model, prepared)
+    return family.prepare(image, max_tiles), family.full_token_map(model, family.layout(image))
+
+
 def encoded_full(family, model, prepared, method: str, dominant: int, contextual: int, full_map, start: float
                  ) -> Compression:
     """Every token exactly as transformers sends them."""
-    features = family.encode_full(model, prepared)
+    video = prepared.extra.get("video")
+    features = family.encode_video_full(model, prepared) if video else family.encode_full(model, prepared)
     crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
                       None, np.zeros(0, int)) for c in prepared.crops]
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,

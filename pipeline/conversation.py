@@ -11,6 +11,7 @@ from PIL import Image
 from .compress import Compression, encode_image, method_key, selection_digest
 from .errors import InputError
 from .images import image_digest, load_image
+from .video import Frames, read_clip
 from .methods import registry
 
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
@@ -45,6 +46,23 @@ class Images:
         state.images[key] = np.asarray(image)
         return key
 
+    def keep_clip(self, state, source, num_frames: int | None) -> str:
+        """Check a clip (a path: video.py), sample `num_frames` frames as transformers' processors do (None: 8 on a
+        CPU, the checkpoint's number on a GPU), and keep them at the family's video size -> its key. InputError
+        for a family without video."""
+        family = self.vlm.family
+        if family.video_size is None:
+            raise InputError(f"{type(family).__name__} checkpoints take images, not video (LLaVA-OneVision does).")
+        if num_frames is None:
+            num_frames = family.video_frames if self.vlm.device.type == "cuda" else 8
+        clip = read_clip(source, num_frames)
+        frames = Frames.of(clip, family.video_size)
+        key = image_digest(frames)
+        state.images[key] = frames.pixels
+        state.clips[key] = {"times": list(clip.times), "indices": list(clip.indices), "fps": clip.info.fps,
+                            "shown": frames.shown, "duration": clip.info.duration}
+        return key
+
     def keep_all(self, state, images, names=None) -> list:
         """`keep` for several images, all or none: when one is refused, none is kept, and the InputError says
         why for each refused one (`names`: what to call them). -> keys."""
@@ -63,8 +81,11 @@ class Images:
         return keys
 
     @staticmethod
-    def image(state, key: str) -> Image.Image:
-        """The kept image `key` as a PIL image."""
+    def image(state, key: str):
+        """The kept image `key` as a PIL image (a clip: video.Frames)."""
+        if key in state.clips:
+            clip = state.clips[key]
+            return Frames(state.images[key], tuple(clip["shown"]), tuple(clip["times"]))
         return Image.fromarray(state.images[key])
 
     # ---- compressions -------------------------------------------------------------------------

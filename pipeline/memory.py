@@ -22,6 +22,7 @@ def state_nbytes(state) -> int:
 def drop_images(state):
     """Forget a conversation's images and features to free memory; its next message will say so."""
     state.images.clear()
+    state.clips.clear()
     state.compressions.clear()
     state.pending, state.picks, state.last_image_key = [], {}, None
     state.images_dropped = True

@@ -1,12 +1,12 @@
-"""ChatSession: one conversation about images, the public API over its parts (docs/architecture.md).
-
-The state (state.py) is the conversation itself and pickles (ZeroGPU); the session binds it to the models of
-this process (`resume`). The parts: images and compressions (conversation.py), the prompt plan (prompt.py),
-the engines (engines/), the turn's decode loop and stats (turn.py), the maps' views (views.py). The method's
-record (methods/registry.py) says how images are encoded and whether it answers a turn its own way."""
+"""ChatSession: one conversation about images and clips, the public API over its parts (docs/architecture.md).
+The state (state.py) is the conversation itself and pickles (ZeroGPU); the session binds it to this process's
+models (`resume`). The parts: images and compressions (conversation.py), the prompt plan (prompt.py), the
+engines (engines/), the turn's decode loop and stats (turn.py), the maps' views (views.py); the method's record
+(methods/registry.py) says how images are encoded and whether it answers a turn its own way."""
 
 import threading
 import time
+from contextlib import nullcontext
 
 from .config import UNSET, Sampling
 from .conversation import Images
@@ -97,19 +97,16 @@ class ChatSession:
                                       fastv_keep_ratio=fastv_keep_ratio, knobs=knobs)
 
     @property
-    def method(self) -> registry.Method:
-        """The current method's record (methods/registry.py)."""
+    def method(self) -> registry.Method:  # the current method's record (methods/registry.py)
         return registry.get(self.settings.method)
 
     @property
     def visual_method(self) -> str:
-        """How images are encoded for the LLM(s): the method itself, or as its record says (FastV: Full; SGL: its
-        `sgl_tokens`)."""
+        """How images are encoded for the LLM(s): as the method's record says (FastV: Full; SGL: `sgl_tokens`)."""
         return self.method.encodes(self.settings)
 
     def image_method(self, key: str, method: str | None = None) -> str:
-        """How image `key` is encoded for `method` (default: the current one); Manual sends an image without
-        picks as VisionZip's choice."""
+        """How image `key` is encoded for `method` (default: the current one): Manual's unpicked as VisionZip's."""
         return self.images.method_for(self.state, key, method or self.visual_method)
 
     def reset(self):  # forget the conversation, images and caches (the settings stay)
@@ -130,8 +127,7 @@ class ChatSession:
         self.answering.set()
 
     def check_images(self):
-        """A conversation whose images were dropped to free memory (memory.py) starts over, with a message
-        (InputError) that says so."""
+        """A conversation whose images were dropped to free memory (memory.py) starts over (an InputError)."""
         if self.state.images_dropped:
             self.kv.drop(self.state.session_id)
         self.images.check_kept(self.state)
@@ -141,7 +137,15 @@ class ChatSession:
         """Check an image; it joins the next question. With `compress` it is encoded now (else at the next
         turn). Nothing changes if the image is refused. -> its Compression (None without `compress`)."""
         self.check_images()
-        key = self.images.keep(self.state, image)
+        return self._added(self.images.keep(self.state, image), compress)
+
+    def add_video(self, source, num_frames: int | None = None, compress: bool = True):
+        """`add_image` for a clip (a file: MP4, WebM, MOV, animated GIF or WebP), each of its `num_frames`
+        sampled frames a crop (None: 8 on a CPU, the checkpoint's number on a GPU)."""
+        self.check_images()
+        return self._added(self.images.keep_clip(self.state, source, num_frames), compress)
+
+    def _added(self, key: str, compress: bool):
         comp = self.compression(key) if compress else None
         self.state.pending.append(key)
         self.state.last_image_key = key
@@ -152,8 +156,8 @@ class ChatSession:
         added, and the InputError says why for each refused one (`names`: what to call them). -> keys."""
         self.check_images()
         keys = self.images.keep_all(self.state, images, names)
-        self.state.pending += keys
-        self.state.last_image_key = keys[-1] if keys else self.state.last_image_key
+        for key in keys:
+            self._added(key, compress=False)
         return keys
 
     def add_past_turn(self, question: str, answer: str, images=()):
@@ -167,8 +171,7 @@ class ChatSession:
         st.pending = []
         st.last_image_key = keys[-1] if keys else st.last_image_key
 
-    def image(self, key: str):
-        """The kept image `key` as a PIL image."""
+    def image(self, key: str):  # the kept image `key` as a PIL image (a clip: video.Frames)
         return self.images.image(self.state, key)
 
     def cached(self, key, lane: str = "large", method: str | None = None) -> bool:
@@ -185,9 +188,9 @@ class ChatSession:
         (views.py)."""
         return views.current_view(self.state, self.images, compress, key)
 
-    # the manual method's picks (methods/manual.py): they edit the state
     def pick_view(self, key: str):
-        """The manual picks of an image as a Compression to draw (its features are not the model's)."""
+        """The manual method's picks of an image (methods/manual.py) as a Compression to draw (its features are not
+        the model's); set_picks, toggle_pick and picks_from_visionzip edit them."""
         return manual.pick_view(self.state, self.images, key)
 
     def set_picks(self, picks: dict, key: str | None = None):
@@ -203,7 +206,7 @@ class ChatSession:
         return manual.picks_from_visionzip(self.state, self.images, key)
 
     # ---- turns ---------------------------------------------------------------------------------
-    def ask(self, question: str) -> str:
+    def ask(self, question: str) -> str:  # the whole answer
         return "".join(self.ask_stream(question))
 
     def ask_stream(self, question: str, accepted: bool = False):
@@ -267,23 +270,20 @@ class ChatSession:
             else self.decoders["large"]  # (an in-LLM method runs on zipchat's decoder)
         # an engine that answers several requests at once: zipchat's decoder still answers one at a time
         # (a plain Lock: Gradio may resume this generator on another thread)
-        one_at_a_time = vlm.answer_lock if self.engine is not None and not engine.concurrent else None
-        if one_at_a_time is not None:
-            one_at_a_time.acquire()
+        one_at_a_time = vlm.answer_lock if self.engine is not None and not engine.concurrent else nullcontext()
         try:
-            if self.method.answer is not None:  # FastV, SGL: a turn of their own, on zipchat's decoder
-                answer = yield from self.method.answer(self._context(plan, stats, t0, generated))
-            else:
-                answer = yield from decode(engine, self.request(plan), vlm.tokenizer, self.stop_flag, generated,
-                                           stats, t0)
+            with one_at_a_time:
+                if self.method.answer is not None:  # FastV, SGL: a turn of their own, on zipchat's decoder
+                    answer = yield from self.method.answer(self._context(plan, stats, t0, generated))
+                else:
+                    answer = yield from decode(engine, self.request(plan), vlm.tokenizer, self.stop_flag, generated,
+                                               stats, t0)
             generated[:] = answer
             finished = True
         except GeneratorExit:  # the caller stopped reading: the partial answer is the answer
             finished = cancelled = True
             raise
         finally:
-            if one_at_a_time is not None:
-                one_at_a_time.release()
             if finished or generated:  # a failure before the first token leaves no trace
                 stats.stopped = self.stop_flag.is_set() or cancelled or not finished
                 record_turn(st, turn, plan, stats, t0, generated, self.small if stats.early_exit else vlm)

@@ -51,6 +51,35 @@ class Clip:
         return self.frames[0].size if self.frames else (self.info.width, self.info.height)
 
 
+@dataclass
+class Frames:
+    """A clip as a model takes it: its sampled frames resized as the family's video processor resizes them
+    (uint8 (F, h, w, 3), before rescaling and normalising), the frames' size in the clip (upright) and their
+    times. Reads like an image where a digest needs one (`mode`, `size`, `tobytes`)."""
+    pixels: np.ndarray
+    shown: tuple  # (width, height) of the upright frames in the clip
+    times: tuple  # seconds of each frame
+
+    mode = "RGB"
+
+    @property
+    def size(self) -> tuple:
+        return self.shown
+
+    def tobytes(self) -> bytes:
+        return self.pixels.tobytes() + repr(self.times).encode()
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @classmethod
+    def of(cls, clip: "Clip", size: tuple) -> "Frames":
+        """`clip`'s frames resized to `size` (width, height) with Pillow's bicubic filter (the PIL backend's
+        resize, on 8-bit pixels as the video processor resizes them)."""
+        pixels = np.stack([np.asarray(f.convert("RGB").resize(size, Image.BICUBIC)) for f in clip.frames])
+        return cls(pixels, clip.size, tuple(clip.times))
+
+
 def uniform_indices(total: int, num_frames: int) -> np.ndarray:
     """transformers' default_sample_indices_fn with num_frames: i * total // n for i < n."""
     if num_frames > total:

@@ -166,6 +166,23 @@ class Family:
         """(N, 3) crop, unit (-1: CLS, newline), -1 for every token of `encode_full`, in order."""
         raise NotImplementedError
 
+    # ---- video -------------------------------------------------------------------------------------
+    video_size: tuple | None = None  # (width, height) its video processor resizes every frame to; None: no video
+    video_frames = 32  # the frames a clip is sampled at on a GPU (the checkpoint's; on a CPU zipchat takes 8)
+
+    def prepare_video(self, frames) -> Prepared:
+        """video.Frames (already at `video_size`) -> the tower's input, one crop per frame, each crop's box the
+        whole frame."""
+        raise NotImplementedError
+
+    def encode_video_full(self, model, prepared: Prepared) -> torch.Tensor:
+        """(N, D): transformers' own video features for the LLM (get_video_features), uncompressed."""
+        raise NotImplementedError
+
+    def video_token_map(self, model, prepared: Prepared) -> np.ndarray:
+        """(N, 3) frame, unit (-1: newline), -1 for every token of `encode_video_full`, in order."""
+        raise NotImplementedError
+
     # ---- language model ----------------------------------------------------------------------------
     def image_ids(self, n: int, image_token_id: int) -> list:
         """The ids one image with `n` visual tokens puts in the prompt (features go where the id is

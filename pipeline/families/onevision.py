@@ -2,11 +2,13 @@
 last layer; the base image plus anyres tiles (up to 6x6 of 384 px); Qwen2. With all tokens,
 transformers' own packing (unpadding, a newline per row, anyres_max_9 pooling) is used unchanged."""
 
+import numpy as np
 import torch
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
                           Qwen2Config, SiglipVisionConfig)
 
-from .llava_common import AnyresStyle
+from .base import Crop, Prepared
+from .llava_common import AnyresStyle, run_tower
 
 # A copy of llava-hf/llava-onevision-qwen2-*-ov-hf's chat_template.json
 TEMPLATE = (
@@ -48,6 +50,39 @@ class OneVision(AnyresStyle):
     tiny_vision = dict(image_size=384, vision_use_head=False)
     arch = {"llava-ov-0.5b-arch": (SIGLIP_SO400M, QWEN2_05B), "llava-ov-7b-arch": (SIGLIP_SO400M, QWEN2_7B)}
     tiny_special_tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+
+    # video: video_processor/preprocessor_config.json of the llava-hf checkpoints: every frame resized to 384x384
+    # (bicubic), rescaled by 1/255, normalised with mean = std = 0.5; no tiles. transformers' get_video_features:
+    # the tower per frame, the projector, a 2x2 bilinear pooling (27x27 -> 14x14), the frames in order and one
+    # newline after the last.
+    video_size = (384, 384)
+    video_mean = video_std = 0.5
+
+    def prepare_video(self, frames):
+        x = (torch.from_numpy(frames.pixels).permute(0, 3, 1, 2).double() * (1 / 255)).float()  # (F, 3, 384, 384)
+        # (rescaled in float64, as the image processor's PIL backend does: a frame's pixels equal the image path's)
+        w, h = frames.shown
+        return Prepared((x - self.video_mean) / self.video_std, [Crop((0, 0, w, h), self.grid) for _ in frames.pixels],
+                        (h, w), (1, len(frames.pixels)), extra={"video": True})
+
+    def encode_video_full(self, model, prepared):
+        tower = self.tower(model)
+        units = run_tower(tower, prepared.pixel_values.to(tower.device, tower.dtype), self.num_layers_to_run,
+                          self.has_cls, with_stats=False).units  # (F, 729, C)
+        pooled = model.model.apply_pooling(self.project(model, units))  # (F, 196, D)
+        return torch.cat([pooled.flatten(0, 1), model.model.image_newline[None].to(pooled)])
+
+    def video_token_map(self, model, prepared):
+        """The pooling run on each patch's (row, col) instead of features: a pooled token's place is the
+        patch nearest to where the bilinear pooling reads it."""
+        rows, cols = self.grid
+        ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        coords = torch.tensor(np.stack([ys, xs], -1).reshape(1, rows * cols, 2), dtype=torch.float32)
+        pooled = model.model.apply_pooling(coords)[0].round().long()  # (196, 2)
+        units = (pooled[:, 0].clamp(0, rows - 1) * cols + pooled[:, 1].clamp(0, cols - 1)).tolist()
+        frames = len(prepared.crops)
+        out = [(f, u, -1) for f in range(frames) for u in units] + [(frames - 1, -1, -1)]
+        return np.array(out, dtype=np.int64).reshape(-1, 3)
 
     def pack(self, model, crop_features, image_size, newline):
         """(crops, N, D) -> transformers' packing: base tokens, then unpadded tiles with a newline per row."""
