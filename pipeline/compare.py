@@ -24,6 +24,7 @@ from .errors import InputError
 from .methods import registry
 from .methods.base import units_view
 from .replay import private_session
+from .views import drawn
 
 
 def default_methods(method: str) -> list:
@@ -167,7 +168,7 @@ def kept_view(session, method: str, stats=None):
         return None
     record = registry.get(method)
     if record.kind == registry.MANUAL and session.state.picks.get(key):
-        return session.image(key), session.pick_view(key)
+        return drawn(session.image(key), session.pick_view(key))
     comp = session.compression(key, method=session.image_method(key, record.encodes(session.settings)))
     g = getattr(stats, "guidance", None)
     if record.kind == registry.IN_LLM and g is not None and key in g.image_spans:
@@ -175,7 +176,7 @@ def kept_view(session, method: str, stats=None):
         kept = np.zeros(len(g.importance), dtype=bool)
         kept[g.kept] = True
         comp = tokens_view(comp, kept[start:end], method)
-    return session.image(key), comp
+    return drawn(session.image(key), comp)
 
 
 def tokens_view(comp, kept_tokens: np.ndarray, method: str):

@@ -50,6 +50,7 @@ class Compression:
     question: str = ""  # the question a question-conditioned method selected for ("" before any question)
     vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), kept so that the
     # next question selects again without running the tower again
+    times: tuple | None = None  # a clip's frames' times in seconds, one per crop (None: an image)
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,7 @@ class Compression:
         if method.caption is not None:
             return method.caption(self)
         share = 100 * self.num_tokens / self.full_tokens
-        crops = f" in {len(self.crops)} crops" if len(self.crops) > 1 else ""
+        crops = f" in {len(self.crops)} {'frames' if self.times else 'crops'}" if len(self.crops) > 1 else ""
         return (f"{method.label}: {self.num_tokens} {method.words.tokens}{crops} = {self.num_tokens} of "
                 f"{self.full_tokens} visual tokens ({share:.0f}%)")
 
@@ -170,7 +171,7 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map, question if asked else "",
-                       on_device(out, "cpu") if asked or keep_vision else None)
+                       on_device(out, "cpu") if asked or keep_vision else None, prepared.extra.get("times"))
 
 
 def prepared_input(vlm, image, max_tiles: int | None) -> tuple:
@@ -191,7 +192,7 @@ def encoded_full(family, model, prepared, method: str, dominant: int, contextual
     crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
                       None, np.zeros(0, int)) for c in prepared.crops]
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                       features, time.perf_counter() - start, full_map)
+                       features, time.perf_counter() - start, full_map, times=prepared.extra.get("times"))
 
 
 def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:

@@ -11,7 +11,7 @@ from PIL import Image
 from .compress import Compression, encode_image, method_key, selection_digest
 from .errors import InputError
 from .images import image_digest, load_image
-from .video import Frames, read_clip
+from .video import Frames, is_clip_file, read_clip
 from .methods import registry
 
 IMAGES_DROPPED = ("This conversation was idle while the server needed memory for others, so its images were "
@@ -40,7 +40,10 @@ class Images:
     # ---- keeping ------------------------------------------------------------------------------
     def keep(self, state, image) -> str:
         """Check an image and keep its pixels (uint8 (H, W, 3): 3 bytes a pixel), no larger than the model can
-        use (the same tiles and crops: Family.compact_size) -> its key."""
+        use (the same tiles and crops: Family.compact_size) -> its key. A video file is kept as a clip (`keep_clip`),
+        an animated GIF or WebP too where the model takes video (elsewhere: its first frame, as an image)."""
+        if is_clip_file(image, animations=self.vlm.family.video_size is not None):
+            return self.keep_clip(state, image, None)
         image = load_image(image, fit=self.vlm.family.compact_size)
         key = image_digest(image)
         state.images[key] = np.asarray(image)
@@ -77,6 +80,7 @@ class Images:
         if refused:
             for key in set(state.images) - before:
                 del state.images[key]
+                state.clips.pop(key, None)
             raise InputError(" ".join(refused))
         return keys
 

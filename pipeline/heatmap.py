@@ -113,7 +113,7 @@ class Panel:
 def whole_crop(comp) -> int | None:
     """The crop that shows the whole image (LLaVA's base image, InternVL's thumbnail), when there are tiles."""
     h, w = comp.image_size
-    if len(comp.crops) == 1:
+    if len(comp.crops) == 1 or comp.times is not None:  # (a clip's frames: none is the whole)
         return None
     return next((i for i, c in enumerate(comp.crops) if tuple(c.box) == (0, 0, w, h)), 0)
 
@@ -121,6 +121,8 @@ def whole_crop(comp) -> int | None:
 def crop_names(comp) -> list:
     """How the map and the readout name each crop: "image" alone, else "whole image" and "tile k"
     (numbered from 1 in the order the LLM receives them)."""
+    if comp.times is not None:
+        return [f"frame {k + 1}" for k in range(len(comp.crops))]
     whole = whole_crop(comp)
     if whole is None:
         return ["image"]
@@ -136,7 +138,9 @@ def layout(comp, display: Display = None) -> list:
     display = display or DESKTOP
     h, w = comp.image_size
     whole = whole_crop(comp)
-    if whole is None:
+    if comp.times is not None:  # a clip: its frames in one panel (views.clip_sheet placed them)
+        groups = [(f"{len(comp.crops)} frames", list(range(len(comp.crops))))]
+    elif whole is None:
         groups = [("image", [0])]
     else:
         tiles = [i for i in range(len(comp.crops)) if i != whole]
@@ -517,7 +521,8 @@ def describe(comp, crop: int, unit: int, importance=None, source: str = "SGL") -
     visual token) is `source`'s (SGL's small model, or FastV's layer K - 1 attention)."""
     c = comp.crops[crop]
     rows, cols = c.grid
-    where = (f"{crop_names(comp)[crop]}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
+    when = f" at {comp.times[crop]:.1f} s" if comp.times is not None else ""
+    where = (f"{crop_names(comp)[crop]}{when}, " if len(comp.crops) > 1 else "") + f"row {unit // cols}, column {unit % cols}"
     group, method = int(c.groups[unit]), registry.get(comp.method)
     if method.kind == registry.FULL:
         what = method.words.kept

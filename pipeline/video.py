@@ -24,7 +24,7 @@ from .errors import InputError
 MAX_SECONDS = float(os.environ.get("ZIPCHAT_MAX_VIDEO_SECONDS", 3 * 3600))  # a clip's longest duration
 MAX_FRAME_PIXELS = int(os.environ.get("ZIPCHAT_MAX_VIDEO_PIXELS", 3840 * 2160))  # 4K: one frame's largest area
 MAX_FRAMES = 64  # the most frames one clip may be sampled at
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".webp")
+CLIP_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")  # video containers (animations: is_clip_file)
 
 
 @dataclass
@@ -235,5 +235,18 @@ def upright(image: Image.Image, rotation: int) -> Image.Image:
     return image
 
 
-def is_video_path(path) -> bool:
-    return str(path).lower().endswith(VIDEO_SUFFIXES)
+def is_clip_file(source, animations: bool = True) -> bool:
+    """Whether `source` is a path to a video file (by its suffix), or with `animations` to an animated GIF or
+    WebP (more than one frame)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    suffix = os.path.splitext(str(source))[1].lower()
+    if suffix in CLIP_SUFFIXES:
+        return True
+    if not animations or suffix not in (".gif", ".webp"):
+        return False
+    try:
+        with Image.open(source) as image:
+            return getattr(image, "n_frames", 1) > 1
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False

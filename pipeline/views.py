@@ -2,9 +2,16 @@
 VisionZip's crops), and what decided the last FastV or SGL turn's pruning. No model runs for a view that is
 not asked to compress."""
 
+import math
+from dataclasses import replace
+
 import numpy as np
+from PIL import Image
 
 from .methods import manual, registry
+from .video import Frames
+
+SHEET_COLUMNS, SHEET_WIDTH, SHEET_GAP = 4, 1280, 8  # a clip's frames: at most 4 a row, 1280 px wide in all
 
 
 def current_view(state, images, compress: bool = True, key: str | None = None):
@@ -17,11 +24,11 @@ def current_view(state, images, compress: bool = True, key: str | None = None):
     if method.kind == registry.MANUAL:  # the picks drawn on the fallback's crops: no model runs for a click
         if not (compress or images.cached(state, key, method.fallback)):
             return None
-        return images.image(state, key), manual.pick_view(state, images, key)
+        return drawn(images.image(state, key), manual.pick_view(state, images, key))
     encoded = method.encodes(state.settings)
     if not (compress or images.cached(state, key, encoded)):
         return None
-    return images.image(state, key), images.compression(state, key, encoded)
+    return drawn(images.image(state, key), images.compression(state, key, encoded))
 
 
 def guidance_view(state, images, key: str | None = None):
@@ -37,5 +44,29 @@ def guidance_view(state, images, key: str | None = None):
     start, end = t.guidance.image_spans[key]
     kept = np.zeros(len(t.guidance.importance), dtype=bool)
     kept[t.guidance.kept] = True
-    return (images.image(state, key), images.compression(state, key, encoded), t.guidance.importance[start:end],
+    return (*drawn(images.image(state, key), images.compression(state, key, encoded)), t.guidance.importance[start:end],
             kept[start:end])
+
+
+def drawn(image, comp) -> tuple:
+    """(what a map draws, the Compression it draws): an image and its own; a clip's frames on one sheet."""
+    return clip_sheet(image, comp) if isinstance(image, Frames) else (image, comp)
+
+
+def clip_sheet(frames: Frames, comp) -> tuple:
+    """A clip's frames in rows, each at the clip's shape, and `comp` with each frame's crop boxed where its frame
+    sits on that sheet -> (sheet, Compression): the maps draw a clip as they draw an image's tiles."""
+    n = len(frames)
+    cols = min(n, SHEET_COLUMNS)
+    w, h = frames.shown
+    cell_w = (SHEET_WIDTH + SHEET_GAP) // cols - SHEET_GAP
+    cell_h = max(1, round(cell_w * h / w))
+    rows = math.ceil(n / cols)
+    sheet = Image.new("RGB", (cols * (cell_w + SHEET_GAP) - SHEET_GAP, rows * (cell_h + SHEET_GAP) - SHEET_GAP),
+                      (255, 255, 255))
+    crops = []
+    for k in range(n):
+        x, y = (k % cols) * (cell_w + SHEET_GAP), (k // cols) * (cell_h + SHEET_GAP)
+        sheet.paste(Image.fromarray(frames.pixels[k]).resize((cell_w, cell_h), Image.BICUBIC), (x, y))
+        crops.append(replace(comp.crops[k], box=(x, y, x + cell_w, y + cell_h)))
+    return sheet, replace(comp, crops=crops, image_size=(sheet.height, sheet.width))

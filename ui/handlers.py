@@ -78,6 +78,7 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
                  session_options: dict | None = None, max_tiles: int = 0, image_memory: int = 1 << 30,
                  examples: ExampleCache | None = None, example_paths=()):
         self.vlm, self.small = vlm, small
+        self.takes_video = vlm.family.video_size is not None  # (the chat then takes clips too)
         self.max_new_tokens, self.method_default, self.max_tiles = max_new_tokens, method_default, max_tiles
         self.models = {m.name: m for m in (vlm, small) if m is not None}
         self.kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded

@@ -175,8 +175,9 @@ def chat_column(p, h: Handlers, gallery_file):
                                examples=[{"text": e["question"], "files": [str(gallery_file.parent / e["image"])]}
                                          for e in examples])
         p.textbox = gr.MultimodalTextbox(  # (browsers do not call iPhone photos images: HEIC is named)
-            file_types=["image", ".heic", ".heif"], file_count="multiple", sources=["upload"],
-            elem_id="textbox", placeholder="Upload an image and ask about it (Enter sends)", show_label=False)
+            file_types=["image", ".heic", ".heif", "video"], file_count="multiple", sources=["upload"],
+            elem_id="textbox", placeholder=f"Upload an image{' or a clip' * h.takes_video} and ask about it (Enter sends)",
+            show_label=False)
         with gr.Row(elem_id="chat-buttons"):
             p.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", visible=False, min_width=80)
             p.clear_btn = gr.Button("Clear", elem_id="clear", min_width=80)

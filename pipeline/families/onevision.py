@@ -63,7 +63,7 @@ class OneVision(AnyresStyle):
         # (rescaled in float64, as the image processor's PIL backend does: a frame's pixels equal the image path's)
         w, h = frames.shown
         return Prepared((x - self.video_mean) / self.video_std, [Crop((0, 0, w, h), self.grid) for _ in frames.pixels],
-                        (h, w), (1, len(frames.pixels)), extra={"video": True})
+                        (h, w), (1, len(frames.pixels)), extra={"video": True, "times": tuple(frames.times)})
 
     def encode_video_full(self, model, prepared):
         tower = self.tower(model)

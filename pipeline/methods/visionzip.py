@@ -109,7 +109,7 @@ def caption(comp) -> str:
     kept = {(len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops}
     if kept == {(comp.dominant_budget, comp.contextual_budget)}:
         per_crop = f"{comp.dominant_budget} dominant + {comp.contextual_budget} contextual"
-        crops = f" x {len(comp.crops)} crops" if len(comp.crops) > 1 else ""
+        crops = f" x {len(comp.crops)} {'frames' if comp.times else 'crops'}" if len(comp.crops) > 1 else ""
     else:  # a share of each image's units (dynamic resolution)
         d, c = (sum(k) for k in zip(*((len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops)))
         per_crop = f"{d} dominant + {c} contextual (the {comp.dominant_budget}+{comp.contextual_budget} per 576 share)"

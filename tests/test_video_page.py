@@ -1,0 +1,87 @@
+"""A clip in the app (issue 36): sent through "Use via API" and in headless Chromium on a laptop (1500x1000) and a
+phone (390x844, touch), tiny LLaVA-OneVision: two turns on the clip (the second reuses its tokens and the KV
+cache), the map a sheet of the sampled frames with their kept patches, a click naming the frame and its time;
+a model without video says so and the chat goes on. Screenshots go to the test's tmp_path (looked at when this
+was written)."""
+
+import contextlib
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from tests.appclient import CAT, VISIONZIP, send, stat, texts, tiny_llava_app
+from tests.test_video import write_clip
+
+pytest.importorskip("av")
+STATS_DONE = "() => document.querySelector('#stats').innerText.includes('first token')"
+
+
+@contextlib.contextmanager
+def ov_app(vlm):
+    import app
+    demo = app.build_demo(vlm, banner="**Tiny model**", max_new_tokens=6)
+    demo.queue(default_concurrency_limit=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
+    try:
+        yield local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(tiny_ov_large):
+    with ov_app(tiny_ov_large) as local_url:
+        yield local_url
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return str(write_clip(tmp_path_factory.mktemp("clip") / "squares.mp4", frames=45))
+
+
+def test_two_turns_on_a_clip_through_the_api(url, clip):
+    c = Client(url, verbose=False)
+    history, stats, shown, caption = send(c, [], "What moves?", [clip])
+    assert stat(stats, "visual tokens to the LLM") == "512 of 1569" and "8 frames" in caption
+    sheet = np.asarray(Image.open(shown).convert("RGB"))
+    assert sheet.shape[1] > sheet.shape[0]  # 8 frames, 4 a row: wider than tall
+    assert [p["file"].rsplit("/", 1)[-1] for m in history for p in m["content"] if p.get("type") == "file"] \
+        == ["squares.mp4"]  # the chat shows the clip itself
+    history, stats, _, _ = send(c, history, "And its colour?")
+    assert stat(stats, "KV cache reused / size").startswith("yes") and stat(stats, "image").startswith("re-used")
+    readout = c.predict("kept", 0, 400, 150, api_name="/click_at")[-1]
+    assert "frame" in readout and " s, row " in readout, readout
+
+
+def test_a_model_without_video_says_so(tiny_llava, clip):
+    with tiny_llava_app(max_new_tokens=4) as local_url:
+        c = Client(local_url, verbose=False)
+        history = c.predict([], {"text": "What moves?", "files": [handle_file(clip)]},
+                            *VISIONZIP, api_name="/add_message")[0]
+        assert "not video" in texts(history)[-1][1]
+        history, stats, _, _ = send(c, [], "What is it?", [CAT])
+        assert stat(stats, "visual tokens to the LLM") == "64 of 576"  # the chat goes on
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width,height,touch", [(1500, 1000, False), (390, 844, True)])
+def test_a_clip_in_chromium(url, clip, tmp_path, width, height, touch):
+    pytest.importorskip("playwright.sync_api")
+    from tests.test_browser import ask, wait_until_textbox_is_back
+    from tests.test_page_layout import CLIPPED, TOO_WIDE, page_of
+    with page_of(url, width, height, touch=touch) as page:
+        page.set_input_files("#textbox input[type=file]", clip)
+        page.wait_for_timeout(1500)
+        ask(page, "What moves in this clip?")
+        page.wait_for_function(STATS_DONE, timeout=120_000)
+        wait_until_textbox_is_back(page)
+        assert "8 frames" in page.locator("#caption").inner_text()
+        assert page.locator("#chatbot video").count() == 1  # the clip plays in the chat
+        ask(page, "And then?")
+        page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length >= 2", timeout=60_000)
+        wait_until_textbox_is_back(page)
+        page.wait_for_function("() => document.querySelector('#stats').innerText.includes('yes')", timeout=60_000)
+        assert page.evaluate(TOO_WIDE, width) == [] and page.evaluate(CLIPPED) == []
+        page.screenshot(path=str(tmp_path / f"clip-{width}.png"), full_page=True)
