@@ -126,3 +126,23 @@ def test_a_refused_clip_changes_nothing(tiny_ov, clip_path, tmp_path):
     assert len(s.state.clips) == 1 and s.state.pending == []
     assert s.ask(Q2) and s.last_turn.cache_reused
     assert isinstance(s.images.image(s.state, s.state.last_image_key), Frames)
+
+
+def test_fastv_and_sgl_on_a_clip(tiny_ov, tiny_ov_large, clip_path):
+    """The in-LLM methods on a clip: FastV prunes the clip's tokens inside the LLM (its guidance spans the clip's
+    785 tokens); SGL's small model sees the same frames, with VisionZip's tokens the same units as the large."""
+    s = ChatSession(tiny_ov_large, method="fastv", max_new_tokens=4, fastv_keep_ratio=0.5)
+    s.add_video(clip_path, num_frames=4)
+    s.ask(Q1)
+    t, key = s.last_turn, s.state.last_image_key
+    start, end = t.guidance.image_spans[key]
+    assert end - start == 785 and 0 < len(t.guidance.kept) < 785
+    s = ChatSession(tiny_ov_large, method="sgl", small=tiny_ov, max_new_tokens=4, early_exit=None,
+                    sgl_tokens="visionzip")
+    s.add_video(clip_path, num_frames=4)
+    s.ask(Q1)
+    large, small = s.compression(s.state.last_image_key), s.compression(s.state.last_image_key, lane="small")
+    assert len(small.crops) == len(large.crops) == 4 and small.num_tokens == large.num_tokens == 256
+    for a, b in zip(large.crops, small.crops):
+        assert np.array_equal(a.kept, b.kept) and np.array_equal(a.groups, b.groups)
+    assert s.last_turn.guidance is not None and s.ask(Q2)

@@ -11,7 +11,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from tests.appclient import CAT, VISIONZIP, send, stat, texts, tiny_llava_app
+from tests.appclient import CAT, VISIONZIP, compare_rows, send, stat, texts, tiny_llava_app
 from tests.test_video import write_clip
 
 pytest.importorskip("av")
@@ -53,6 +53,10 @@ def test_two_turns_on_a_clip_through_the_api(url, clip):
     assert stat(stats, "KV cache reused / size").startswith("yes") and stat(stats, "image").startswith("re-used")
     readout = c.predict("kept", 0, 400, 150, api_name="/click_at")[-1]
     assert "frame" in readout and " s, row " in readout, readout
+    table, answers, maps, _, files = c.predict(["visionzip", "fastv", "full"], api_name="/compare")  # on the clip
+    rows = compare_rows(table)
+    assert list(rows) == ["VisionZip", "FastV", "Full"] and rows["Full"][0] == "1569" and rows["Full"][6] == "1.00"
+    assert len(maps) == 3 and sum(f.endswith(".png") for f in files) == 3
 
 
 def test_a_model_without_video_says_so(tiny_llava, clip):
