@@ -196,6 +196,26 @@ def test_eval_and_compare_agreement_on_vllm(served, tmp_path):
     assert shares[0][0] == shares[1][0] == 1.0 and shares[0] == pytest.approx(shares[1], abs=1e-4)
 
 
+def test_a_clip_answers_on_vllm(served, tmp_path):
+    """A clip (LLaVA-OneVision: 4 frames, each a crop) answers on vLLM from the same prompt embeddings as on
+    zipchat's decoder: greedy answers equal over two turns, Full and VisionZip; other families refuse it."""
+    from tests.test_video import write_clip
+    vlm, engine = served
+    path = write_clip(tmp_path / "squares.mp4", frames=30)
+    if vlm.family.video_size is None:
+        with pytest.raises(InputError, match="not video"):
+            ChatSession(vlm, method="full", engine=engine).add_video(path)
+        return
+    for method in ("full", "visionzip"):
+        answers = []
+        for e in (None, engine):
+            s = ChatSession(vlm, method=method, max_new_tokens=12, engine=e)
+            s.add_video(path, num_frames=4)
+            answers.append([s.ask(q) for q in QUESTIONS])
+            assert (s.last_turn.engine == "vllm") == (e is not None)
+        assert answers[0] == answers[1] and all(answers[0])
+
+
 def test_the_app_in_chromium_and_two_clients_at_once(tmp_path):
     """`python app.py --engine vllm` (it starts its own vLLM server): a conversation in Chromium streams its
     answers from vLLM, says so, and turn 2 hits vLLM's prefix cache; two API clients answered together get

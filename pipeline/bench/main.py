@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..models import default_device_dtype
-from . import rows_cpu, rows_in_llm, rows_prefill, rows_vision, serving  # noqa: F401 (they register their rows)
+from . import rows_cpu, rows_in_llm, rows_prefill, rows_video, rows_vision, serving  # noqa: F401 (they register their rows)
 from .core import ROWS, Bench, Clock, markdown, measure_hardware
 
 LETTERS = "abcdefgh"
