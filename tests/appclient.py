@@ -19,11 +19,17 @@ CAT = str(ROOT / "assets" / "chelsea.png")
 VISIONZIP = ("VisionZip", 54, 10, 0.35, 0.4, True, 0.8, False)  # method, dominant, contextual, SGL knobs
 
 
-@contextlib.contextmanager
 def tiny_llava_app(max_new_tokens: int):
     """The app on the tiny LLaVA twin (float32), served in this process -> its local URL."""
     import app
     vlm, _, banner = app.load_models("tiny-llava", None, dtype="float32")
+    return served_app(vlm, banner, max_new_tokens)
+
+
+@contextlib.contextmanager
+def served_app(vlm, banner: str, max_new_tokens: int):
+    """The app on `vlm`, served in this process -> its local URL."""
+    import app
     demo = app.build_demo(vlm, banner=banner, max_new_tokens=max_new_tokens)
     demo.queue(default_concurrency_limit=1)
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())

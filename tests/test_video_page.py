@@ -4,35 +4,21 @@ cache), the map a sheet of the sampled frames with their kept patches, a click n
 a model without video says so and the chat goes on. Screenshots go to the test's tmp_path (looked at when this
 was written)."""
 
-import contextlib
-
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from tests.appclient import CAT, VISIONZIP, compare_rows, send, stat, texts, tiny_llava_app
+from tests.appclient import CAT, VISIONZIP, compare_rows, send, served_app, stat, texts, tiny_llava_app
 from tests.test_video import write_clip
 
 pytest.importorskip("av")
 STATS_DONE = "() => document.querySelector('#stats').innerText.includes('first token')"
 
 
-@contextlib.contextmanager
-def ov_app(vlm):
-    import app
-    demo = app.build_demo(vlm, banner="**Tiny model**", max_new_tokens=6)
-    demo.queue(default_concurrency_limit=1)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", **app.launch_options())
-    try:
-        yield local_url
-    finally:
-        demo.close()
-
-
 @pytest.fixture(scope="module")
 def url(tiny_ov_large):
-    with ov_app(tiny_ov_large) as local_url:
+    with served_app(tiny_ov_large, "**Tiny model**", max_new_tokens=6) as local_url:
         yield local_url
 
 

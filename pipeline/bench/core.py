@@ -218,3 +218,21 @@ def markdown(rows, meta) -> str:
         lines.append(line)
     notes = [f"- row {r.id}: {r.notes}" for r in rows if r.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def turn_two_timer(session, question: str):
+    """A callable asking `question` as turn 2 of `session` (turn 1 asked, its answer 1 token long from now on):
+    each call goes back to the end of turn 1, its conversation and a KV cache that holds just that (with
+    reuse_cache, turn 2 prefills its new tokens on that cache; without, everything)."""
+    turns = list(session.state.turns)
+    cache, signature = session.kv.checkout(session.state.session_id, "large")
+    session.kv.checkin(session.state.session_id, "large", cache, signature)
+    signature = list(signature)
+    session.set_method(session.settings.method, max_new_tokens=1)
+
+    def run():
+        session.state.turns = list(turns)
+        cache, _ = session.kv.checkout(session.state.session_id, "large")
+        session.kv.checkin(session.state.session_id, "large", cache, list(signature))
+        session.ask(question)
+    return run

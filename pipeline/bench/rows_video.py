@@ -12,7 +12,7 @@ import numpy as np
 from ..session import ChatSession
 from ..state import Turn
 from ..video import read_clip, uniform_indices
-from .core import QUESTION, Row, arch, floor_s, llm_prefill_cost, prefill_timer, row, side_by_side
+from .core import QUESTION, Row, arch, floor_s, llm_prefill_cost, prefill_timer, row, side_by_side, turn_two_timer
 
 FRAMES = 16
 
@@ -71,22 +71,9 @@ def turn_two(vlm, clip, clock, args, hw) -> Row:
         s = ChatSession(vlm, method="visionzip", max_new_tokens=4, reuse_cache=reuse)
         s.add_video(clip, num_frames=FRAMES)
         s.ask(QUESTION)
-        cache, signature = s.kv.checkout(s.state.session_id, "large")
-        s.kv.checkin(s.state.session_id, "large", cache, signature)
-        sessions[reuse] = (s, list(s.state.turns), signature)
-        s.set_method("visionzip", max_new_tokens=1)
-
-    def second_turn(reuse):
-        s, turns, signature = sessions[reuse]
-
-        def run():  # back to the end of turn 1: its conversation, and a cache that holds just that
-            s.state.turns = list(turns)
-            cache, _ = s.kv.checkout(s.state.session_id, "large")
-            s.kv.checkin(s.state.session_id, "large", cache, list(signature))
-            s.ask("And what happens next?")
-        return run
-    ta, tb = side_by_side(clock, second_turn(True), second_turn(False), args.repeats)
-    t = sessions[True][0].last_turn
+        sessions[reuse] = turn_two_timer(s, "And what happens next?"), s
+    ta, tb = side_by_side(clock, sessions[True][0], sessions[False][0], args.repeats)
+    t = sessions[True][1].last_turn
     return Row("29b", f"turn-2 time to first token on a {FRAMES}-frame clip, {vlm.name}, VisionZip "
                f"({t.prompt_tokens} tokens in context)", f"KV reuse ({t.prefill_tokens} new tokens)",
                "recompute the conversation", ta, tb, target="<= 0.1",
