@@ -138,8 +138,10 @@ def layout(comp, display: Display = None) -> list:
     display = display or DESKTOP
     h, w = comp.image_size
     whole = whole_crop(comp)
-    if comp.times is not None:  # a clip: its frames in one panel (views.clip_sheet placed them)
-        groups = [(f"{len(comp.crops)} frames", list(range(len(comp.crops))))]
+    if comp.times is not None:  # a clip: the frames views.clip_sheet placed (an empty box: not shown), one panel
+        shown = [i for i, c in enumerate(comp.crops) if c.box[2] > c.box[0]]
+        groups = [(f"{len(shown)} frames" if len(shown) > 1 else
+                   f"frame {shown[0] + 1} of {len(comp.crops)}, at {comp.times[shown[0]]:.1f} s", shown)]
     elif whole is None:
         groups = [("image", [0])]
     else:

@@ -183,10 +183,10 @@ class ChatSession:
         encoded once. Manual's maps are drawn on VisionZip's (`method="visionzip"`)."""
         return self.images.compression(self.state, key, method or self.visual_method, lane)
 
-    def current_view(self, compress: bool = True, key: str | None = None):
-        """(PIL image, Compression for the current method) of image `key` (default: the latest), or None
-        (views.py)."""
-        return views.current_view(self.state, self.images, compress, key)
+    def current_view(self, compress: bool = True, key: str | None = None, frame: int | None = None):
+        """(PIL image, Compression for the current method) of image `key` (default: the latest), or None; a clip's
+        frames on one sheet, or its frame `frame` (0-based) alone (views.py)."""
+        return views.current_view(self.state, self.images, compress, key, frame)
 
     def pick_view(self, key: str):
         """The manual method's picks of an image (methods/manual.py) as a Compression to draw (its features are not
@@ -294,7 +294,7 @@ class ChatSession:
                            self.stop_flag, lambda lane, **fields: self.request(plan, lane, **fields))
 
     # ---- FastV and SGL: what decided the last turn's pruning ------------------------------------------
-    def guidance_view(self, key: str | None = None):
+    def guidance_view(self, key: str | None = None, frame: int | None = None):
         """(PIL image, Compression, importance, kept mask) of image `key` for the last FastV or SGL turn, or None
-        (views.py)."""
-        return views.guidance_view(self.state, self.images, key)
+        (views.py; `frame` as for current_view)."""
+        return views.guidance_view(self.state, self.images, key, frame)

@@ -39,6 +39,17 @@ def test_two_turns_on_a_clip_through_the_api(url, clip):
     assert stat(stats, "KV cache reused / size").startswith("yes") and stat(stats, "image").startswith("re-used")
     readout = c.predict("kept", 0, 400, 150, api_name="/click_at")[-1]
     assert "frame" in readout and " s, row " in readout, readout
+    state_map, caption, _, _ = c.predict(3, "kept", api_name="/map_frame")  # frame 3 alone, larger
+    assert "the map shows frame 3 of 8 (" in caption
+    alone = np.asarray(Image.open(state_map).convert("RGB"))
+    assert alone.shape[0] > sheet.shape[0]  # one frame as wide as the sheet of eight: taller
+    readout = c.predict("kept", 0, 400, 300, api_name="/click_at")[-1]
+    assert readout.startswith("**frame 3 at"), readout
+    for bad in (9, 2.5):  # within the slider's range, not this clip's frames: the handler says so
+        assert c.predict(bad, "kept", api_name="/map_frame")[1].startswith("⚠️"), bad
+    with pytest.raises(Exception, match="less than minimum"):  # Gradio's own check of the slider's range
+        c.predict(-1, "kept", api_name="/map_frame")
+    c.predict(0, "kept", api_name="/map_frame")  # back to all frames
     table, answers, maps, _, files = c.predict(["visionzip", "fastv", "full"], api_name="/compare")  # on the clip
     rows = compare_rows(table)
     assert list(rows) == ["VisionZip", "FastV", "Full"] and rows["Full"][0] == "1569" and rows["Full"][6] == "1.00"
@@ -75,3 +86,10 @@ def test_a_clip_in_chromium(url, clip, tmp_path, width, height, touch):
         page.wait_for_function("() => document.querySelector('#stats').innerText.includes('yes')", timeout=60_000)
         assert page.evaluate(TOO_WIDE, width) == [] and page.evaluate(CLIPPED) == []
         page.screenshot(path=str(tmp_path / f"clip-{width}.png"), full_page=True)
+        frame = page.locator("#map-frame input[type=number]")  # the frame picker: frame 2 alone
+        frame.fill("2")
+        frame.press("Tab")  # (the slider's number box says "release" as it loses the focus)
+        page.wait_for_function("() => document.querySelector('#caption').innerText.includes('shows frame 2 of 8')",
+                               timeout=30_000)
+        assert page.evaluate(TOO_WIDE, width) == [] and page.evaluate(CLIPPED) == []
+        page.screenshot(path=str(tmp_path / f"frame-{width}.png"), full_page=True)

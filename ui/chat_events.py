@@ -76,7 +76,7 @@ class ChatEvents:
             history.append({"role": "assistant", "content": f"⚠️ {e}"})
             return history, gr.update(interactive=False), state, gr.update(visible=False)
         if paths:
-            state.map_key = None  # the map shows the newest image
+            state.map_key = state.map_frame = None  # the map shows the newest image (a clip: all its frames)
         for path, key in zip(paths, state.chat.pending[len(state.chat.pending) - len(paths):]):
             history.append({"role": "user", "content": {"path": shown_path(path, session, key)}})
         state.question = question or None

@@ -17,6 +17,7 @@ from pipeline.heatmap import Display, render_map
 from pipeline.kvstore import default_budget
 from pipeline.memory import MemoryBudget
 from pipeline.methods import registry
+from pipeline.views import drawn
 
 from .chat_events import ChatEvents
 from .compare_events import CompareEvents
@@ -51,6 +52,7 @@ class AppState:
     question: str | None = None
     answering: str | None = None  # what this tab accepted and has not finished: "message" or "compare"
     map_key: str | None = None  # the image the map shows (None: the latest)
+    map_frame: int | None = None  # of a clip, the frame the map shows alone (0-based; None: all its frames)
     display: tuple | None = None  # the map's box on the page, [width, height] in CSS pixels (heatmap.Display.of)
 
 
@@ -138,8 +140,9 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
         No model runs here."""
         session = session or (self.session_for(state) if state is not None else None)
         key = self.shown_key(state)
-        shown = session.current_view(compress=False, key=key) if session else None
-        guidance = session.guidance_view(key) if shown else None
+        frame = state.map_frame if state is not None else None
+        shown = session.current_view(compress=False, key=key, frame=frame) if session else None
+        guidance = session.guidance_view(key, frame) if shown else None
         names = [v for v in VIEW_NAMES if v != "importance" or guidance is not None]
         source = registry.label(session.last_turn.guidance.source) if guidance is not None else "SGL"
         choices = [(VIEW_NAMES[v] + (f" ({source})" if v == "importance" else ""), v) for v in names]
@@ -150,6 +153,8 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
             view = "kept"
         extra = guidance[2:] if view == "importance" else ()
         caption = comp.caption()
+        if comp.times is not None and frame is not None and 0 <= frame < len(comp.times):
+            caption += f"; the map shows frame {frame + 1} of {len(comp.times)} ({comp.times[frame]:.1f} s)"
         if len(state.chat.images) > 1:
             caption = f"{self.image_name(state, key).capitalize()}: {caption}"
         if guidance is not None:  # FastV / SGL: what the large model kept of this image in the last turn
@@ -159,6 +164,7 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
             if view == "kept":  # the kept view draws those: the rest faded, as for every other method
                 comp = tokens_view(comp, guidance[3], g.source)
         if comp.method == session.settings.method and session.method.kind == registry.MANUAL and not comp.num_tokens:
-            comp = session.compression(key, method=session.method.fallback)  # no picks: draw what is sent instead
+            # no picks: draw what is sent instead
+            comp = drawn(session.image(key), session.compression(key, method=session.method.fallback), frame)[1]
         return (render_map(image, comp, view, *extra, mark=mark, source=source, display=self.display(state)), caption,
                 gr.update(choices=choices, value=view))

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from pipeline.methods import registry
+from pipeline.video import MAX_FRAMES
 
 from .handlers import Handlers
 from .compare_layout import compare_tab, wire_compare
@@ -187,6 +188,8 @@ def map_tab(p, h: Handlers):
     with gr.Tab("Map", id="map-tab", elem_id="map-tab"):
         # the image picker apart from the views, named, so that one choice of each never reads as two views
         p.map_choice = ImagePicker([], label="Image on the map", visible=False, elem_id="map-image")
+        p.map_frame = Slider(0, MAX_FRAMES, value=0, step=1, label="frame on the map (0: all of the clip's frames)",
+                             visible=False, elem_id="map-frame")  # (its maximum follows the clip; the handler checks)
         with gr.Row(elem_id="map-controls"):
             p.view = gr.Radio([(VIEW_NAMES[v], v) for v in VIEW_NAMES if v != "importance"],
                               value="kept", show_label=False, elem_id="view")
@@ -225,7 +228,7 @@ def wire_chat(p, h: Handlers, answers: dict):
         # Gradio (or ZeroGPU: no quota, worker lost) raised outside the handler, which skips .then
         submitted.then(h.readout_after_message, p.state, p.info, queue=False, api_name=False)
         answering.then(h.finish, p.state, [p.textbox, p.stop_btn], api_name=False)
-        answering.then(h.image_choices, p.state, p.map_choice, queue=False, api_name=False)
+        answering.then(h.image_choices, p.state, [p.map_choice, p.map_frame], queue=False, api_name=False)
         for event in (submitted, answering):
             event.failure(h.finish, p.state, [p.textbox, p.stop_btn], api_name=False)
     answer(p.textbox.submit, api=True)
@@ -243,7 +246,11 @@ def wire_map(p, h: Handlers):
                        api_name=f"settings_{control.elem_id}", concurrency_id=MODEL)
     p.view.change(h.show_view, [p.state, p.view], [p.map_image, p.caption], queue=False, api_name="view")
     p.map_choice.input(h.show_image, [p.state, p.map_choice, p.view], [p.state, p.map_image, p.caption, p.view, p.info],
-                       api_name="map_image", concurrency_id=MODEL)
+                       api_name="map_image", concurrency_id=MODEL).then(h.image_choices, p.state,
+                                                                         [p.map_choice, p.map_frame], queue=False,
+                                                                         api_name=False)
+    p.map_frame.release(h.show_frame, [p.state, p.map_frame, p.view], [p.state, p.map_image, p.caption, p.view, p.info],
+                        api_name="map_frame", concurrency_id=MODEL)
 
     def click_map(state, view, radius, evt: MapClick):  # (Gradio reads the event type off this signature)
         return h.click_map(state, view, radius, evt)
@@ -262,5 +269,5 @@ def wire_clear(p, h: Handlers):
                                          p.compare_table, p.compare_answers, p.stop_btn, p.compare_maps,
                                          p.compare_overlap, p.compare_stop, p.compare_files, p.sweep_table,
                                          p.sweep_plot, p.sweep_files, p.sweep_stop],
-                      queue=False, api_name="clear").then(h.image_choices, p.state, p.map_choice, queue=False,
+                      queue=False, api_name="clear").then(h.image_choices, p.state, [p.map_choice, p.map_frame], queue=False,
                                                           api_name=False)

@@ -67,11 +67,25 @@ class MapEvents:
 
     def image_choices(self, state):
         """The picker of the image the map shows: one choice per image of the conversation (shown when
-        there are several)."""
+        there are several); and for a clip, the slider of the frame it shows alone (0: all its frames)."""
         keys = list(state.chat.images) if state is not None else []
         shown = self.shown_key(state)
-        return gr.update(choices=[(f"image {i + 1}", str(i + 1)) for i in range(len(keys))], visible=len(keys) > 1,
-                         value=str(keys.index(shown) + 1) if shown in keys else None)
+        frames = len(state.chat.clips[shown]["times"]) if shown in getattr(state.chat, "clips", {}) else 0
+        return (gr.update(choices=[(f"image {i + 1}", str(i + 1)) for i in range(len(keys))], visible=len(keys) > 1,
+                          value=str(keys.index(shown) + 1) if shown in keys else None),
+                gr.update(maximum=max(1, frames), visible=frames > 1,
+                          value=0 if state is None or state.map_frame is None else state.map_frame + 1))
+
+    def show_frame(self, state, number, view):
+        """The map shows frame `number` of the clip it shows (1-based; 0: all its frames)."""
+        key = self.shown_key(state) if state is not None else None
+        frames = len(state.chat.clips[key]["times"]) if key in getattr(state.chat, "clips", {}) else 0
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number) \
+                or not 0 <= number <= frames or not frames:
+            return state, gr.skip(), "⚠️ " + (f"Frames are 0 (all) to {frames} here (got {number!r})." if frames
+                                              else "The map shows no clip."), gr.skip(), ""
+        state.map_frame = int(number) - 1 if number else None
+        return state, *self.views(state, view), ""
 
     def show_image(self, state, number, view):
         """The map shows image `number` (1-based, as the picker names them): its picks, clicks and views."""
@@ -82,7 +96,7 @@ class MapEvents:
             index = -1
         if not 0 <= index < len(keys):
             return state, gr.skip(), f"⚠️ No image {number!r} in this conversation ({len(keys)} images).", gr.skip(), ""
-        state.map_key = keys[index]
+        state.map_key, state.map_frame = keys[index], None
         if self.session_for(state).current_view(compress=False, key=state.map_key) is None:
             try:
                 state = self.compress_latest(state)
@@ -99,7 +113,7 @@ class MapEvents:
             return state, gr.skip(), gr.skip(), "_Click a patch of the map (through the API: /click_at with x and y " \
                                                 "in the map's pixels)._"
         session, key = self.session_for(state), self.shown_key(state)
-        shown = session.current_view(compress=False, key=key)
+        shown = session.current_view(compress=False, key=key, frame=state.map_frame)
         if shown is None:
             return state, gr.skip(), gr.skip(), "_The map is being prepared._"
         image, comp = shown
@@ -108,7 +122,7 @@ class MapEvents:
             return state, gr.skip(), gr.skip(), "_Click on a patch of the photo._"
         crop, unit = spot
         if registry.get(state.chat.settings.method).kind != registry.MANUAL:
-            guidance = session.guidance_view(key)
+            guidance = session.guidance_view(key, state.map_frame)
             importance = guidance[2] if guidance is not None else None
             source = registry.label(session.last_turn.guidance.source) if guidance is not None else "SGL"
             marked = self.views(state, view, session, mark=spot)[0]
