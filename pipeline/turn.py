@@ -38,6 +38,7 @@ class TurnStats:
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
     followup: object = None  # Compare's "ask again as turn 2": the second turn on the same image (SecondTurn)
     agreement: object = None  # Compare: how close its answer is to Full's (agreement.Agreement)
+    clip: tuple | None = None  # the latest clip in the context: (frames, tokens sent a frame, tokens in full a frame)
     answer_ids: list = field(default_factory=list)  # the answer's token ids (the agreement compares them)
 
 
@@ -98,7 +99,10 @@ def new_stats(plan, vlm, method: str, counts: tuple, window: int, window_start: 
     """A turn's numbers before it runs: its visual and prompt tokens, the images `counts` (encoded, seconds,
     taken from the examples), the turns it left out of the window."""
     (encoded, encode_s, ahead), comps = counts, plan.compressions
-    return TurnStats(
+    clips = [c for c in comps if c.times]
+    clip = None if not clips else (len(clips[-1].times), clips[-1].num_tokens // len(clips[-1].times),
+                                   clips[-1].full_tokens // len(clips[-1].times))
+    return TurnStats(clip=clip,
         method=method, model_used=vlm.name, visual_tokens=sum(c.num_tokens for c in comps),
         visual_tokens_full=sum(c.full_tokens for c in comps), prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids),
         encode_s=encode_s, images_encoded=encoded, images_ahead=ahead, dropped_turns=plan.window_start,

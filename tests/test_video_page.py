@@ -30,7 +30,8 @@ def clip(tmp_path_factory):
 def test_two_turns_on_a_clip_through_the_api(url, clip):
     c = Client(url, verbose=False)
     history, stats, shown, caption = send(c, [], "What moves?", [clip])
-    assert stat(stats, "visual tokens to the LLM") == "512 of 1569" and "8 frames" in caption
+    assert stat(stats, "visual tokens to the LLM") == "512 of 1569 (a clip of 8 frames: 64 of 196 a frame)"
+    assert "8 frames" in caption
     sheet = np.asarray(Image.open(shown).convert("RGB"))
     assert sheet.shape[1] > sheet.shape[0]  # 8 frames, 4 a row: wider than tall
     assert [p["file"].rsplit("/", 1)[-1] for m in history for p in m["content"] if p.get("type") == "file"] \

@@ -61,7 +61,8 @@ def format_stats(t) -> str:
         image = f"{t.images_encoded} encoded" + (f", {t.images_ahead} compressed at launch" if t.images_ahead else "")
     rows = [
         ("model", f"{t.model_used} ({registry.label(t.method) if t.method in registry.names() else t.method})"),
-        ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}"),
+        ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}" + (
+            f" (a clip of {t.clip[0]} frames: {t.clip[1]} of {t.clip[2]} a frame)" if getattr(t, "clip", None) else "")),
         ("prompt tokens (computed this turn)", f"{t.prompt_tokens} ({t.prefill_tokens})"),
         ("time to first token", f"{t.ttft_s * 1000:.0f} ms"),
         ("image encode + compress", f"{t.encode_s * 1000:.0f} ms"),
