@@ -125,6 +125,17 @@ def test_clip_budget_gives_64_tokens_with_cls(tiny_llava, photo):
     assert comp.full_tokens == 576
 
 
+def test_no_contextual_tokens_drops_the_rest(tiny_llava, photo):
+    """A budget of 0 contextual tokens: the dominant patches go as themselves and every other patch is dropped
+    (-2: not sent, what the map fades), none merged."""
+    comp = encode_image(tiny_llava, photo, "visionzip", 64, 0)
+    crop = comp.crops[0]
+    assert comp.num_tokens == 64 and len(crop.targets) == 0
+    expected = np.full(576, -2)
+    expected[crop.kept] = -1
+    assert crop.groups.tolist() == expected.tolist() and len(crop.kept) == 63
+
+
 def test_siglip_budget_per_crop(tiny_ov, photo):
     comp = encode_image(tiny_ov, photo, "visionzip", 54, 10)
     assert len(comp.crops) > 1  # base image + anyres tiles

@@ -26,7 +26,8 @@ class Selection:
     tokens: torch.Tensor  # (dominant + contextual, C): what the projector receives
     dominant: torch.Tensor  # (dominant,) token indices in index order (CLS = 0 when present)
     targets: torch.Tensor  # (contextual,) token index of each contextual token's target
-    groups: torch.Tensor  # (T,) contextual id of each token, -1 for dominant tokens
+    groups: torch.Tensor  # (T,) contextual id of each token, -1 for dominant tokens, -2 for dropped ones (no
+    # contextual tokens)
 
 
 def check_budget(dominant: int, contextual: int, num_tokens: int, has_cls: bool):
@@ -56,7 +57,8 @@ def select(x: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: 
     keep[dom] = False
     remaining = keep.nonzero().squeeze(1)  # (R,) in index order
     groups = torch.full((T,), -1, dtype=torch.long, device=x.device)
-    if contextual == 0:
+    if contextual == 0:  # the rest is dropped
+        groups[remaining] = -2
         return Selection(x[dom], dom, remaining[:0], groups)
 
     step = max(1, remaining.numel() // contextual)
@@ -109,11 +111,11 @@ def caption(comp) -> str:
     kept = {(len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops}
     if kept == {(comp.dominant_budget, comp.contextual_budget)}:
         per_crop = f"{comp.dominant_budget} dominant + {comp.contextual_budget} contextual"
-        crops = f" x {len(comp.crops)} {'frames' if comp.times else 'crops'}" if len(comp.crops) > 1 else ""
+        crops = f" x {len(comp.crops)} {comp.crop_word}" if len(comp.crops) > 1 else ""
     else:  # a share of each image's units (dynamic resolution)
         d, c = (sum(k) for k in zip(*((len(c.kept) + c.includes_cls, len(c.targets)) for c in comp.crops)))
         per_crop = f"{d} dominant + {c} contextual (the {comp.dominant_budget}+{comp.contextual_budget} per 576 share)"
-        crops = ""
+        crops = f" in {len(comp.crops)} {comp.crop_word}" if comp.times else ""
     return f"{per_crop}{crops} = {comp.num_tokens} of {comp.full_tokens} visual tokens ({share:.0f}%)"
 
 
