@@ -51,6 +51,19 @@ class Compression:
     vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), kept so that the
     # next question selects again without running the tower again
     times: tuple | None = None  # a clip's frames' times in seconds, one per crop (None: an image)
+    seconds_per_crop: float | None = None  # a clip's seconds from one crop to the next, where the family's positions
+    # count time (Qwen2.5-VL: temporal patch / sampled fps); None: an image, or no time positions
+    frames_per_crop: int = 1  # a clip's frames in one crop (Qwen2.5-VL: a pair)
+
+    @property
+    def crop_word(self) -> str:
+        """What its crops are, in words: "crops" of an image, a clip's "frames" or "frame pairs"."""
+        return "crops" if self.times is None else "frames" if self.frames_per_crop == 1 else "frame pairs"
+
+    def frame_label(self, k: int) -> str:
+        """A clip's crop k (0-based) in words: "frame 3", or of pairs "frames 5-6"."""
+        first = k * self.frames_per_crop + 1
+        return f"frame {first}" if self.frames_per_crop == 1 else f"frames {first}-{first + self.frames_per_crop - 1}"
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +78,7 @@ class Compression:
         if method.caption is not None:
             return method.caption(self)
         share = 100 * self.num_tokens / self.full_tokens
-        crops = f" in {len(self.crops)} {'frames' if self.times else 'crops'}" if len(self.crops) > 1 else ""
+        crops = f" in {len(self.crops)} {self.crop_word}" if len(self.crops) > 1 else ""
         return (f"{method.label}: {self.num_tokens} {method.words.tokens}{crops} = {self.num_tokens} of "
                 f"{self.full_tokens} visual tokens ({share:.0f}%)")
 
@@ -171,15 +184,16 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map, question if asked else "",
-                       on_device(out, "cpu") if asked or keep_vision else None, prepared.extra.get("times"))
+                       on_device(out, "cpu") if asked or keep_vision else None, prepared.extra.get("times"),
+                       prepared.extra.get("seconds_per_crop"), prepared.extra.get("frames_per_crop", 1))
 
 
 def prepared_input(vlm, image, max_tiles: int | None) -> tuple:
     """-> (the tower's input, the token map of what the LLM would see without compression). A clip (video.Frames):
-    one crop per frame, as the family's video processor gives them."""
+    one crop per frame (Qwen2.5-VL: per pair of frames), as the family's video processor gives them."""
     family, model = vlm.family, vlm.model
     if isinstance(image, Frames):
-        prepared = family.prepare_video(image)
+        prepared = family.prepare_video(image, max_tiles)
         return prepared, family.video_token_map(model, prepared)
     return family.prepare(image, max_tiles), family.full_token_map(model, family.layout(image))
 
@@ -192,7 +206,9 @@ def encoded_full(family, model, prepared, method: str, dominant: int, contextual
     crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
                       None, np.zeros(0, int)) for c in prepared.crops]
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                       features, time.perf_counter() - start, full_map, times=prepared.extra.get("times"))
+                       features, time.perf_counter() - start, full_map, times=prepared.extra.get("times"),
+                       seconds_per_crop=prepared.extra.get("seconds_per_crop"),
+                       frames_per_crop=prepared.extra.get("frames_per_crop", 1))
 
 
 def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:
@@ -275,7 +291,7 @@ def on_device(out: VisionOutput, device) -> VisionOutput:
 def encode_distinct(family, model, prepared, with_stats: bool, received_at: tuple = ()) -> VisionOutput:
     """`family.encode`, running the tower once for crops whose preprocessed pixels are identical: the same
     tokens as encoding every crop, for less work."""
-    if len(prepared.crops) < 2:  # (Qwen2.5-VL: one image, its pixel_values are patches, not crops)
+    if len(prepared.crops) < 2 or len(prepared.pixel_values) != len(prepared.crops):  # (Qwen2.5-VL: patches)
         return family.encode(model, prepared, with_stats, received_at=received_at)
     keep, inverse = distinct_crops(prepared.pixel_values)
     if len(keep) == len(inverse):

@@ -42,7 +42,7 @@ class Images:
         """Check an image and keep its pixels (uint8 (H, W, 3): 3 bytes a pixel), no larger than the model can
         use (the same tiles and crops: Family.compact_size) -> its key. A video file is kept as a clip (`keep_clip`),
         an animated GIF or WebP too where the model takes video (elsewhere: its first frame, as an image)."""
-        if is_clip_file(image, animations=self.vlm.family.video_size is not None):
+        if is_clip_file(image, animations=self.vlm.family.takes_video):
             return self.keep_clip(state, image, None)
         image = load_image(image, fit=self.vlm.family.compact_size)
         key = image_digest(image)
@@ -51,19 +51,19 @@ class Images:
 
     def keep_clip(self, state, source, num_frames: int | None) -> str:
         """Check a clip (a path: video.py), sample `num_frames` frames as transformers' processors do (None: 8 on a
-        CPU, the checkpoint's number on a GPU), and keep them at the family's video size -> its key. InputError
-        for a family without video."""
+        CPU, the checkpoint's number on a GPU; Qwen2.5-VL: 2 a second), and keep them at the size the family's
+        video processor gives them -> its key. InputError for a family without video."""
         family = self.vlm.family
-        if family.video_size is None:
-            raise InputError(f"{type(family).__name__} checkpoints take images, not video (LLaVA-OneVision does).")
-        if num_frames is None:
-            num_frames = family.video_frames if self.vlm.device.type == "cuda" else 8
-        clip = read_clip(source, num_frames)
-        frames = Frames.of(clip, family.video_size)
+        if not family.takes_video:
+            raise InputError(f"{type(family).__name__} checkpoints take images, not video "
+                             "(LLaVA-OneVision and Qwen2.5-VL do).")
+        clip = read_clip(source, *family.video_sample(num_frames, self.vlm.device.type == "cuda"))
+        frames = Frames.of(clip, family.video_frame_size(clip.size))
         key = image_digest(frames)
         state.images[key] = frames.pixels
-        state.clips[key] = {"times": list(clip.times), "indices": list(clip.indices), "fps": clip.info.fps,
-                            "shown": frames.shown, "duration": clip.info.duration}
+        state.clips[key] = {"times": list(clip.times), "indices": list(clip.indices), "shown": frames.shown,
+                            "sampled_fps": frames.sampled_fps,
+                            "crops": -(-len(clip.times) // family.frames_per_crop)}  # (what the map's picker counts)
         return key
 
     def keep_all(self, state, images, names=None) -> list:
@@ -89,7 +89,7 @@ class Images:
         """The kept image `key` as a PIL image (a clip: video.Frames)."""
         if key in state.clips:
             clip = state.clips[key]
-            return Frames(state.images[key], tuple(clip["shown"]), tuple(clip["times"]))
+            return Frames(state.images[key], tuple(clip["shown"]), tuple(clip["times"]), clip["sampled_fps"])
         return Image.fromarray(state.images[key])
 
     # ---- compressions -------------------------------------------------------------------------

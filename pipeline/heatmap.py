@@ -122,7 +122,7 @@ def crop_names(comp) -> list:
     """How the map and the readout name each crop: "image" alone, else "whole image" and "tile k"
     (numbered from 1 in the order the LLM receives them)."""
     if comp.times is not None:
-        return [f"frame {k + 1}" for k in range(len(comp.crops))]
+        return [comp.frame_label(k) for k in range(len(comp.crops))]
     whole = whole_crop(comp)
     if whole is None:
         return ["image"]
@@ -140,8 +140,9 @@ def layout(comp, display: Display = None) -> list:
     whole = whole_crop(comp)
     if comp.times is not None:  # a clip: the frames views.clip_sheet placed (an empty box: not shown), one panel
         shown = [i for i, c in enumerate(comp.crops) if c.box[2] > c.box[0]]
-        groups = [(f"{len(shown)} frames" if len(shown) > 1 else
-                   f"frame {shown[0] + 1} of {len(comp.crops)}, at {comp.times[shown[0]]:.1f} s", shown)]
+        groups = [(f"{len(shown)} {comp.crop_word}" if len(shown) > 1 else
+                   f"{comp.frame_label(shown[0])} of {len(comp.crops) * comp.frames_per_crop}, "
+                   f"at {comp.times[shown[0]]:.1f} s", shown)]
     elif whole is None:
         groups = [("image", [0])]
     else:

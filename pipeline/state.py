@@ -36,7 +36,7 @@ class ChatState:
     pending: list = field(default_factory=list)  # image keys waiting for the next question
     images: dict = field(default_factory=dict)  # image key -> uint8 (H, W, 3) pixels, no larger than the model uses
     # (Family.compact_size); a clip's: uint8 (F, h, w, 3) frames at the family's video size (video.Frames)
-    clips: dict = field(default_factory=dict)  # a clip's key -> {"times", "indices", "fps", "shown", "name"}
+    clips: dict = field(default_factory=dict)  # a clip's key -> {"times", "indices", "shown", "sampled_fps", "crops"}
     compressions: OrderedDict = field(default_factory=OrderedDict)  # (key, method, model) -> Compression
     cache_bytes: int = 1 << 30  # bound of `compressions` (LRU by bytes)
     picks: dict = field(default_factory=dict)  # image key -> {crop: [units]} the "manual" method sends

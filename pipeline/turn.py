@@ -38,7 +38,8 @@ class TurnStats:
     timings: dict = field(default_factory=dict)  # SGL: seconds spent in each model
     followup: object = None  # Compare's "ask again as turn 2": the second turn on the same image (SecondTurn)
     agreement: object = None  # Compare: how close its answer is to Full's (agreement.Agreement)
-    clip: tuple | None = None  # the latest clip in the context: (frames, tokens sent a frame, tokens in full a frame)
+    clip: tuple | None = None  # the latest clip in the context: (crops, tokens sent a crop, tokens in full a crop,
+    # frames a crop: 1, or 2 for Qwen2.5-VL's pairs)
     answer_ids: list = field(default_factory=list)  # the answer's token ids (the agreement compares them)
 
 
@@ -101,7 +102,7 @@ def new_stats(plan, vlm, method: str, counts: tuple, window: int, window_start: 
     (encoded, encode_s, ahead), comps = counts, plan.compressions
     clips = [c for c in comps if c.times]
     clip = None if not clips else (len(clips[-1].times), clips[-1].num_tokens // len(clips[-1].times),
-                                   clips[-1].full_tokens // len(clips[-1].times))
+                                   clips[-1].full_tokens // len(clips[-1].times), vlm.family.frames_per_crop)
     return TurnStats(clip=clip,
         method=method, model_used=vlm.name, visual_tokens=sum(c.num_tokens for c in comps),
         visual_tokens_full=sum(c.full_tokens for c in comps), prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids),

@@ -59,6 +59,7 @@ class Frames:
     pixels: np.ndarray
     shown: tuple  # (width, height) of the upright frames in the clip
     times: tuple  # seconds of each frame
+    sampled_fps: float | None = None  # frames sampled per second of the clip (transformers' VideoMetadata.sampled_fps)
 
     mode = "RGB"
 
@@ -76,8 +77,16 @@ class Frames:
     def of(cls, clip: "Clip", size: tuple) -> "Frames":
         """`clip`'s frames resized to `size` (width, height) with Pillow's bicubic filter (the PIL backend's
         resize, on 8-bit pixels as the video processor resizes them)."""
-        pixels = np.stack([np.asarray(f.convert("RGB").resize(size, Image.BICUBIC)) for f in clip.frames])
-        return cls(pixels, clip.size, tuple(clip.times))
+        return cls(resized(np.stack([np.asarray(f.convert("RGB")) for f in clip.frames]), size), clip.size,
+                   tuple(clip.times), len(clip.indices) / clip.info.total_frames * clip.info.fps)
+
+
+def resized(pixels: np.ndarray, size: tuple) -> np.ndarray:
+    """uint8 (F, h, w, 3) frames -> (F, size[1], size[0], 3), each with Pillow's bicubic filter (unchanged when
+    already that size)."""
+    if pixels.shape[2] == size[0] and pixels.shape[1] == size[1]:
+        return pixels
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in pixels])
 
 
 def uniform_indices(total: int, num_frames: int) -> np.ndarray:
@@ -88,9 +97,16 @@ def uniform_indices(total: int, num_frames: int) -> np.ndarray:
 
 
 def qwen_indices(info: ClipInfo, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768,
-                 temporal_patch: int = 2) -> np.ndarray:
-    """Qwen2-VL's video processor (sample_frames with fps): the indices for `fps` frames per second."""
+                 temporal_patch: int = 2, num_frames: int | None = None) -> np.ndarray:
+    """Qwen2-VL's video processor (sample_frames): the indices for `fps` frames per second, or with `num_frames`
+    for that many rounded to a multiple of the temporal patch (a clip with fewer frames: as many as it has, in
+    pairs; one frame alone is repeated by the processor's padding)."""
     total = info.total_frames
+    if num_frames is not None:
+        n = max(temporal_patch, round(num_frames / temporal_patch) * temporal_patch)
+        n = min(n, total // temporal_patch * temporal_patch) or total
+        import torch
+        return torch.arange(0, total, total / n).int().numpy()
     most = math.floor(min(max_frames, total) / temporal_patch) * temporal_patch
     n = min(max(total / info.fps * fps, min_frames), most, total)
     n = math.floor(n / temporal_patch) * temporal_patch
@@ -149,9 +165,8 @@ def read_clip(path, num_frames: int | None = 8, sample=None) -> Clip:
     """The frames at transformers' uniform indices for `num_frames` (or at `sample(info)`'s indices), seeking to
     each. A frame the file cannot give (a truncated clip) ends the clip there; none at all is an InputError.
     An animated WebP (FFmpeg's WebP decoder takes no animation) is read with Pillow."""
-    if sample is None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
-                           or not 1 <= num_frames <= MAX_FRAMES):
-        raise InputError(f"Frames per clip are 1 to {MAX_FRAMES} (got {num_frames!r}).")
+    if sample is None:
+        check_frames(num_frames)
     if str(path).lower().endswith(".webp"):
         return read_animation(path, num_frames, sample)
     container, stream = open_clip(path)
@@ -171,6 +186,13 @@ def read_clip(path, num_frames: int | None = 8, sample=None) -> Clip:
         return clip
     finally:
         container.close()
+
+
+def check_frames(num_frames) -> int:
+    """An asked number of frames per clip, checked: a whole number from 1 to MAX_FRAMES."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
+        raise InputError(f"Frames per clip are 1 to {MAX_FRAMES} (got {num_frames!r}).")
+    return num_frames
 
 
 def sampled(info: ClipInfo, num_frames: int | None, sample) -> list:

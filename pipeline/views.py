@@ -54,14 +54,16 @@ def drawn(image, comp, frame: int | None = None) -> tuple:
     0-based: that frame alone, larger)."""
     if not isinstance(image, Frames):
         return image, comp
-    return clip_sheet(image, comp, frame if frame is not None and 0 <= frame < len(image) else None)
+    return clip_sheet(image, comp, frame if frame is not None and 0 <= frame < len(comp.crops) else None)
 
 
 def clip_sheet(frames: Frames, comp, frame: int | None = None) -> tuple:
     """A clip's frames in rows, each at the clip's shape (or frame `frame` alone, as wide as the whole sheet), and
     `comp` with each frame's crop boxed where its frame sits on that sheet (the others' boxes empty) -> (sheet,
-    Compression): the maps draw a clip as they draw an image's tiles."""
-    shown = range(len(frames)) if frame is None else [frame]
+    Compression): the maps draw a clip as they draw an image's tiles. A crop of several frames (Qwen2.5-VL's pairs)
+    is drawn on its first frame."""
+    shown = range(len(comp.crops)) if frame is None else [frame]
+    per_crop = -(-len(frames) // len(comp.crops))
     cols = min(len(shown), SHEET_COLUMNS)
     w, h = frames.shown
     cell_w = (SHEET_WIDTH + SHEET_GAP) // cols - SHEET_GAP
@@ -72,6 +74,6 @@ def clip_sheet(frames: Frames, comp, frame: int | None = None) -> tuple:
     crops = [replace(c, box=(0, 0, 0, 0)) for c in comp.crops]
     for n, k in enumerate(shown):
         x, y = (n % cols) * (cell_w + SHEET_GAP), (n // cols) * (cell_h + SHEET_GAP)
-        sheet.paste(Image.fromarray(frames.pixels[k]).resize((cell_w, cell_h), Image.BICUBIC), (x, y))
+        sheet.paste(Image.fromarray(frames.pixels[min(k * per_crop, len(frames) - 1)]).resize((cell_w, cell_h), Image.BICUBIC), (x, y))
         crops[k] = replace(comp.crops[k], box=(x, y, x + cell_w, y + cell_h))
     return sheet, replace(comp, crops=crops, image_size=(sheet.height, sheet.width))

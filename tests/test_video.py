@@ -30,7 +30,8 @@ def square_frame(i: int) -> np.ndarray:
 def write_clip(path, frames: int, fps: int = 10, gop: int = 6, make=square_frame, codec="libx264"):
     out = av.open(str(path), "w")
     stream = out.add_stream(codec, rate=fps)
-    stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+    stream.height, stream.width = make(0).shape[:2]
+    stream.pix_fmt = "yuv420p"
     stream.codec_context.gop_size = gop
     stream.codec_context.options = {"bf": "0"} if codec == "libx264" else {}
     for i in range(frames):

@@ -57,6 +57,30 @@ def test_two_turns_on_a_clip_through_the_api(url, clip):
     assert len(maps) == 3 and sum(f.endswith(".png") for f in files) == 3
 
 
+@pytest.fixture(scope="module")
+def qwen_url(tiny_qwen_large):
+    with served_app(tiny_qwen_large, "**Tiny model**", max_new_tokens=6) as local_url:
+        yield local_url
+
+
+def test_two_turns_on_a_clip_on_qwen(qwen_url, clip):
+    """Qwen2.5-VL: 8 frames in 4 temporal pairs, each pair a crop (its 2x3 units, VisionZip's share of them); the
+    frame picker counts pairs and shows the first frame of one."""
+    c = Client(qwen_url, verbose=False)
+    history, stats, shown, caption = send(c, [], "What moves?", [clip])
+    assert stat(stats, "visual tokens to the LLM") == "4 of 24 (a clip of 4 frame pairs: 1 of 6 a pair)"
+    assert "in 4 frame pairs" in caption
+    history, stats, _, _ = send(c, history, "And its colour?")
+    assert stat(stats, "KV cache reused / size").startswith("yes") and stat(stats, "image").startswith("re-used")
+    sheet = np.asarray(Image.open(shown).convert("RGB"))
+    state_map, caption, _, _ = c.predict(4, "kept", api_name="/map_frame")
+    assert "the map shows frames 7-8 of 8 (" in caption
+    assert np.asarray(Image.open(state_map).convert("RGB")).shape[0] > sheet.shape[0]
+    assert c.predict(5, "kept", api_name="/map_frame")[1].startswith("⚠️")
+    table = c.predict(["visionzip", "full"], api_name="/compare")[0]
+    assert compare_rows(table)["Full"][0] == "24"
+
+
 def test_a_model_without_video_says_so(tiny_llava, clip):
     with tiny_llava_app(max_new_tokens=4) as local_url:
         c = Client(local_url, verbose=False)
@@ -69,8 +93,12 @@ def test_a_model_without_video_says_so(tiny_llava, clip):
 
 @pytest.mark.browser
 @pytest.mark.parametrize("width,height,touch", [(1500, 1000, False), (390, 844, True)])
-def test_a_clip_in_chromium(url, clip, tmp_path, width, height, touch):
+@pytest.mark.parametrize("served,crops,picked", [("url", "8 frames", "shows frame 2 of 8"),
+                                                 ("qwen_url", "4 frame pairs", "shows frames 3-4 of 8")])
+def test_a_clip_in_chromium(served, crops, picked, clip, tmp_path, width, height, touch, request):
+    """LLaVA-OneVision (a frame a crop) and Qwen2.5-VL (a pair of frames a crop)."""
     pytest.importorskip("playwright.sync_api")
+    url = request.getfixturevalue(served)
     from tests.test_browser import ask, wait_until_textbox_is_back
     from tests.test_page_layout import CLIPPED, TOO_WIDE, page_of
     with page_of(url, width, height, touch=touch) as page:
@@ -79,18 +107,18 @@ def test_a_clip_in_chromium(url, clip, tmp_path, width, height, touch):
         ask(page, "What moves in this clip?")
         page.wait_for_function(STATS_DONE, timeout=120_000)
         wait_until_textbox_is_back(page)
-        assert "8 frames" in page.locator("#caption").inner_text()
+        assert crops in page.locator("#caption").inner_text()
         assert page.locator("#chatbot video").count() == 1  # the clip plays in the chat
         ask(page, "And then?")
         page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length >= 2", timeout=60_000)
         wait_until_textbox_is_back(page)
         page.wait_for_function("() => document.querySelector('#stats').innerText.includes('yes')", timeout=60_000)
         assert page.evaluate(TOO_WIDE, width) == [] and page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / f"clip-{width}.png"), full_page=True)
+        page.screenshot(path=str(tmp_path / f"clip-{served}-{width}.png"), full_page=True)
         frame = page.locator("#map-frame input[type=number]")  # the frame picker: frame 2 alone
         frame.fill("2")
         frame.press("Tab")  # (the slider's number box says "release" as it loses the focus)
-        page.wait_for_function("() => document.querySelector('#caption').innerText.includes('shows frame 2 of 8')",
+        page.wait_for_function(f"() => document.querySelector('#caption').innerText.includes('{picked}')",
                                timeout=30_000)
         assert page.evaluate(TOO_WIDE, width) == [] and page.evaluate(CLIPPED) == []
-        page.screenshot(path=str(tmp_path / f"frame-{width}.png"), full_page=True)
+        page.screenshot(path=str(tmp_path / f"frame-{served}-{width}.png"), full_page=True)

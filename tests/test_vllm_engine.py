@@ -202,7 +202,7 @@ def test_a_clip_answers_on_vllm(served, tmp_path):
     from tests.test_video import write_clip
     vlm, engine = served
     path = write_clip(tmp_path / "squares.mp4", frames=30)
-    if vlm.family.video_size is None:
+    if not vlm.family.takes_video:
         with pytest.raises(InputError, match="not video"):
             ChatSession(vlm, method="full", engine=engine).add_video(path)
         return

@@ -80,7 +80,7 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
                  session_options: dict | None = None, max_tiles: int = 0, image_memory: int = 1 << 30,
                  examples: ExampleCache | None = None, example_paths=()):
         self.vlm, self.small = vlm, small
-        self.takes_video = vlm.family.video_size is not None  # (the chat then takes clips too)
+        self.takes_video = vlm.family.takes_video  # (the chat then takes clips too)
         self.max_new_tokens, self.method_default, self.max_tiles = max_new_tokens, method_default, max_tiles
         self.models = {m.name: m for m in (vlm, small) if m is not None}
         self.kv = KVStore(default_budget(vlm.device))  # this process's KV caches, keyed by session, LRU-bounded
@@ -154,7 +154,8 @@ class Handlers(ChatEvents, MapEvents, CompareEvents, SweepEvents):
         extra = guidance[2:] if view == "importance" else ()
         caption = comp.caption()
         if comp.times is not None and frame is not None and 0 <= frame < len(comp.times):
-            caption += f"; the map shows frame {frame + 1} of {len(comp.times)} ({comp.times[frame]:.1f} s)"
+            caption += (f"; the map shows {comp.frame_label(frame)} of {len(comp.times) * comp.frames_per_crop} "
+                        f"({comp.times[frame]:.1f} s)")
         if len(state.chat.images) > 1:
             caption = f"{self.image_name(state, key).capitalize()}: {caption}"
         if guidance is not None:  # FastV / SGL: what the large model kept of this image in the last turn

@@ -70,7 +70,7 @@ class MapEvents:
         there are several); and for a clip, the slider of the frame it shows alone (0: all its frames)."""
         keys = list(state.chat.images) if state is not None else []
         shown = self.shown_key(state)
-        frames = len(state.chat.clips[shown]["times"]) if shown in getattr(state.chat, "clips", {}) else 0
+        frames = state.chat.clips[shown]["crops"] if shown in getattr(state.chat, "clips", {}) else 0
         return (gr.update(choices=[(f"image {i + 1}", str(i + 1)) for i in range(len(keys))], visible=len(keys) > 1,
                           value=str(keys.index(shown) + 1) if shown in keys else None),
                 gr.update(maximum=max(1, frames), visible=frames > 1,
@@ -79,7 +79,7 @@ class MapEvents:
     def show_frame(self, state, number, view):
         """The map shows frame `number` of the clip it shows (1-based; 0: all its frames)."""
         key = self.shown_key(state) if state is not None else None
-        frames = len(state.chat.clips[key]["times"]) if key in getattr(state.chat, "clips", {}) else 0
+        frames = state.chat.clips[key]["crops"] if key in getattr(state.chat, "clips", {}) else 0
         if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number) \
                 or not 0 <= number <= frames or not frames:
             return state, gr.skip(), "⚠️ " + (f"Frames are 0 (all) to {frames} here (got {number!r})." if frames

@@ -62,7 +62,7 @@ def format_stats(t) -> str:
     rows = [
         ("model", f"{t.model_used} ({registry.label(t.method) if t.method in registry.names() else t.method})"),
         ("visual tokens to the LLM", f"{t.visual_tokens} of {t.visual_tokens_full}" + (
-            f" (a clip of {t.clip[0]} frames: {t.clip[1]} of {t.clip[2]} a frame)" if getattr(t, "clip", None) else "")),
+            clip_words(t.clip) if getattr(t, "clip", None) else "")),
         ("prompt tokens (computed this turn)", f"{t.prompt_tokens} ({t.prefill_tokens})"),
         ("time to first token", f"{t.ttft_s * 1000:.0f} ms"),
         ("image encode + compress", f"{t.encode_s * 1000:.0f} ms"),
@@ -193,3 +193,11 @@ def checked_radius(radius):
     if radius is None or not isinstance(radius, (int, float)) or not 0 <= radius <= 5:
         raise InputError("The brush is 0 to 5 patches around the click.")
     return radius
+
+
+def clip_words(clip: tuple) -> str:
+    """TurnStats.clip in words: " (a clip of 8 frames: 64 of 196 a frame)", or for pairs of frames " (a clip of 4
+    frame pairs: 33 of 299 a pair)"."""
+    crops, sent, full, per_crop = clip
+    unit = "frame" if per_crop == 1 else "pair"
+    return f" (a clip of {crops} {'frames' if per_crop == 1 else 'frame pairs'}: {sent} of {full} a {unit})"

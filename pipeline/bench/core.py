@@ -170,9 +170,10 @@ def ov_image(tiles: int) -> Image.Image:
     return Image.open(ASSETS / "coffee.png").convert("RGB").resize((side, side))
 
 
-def prefill_timer(vlm, ids, feats):
-    """A callable running one LLM prefill of `ids` (image features in place) on a fresh cache."""
-    return lambda: forward(vlm, embed(vlm, ids, feats), new_cache(vlm))
+def prefill_timer(vlm, ids, feats, positions=None):
+    """A callable running one LLM prefill of `ids` (image features in place; `positions`: the family's, default
+    0..n-1) on a fresh cache."""
+    return lambda: forward(vlm, embed(vlm, ids, feats), new_cache(vlm), positions)
 
 
 def prefill_inputs(session, image):

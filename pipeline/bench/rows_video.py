@@ -1,7 +1,8 @@
-"""Rows of a clip (29): on OneVision-7B's shapes at half width and depth, a 16-frame clip's first prefill,
+"""Rows of a clip (29, 30): on OneVision-7B's shapes at half width and depth, a 16-frame clip's first prefill,
 VisionZip (54+10 per frame) vs Full (196 per frame + a newline), and its turn 2 with the KV cache reused vs
-recomputed; and decoding a 1-minute 1080p clip for 16 frames, by seeking vs transformers' own PyAV reader
-(which decodes every frame up to the last one it samples)."""
+recomputed; the same on Qwen2.5-VL-3B's shapes (half width and depth) with a 640x360 clip (16 frames: 8 temporal
+groups of 13x23 units; VisionZip keeps 64/576 of each group's); and decoding a 1-minute 1080p clip for 16 frames,
+by seeking vs transformers' own PyAV reader (which decodes every frame up to the last one it samples)."""
 
 import tempfile
 import time
@@ -43,20 +44,9 @@ def rows_clip(b) -> list:
     vlm = arch("llava-ov-7b-arch", args, quick=True)
     with tempfile.TemporaryDirectory() as folder:
         small = write_clip(Path(folder) / "clip.mp4", 4 if args.smoke else 16, 320, 180)
-        sides = {}
-        for method in ("visionzip", "full"):
-            s = ChatSession(vlm, method=method, max_new_tokens=1)
-            comp = s.add_video(small, num_frames=FRAMES)
-            plan = s.plan(Turn(QUESTION, list(s.state.pending)))
-            sides[method] = (plan.ids, [u.features for u in plan.slots if u.features is not None], comp)
-        ta, tb = side_by_side(clock, prefill_timer(vlm, *sides["visionzip"][:2]), prefill_timer(vlm, *sides["full"][:2]),
-                              args.repeats)
-        n_zip, n_full = len(sides["visionzip"][0]), len(sides["full"][0])
-        rows = [Row("29", f"LLM prefill, {vlm.name}, a {FRAMES}-frame clip ({n_zip} vs {n_full} tokens)",
-                    "VisionZip 54+10 per frame", "full (196 per frame + 1)", ta, tb, target="<= 0.15",
-                    floor_a_s=floor_s(llm_prefill_cost(vlm, n_zip), hw), floor_b_s=floor_s(llm_prefill_cost(vlm, n_full), hw),
-                    notes="Full already pools each frame 2x2 (729 -> 196 tokens): 64 per frame is a third of "
-                          "its tokens, so a prefill near 0.33 of Full's is what the token counts allow")]
+        rows = [prefill(vlm, small, "29", "VisionZip 54+10 per frame", "full (196 per frame + 1)", b,
+                        notes="Full already pools each frame 2x2 (729 -> 196 tokens): 64 per frame is a third of "
+                              "its tokens, so a prefill near 0.33 of Full's is what the token counts allow")]
         rows.append(turn_two(vlm, small, clock, args, hw))
         big = write_clip(Path(folder) / "minute.mp4", 2 if args.smoke else 60, 320 if args.smoke else 1920,
                          180 if args.smoke else 1080)
@@ -64,7 +54,37 @@ def rows_clip(b) -> list:
     return rows
 
 
-def turn_two(vlm, clip, clock, args, hw) -> Row:
+@row('30', '30b', title='a 16-frame 640x360 clip on Qwen2.5-VL-3B shapes: prefill, turn 2')
+def rows_qwen_clip(b) -> list:
+    vlm = arch("qwen2.5-vl-3b-arch", b.args, quick=True)
+    with tempfile.TemporaryDirectory() as folder:
+        clip = write_clip(Path(folder) / "clip.mp4", 4 if b.args.smoke else 16, 640, 360)
+        return [prefill(vlm, clip, "30", "VisionZip (64/576 of each group's units)", "full (every unit)", b,
+                        notes="16 frames are 8 temporal groups (pairs) of 13x23 units, each at M-RoPE time positions"),
+                turn_two(vlm, clip, b.clock, b.args, b.hw, "30b")]
+
+
+def prefill(vlm, clip, number: str, a: str, full: str, b, notes: str = "") -> Row:
+    """The clip's first LLM prefill, VisionZip's tokens vs Full's."""
+    sides = {}
+    for method in ("visionzip", "full"):
+        s = ChatSession(vlm, method=method, max_new_tokens=1)
+        s.add_video(clip, num_frames=FRAMES)
+        plan = s.plan(Turn(QUESTION, list(s.state.pending)))
+        sides[method] = timer_of(vlm, s, plan), len(plan.ids)
+    ta, tb = side_by_side(b.clock, sides["visionzip"][0], sides["full"][0], b.args.repeats)
+    n_zip, n_full = sides["visionzip"][1], sides["full"][1]
+    return Row(number, f"LLM prefill, {vlm.name}, a {FRAMES}-frame clip ({n_zip} vs {n_full} tokens)", a, full, ta, tb,
+               target="<= 0.15", floor_a_s=floor_s(llm_prefill_cost(vlm, n_zip), b.hw),
+               floor_b_s=floor_s(llm_prefill_cost(vlm, n_full), b.hw), notes=notes)
+
+
+def timer_of(vlm, session, plan):
+    return prefill_timer(vlm, plan.ids, [u.features for u in plan.slots if u.features is not None],
+                         **({"positions": vlm.family.positions(plan.ids, plan.slots)} if vlm.family.position_rows > 1 else {}))
+
+
+def turn_two(vlm, clip, clock, args, hw, number: str = "29b") -> Row:
     """29b: turn 2 on the clip (VisionZip), its time to first token with the KV cache reused vs recomputed."""
     sessions = {}
     for reuse in (True, False):
@@ -74,7 +94,7 @@ def turn_two(vlm, clip, clock, args, hw) -> Row:
         sessions[reuse] = turn_two_timer(s, "And what happens next?"), s
     ta, tb = side_by_side(clock, sessions[True][0], sessions[False][0], args.repeats)
     t = sessions[True][1].last_turn
-    return Row("29b", f"turn-2 time to first token on a {FRAMES}-frame clip, {vlm.name}, VisionZip "
+    return Row(number, f"turn-2 time to first token on a {FRAMES}-frame clip, {vlm.name}, VisionZip "
                f"({t.prompt_tokens} tokens in context)", f"KV reuse ({t.prefill_tokens} new tokens)",
                "recompute the conversation", ta, tb, target="<= 0.1",
                floor_a_s=floor_s(llm_prefill_cost(vlm, t.prefill_tokens, t.prompt_tokens), hw),

@@ -20,8 +20,11 @@ import torch
 import transformers
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+from ..video import check_frames
+
 
 COMPACT_CAPS = (None, 1, 2, 4, 6, 9, 12)  # tile caps whose layout `compact_size` keeps
+CPU_FRAMES = 8  # the frames a clip is sampled at on a CPU
 
 
 @dataclass
@@ -167,12 +170,23 @@ class Family:
         raise NotImplementedError
 
     # ---- video -------------------------------------------------------------------------------------
-    video_size: tuple | None = None  # (width, height) its video processor resizes every frame to; None: no video
-    video_frames = 32  # the frames a clip is sampled at on a GPU (the checkpoint's; on a CPU zipchat takes 8)
+    takes_video = False  # its checkpoints take clips (video.py)
+    video_size: tuple | None = None  # (width, height) its video processor resizes every frame to (fixed sizes)
+    video_frames = 32  # the frames a clip is sampled at on a GPU (the checkpoint's)
+    frames_per_crop = 1  # frames one crop of the tower's input holds (Qwen2.5-VL: its temporal patch, 2)
 
-    def prepare_video(self, frames) -> Prepared:
-        """video.Frames (already at `video_size`) -> the tower's input, one crop per frame, each crop's box the
-        whole frame."""
+    def video_sample(self, num_frames: int | None, on_gpu: bool) -> tuple:
+        """(num_frames, sample) for video.read_clip: `num_frames` asked (None: the checkpoint's on a GPU, CPU_FRAMES on
+        a CPU), at transformers' uniform indices."""
+        return check_frames((self.video_frames if on_gpu else CPU_FRAMES) if num_frames is None else num_frames), None
+
+    def video_frame_size(self, shown: tuple, max_tiles: int | None = None) -> tuple:
+        """(width, height) its video processor resizes frames of size `shown` to (`max_tiles`: zipchat's cap)."""
+        return self.video_size
+
+    def prepare_video(self, frames, max_tiles: int | None = None) -> Prepared:
+        """video.Frames (at `video_frame_size(frames.shown)`) -> the tower's input, one crop per `frames_per_crop`
+        frames, each crop's box the whole frame; extra: "video", "times" (of each crop's first frame)."""
         raise NotImplementedError
 
     def encode_video_full(self, model, prepared: Prepared) -> torch.Tensor:
@@ -180,7 +194,7 @@ class Family:
         raise NotImplementedError
 
     def video_token_map(self, model, prepared: Prepared) -> np.ndarray:
-        """(N, 3) frame, unit (-1: newline), -1 for every token of `encode_video_full`, in order."""
+        """(N, 3) crop, unit (-1: newline), -1 for every token of `encode_video_full`, in order."""
         raise NotImplementedError
 
     # ---- language model ----------------------------------------------------------------------------

@@ -55,10 +55,11 @@ class OneVision(AnyresStyle):
     # (bicubic), rescaled by 1/255, normalised with mean = std = 0.5; no tiles. transformers' get_video_features:
     # the tower per frame, the projector, a 2x2 bilinear pooling (27x27 -> 14x14), the frames in order and one
     # newline after the last.
+    takes_video = True
     video_size = (384, 384)
     video_mean = video_std = 0.5
 
-    def prepare_video(self, frames):
+    def prepare_video(self, frames, max_tiles=None):
         x = (torch.from_numpy(frames.pixels).permute(0, 3, 1, 2).double() * (1 / 255)).float()  # (F, 3, 384, 384)
         # (rescaled in float64, as the image processor's PIL backend does: a frame's pixels equal the image path's)
         w, h = frames.shown

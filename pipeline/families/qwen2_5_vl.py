@@ -23,7 +23,8 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from ..errors import InputError
-from .base import Crop, Family, Prepared, VisionOutput
+from ..video import MAX_FRAMES, check_frames, qwen_indices, resized
+from .base import CPU_FRAMES, Crop, Family, Prepared, VisionOutput, _Sized
 
 # A copy of Qwen/Qwen2.5-VL-*-Instruct's chat template
 TEMPLATE = (
@@ -42,7 +43,7 @@ TEMPLATE = (
 REFERENCE_UNITS = 576  # a budget of 54 + 10 means 64 units per 576 of the image's (VisionZip's LLaVA setting)
 MAX_ASPECT = 200  # the processor's own limit
 VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 TEXT = dict(vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
 TEXT_3B = dict(TEXT, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -152,15 +153,14 @@ class Qwen25VL(Family):
         unit = self.merge ** 2
         natural = torch.argsort(self.window_index(visual, grid_thw).to(visual.device))  # window order -> index order
         out = captured["out"]  # (patches, C) in window order, 4 consecutive patches per unit
-        units = out.view(-1, unit, out.shape[-1])[natural].flatten(1)  # (U, 4C)
+        groups = int(grid_thw[0, 0])  # temporal groups: 1 for an image, one crop each for a clip
+        units = out.view(-1, unit, out.shape[-1])[natural].flatten(1).view(groups, -1, unit * out.shape[-1])  # (T, U, 4C)
         if not with_stats:
-            return VisionOutput(units=units[None])
-        scores, keys = captured["received"], captured["keys"]  # per patch, window order
-        scores = scores.view(-1, unit).mean(1)[natural]
-        keys = keys.view(-1, unit, keys.shape[-1]).mean(1)[natural]
-        received = {i: (others[i]["received"].view(-1, unit).mean(1)[natural] if i in others else scores)[None]
-                    for i in received_at}
-        return VisionOutput(units=units[None], scores=scores[None], keys=keys[None], received=received)
+            return VisionOutput(units=units)
+        per_unit = lambda x: x.view(-1, unit, *x.shape[1:]).mean(1)[natural].view(groups, -1, *x.shape[1:])  # noqa: E731
+        scores = per_unit(captured["received"])  # (T, U): the full-attention block attends within each group
+        received = {i: per_unit(others[i]["received"]) if i in others else scores for i in received_at}
+        return VisionOutput(units=units, scores=scores, keys=per_unit(captured["keys"]), received=received)
 
     def project(self, model, units):
         """The merger: each patch of a unit normalised, then the MLP on the concatenation."""
@@ -188,24 +188,85 @@ class Qwen25VL(Family):
         rows, cols = prepared.crops[0].grid
         return np.array([(0, u, -1) for u in range(rows * cols)], dtype=np.int64).reshape(-1, 3)
 
+    # video: the checkpoints ship one preprocessor_config.json, which transformers' Qwen2VLVideoProcessor reads too
+    # (min_pixels 3136, max_pixels 12845056; CLIP mean and std; bicubic): each frame resized by smart_resize like an
+    # image, the frames in pairs (temporal patch 2; an odd last frame repeated), each pair one grid of units; 2
+    # frames a second (at most video.MAX_FRAMES) on a GPU. A temporal group is one crop here: VisionZip keeps its
+    # share of each group's units.
+    takes_video = True
+    frames_per_crop = 2
+    video_fps = 2.0
+
+    def video_sample(self, num_frames, on_gpu):
+        if num_frames is None and on_gpu:
+            return None, lambda info: qwen_indices(info, fps=self.video_fps, max_frames=MAX_FRAMES)
+        n = check_frames(CPU_FRAMES if num_frames is None else num_frames)
+        return None, lambda info: qwen_indices(info, num_frames=n)
+
+    def video_frame_size(self, shown, max_tiles=None):
+        rows, cols = self.layout(_Sized(shown), max_tiles).crops[0].grid
+        return cols * self.unit_pixels, rows * self.unit_pixels
+
+    def prepare_video(self, frames, max_tiles=None):
+        """The video processor's patches, from frames rescaled and normalised as the image processor's PIL backend
+        does (a clip of one repeated frame gives that image's pixel_values exactly); `max_tiles` caps each frame's
+        area as it caps an image's."""
+        w, h = self.video_frame_size(frames.shown, max_tiles)
+        ip, tp, m, p = self.image_processor, self.config.vision_config.temporal_patch_size, self.merge, 14
+        x = (torch.from_numpy(resized(frames.pixels, (w, h))).permute(0, 3, 1, 2).double() * ip.rescale_factor).float()
+        mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (ip.image_mean, ip.image_std))
+        x = (x - mean) / std  # (F, 3, h, w)
+        if len(x) % tp:  # the processor's padding: the last frame repeated
+            x = torch.cat([x, x[-1:].expand(tp - len(x) % tp, -1, -1, -1)])
+        gt, gh, gw = len(x) // tp, h // p, w // p
+        patches = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        crop = Crop((0, 0, *frames.shown), (gh // m, gw // m))
+        return Prepared(patches.reshape(gt * gh * gw, 3 * tp * p * p), [crop] * gt, (frames.shown[1], frames.shown[0]),
+                        (1, gt), extra={"video": True, "grid_thw": torch.tensor([[gt, gh, gw]]),
+                                        "times": tuple(frames.times[::tp]), "frames_per_crop": tp,
+                                        "seconds_per_crop": tp / (frames.sampled_fps or self.video_fps)})
+
+    def encode_video_full(self, model, prepared):
+        visual = self.tower(model)
+        out = model.model.get_video_features(prepared.pixel_values.to(visual.device, visual.dtype),
+                                             prepared.extra["grid_thw"].to(visual.device))
+        features = getattr(out, "pooler_output", out)
+        return features[0] if isinstance(features, (list, tuple)) else features
+
+    def video_token_map(self, model, prepared):
+        rows, cols = prepared.crops[0].grid
+        return np.array([(t, u, -1) for t in range(len(prepared.crops)) for u in range(rows * cols)],
+                        dtype=np.int64).reshape(-1, 3)
+
     def positions(self, ids, slots):
         """(3, L) M-RoPE positions (t, h, w): a text token at the running index on all three; an image's
-        tokens at (p, p + row, p + col) of the unit they carry (a contextual token: its target), after
-        which the text goes on at p + max(rows, cols), as without compression."""
+        tokens at (p, p + row, p + col) of the unit they carry (a contextual token: its target); a clip's at
+        (p + floor(crop x interval), p + row, p + col), interval = tokens_per_second x seconds a temporal group
+        covers (its get_rope_index). Text after an image or clip goes on at the largest position of its whole grid
+        + 1 (Qwen's own rule, and vLLM's), as without compression."""
         pos = torch.empty(3, len(ids), dtype=torch.long)
         p = 0
         for slot in slots:
-            if slot.compression is None:
+            comp = slot.compression
+            if comp is None:
                 pos[:, slot.start] = p
                 p += 1
                 continue
-            rows, cols = slot.compression.crops[0].grid
-            r, c = np.divmod(slot.compression.token_map[:, 1], cols)
-            pos[0, slot.start:slot.end] = p
+            rows, cols = comp.crops[0].grid
+            r, c = np.divmod(comp.token_map[:, 1], cols)
+            step = self.time_interval(comp)
+            time = np.floor(np.arange(len(comp.crops)) * step).astype(np.int64)  # (crops,) time position of each
+            pos[0, slot.start:slot.end] = torch.from_numpy(p + time[comp.token_map[:, 0]])
             pos[1, slot.start:slot.end] = torch.from_numpy(p + r)
             pos[2, slot.start:slot.end] = torch.from_numpy(p + c)
-            p += max(rows, cols)
+            p += max(int(time[-1]) + 1, rows, cols)
         return pos
+
+    def time_interval(self, comp) -> float:
+        """Time positions from one temporal group to the next (0 for an image)."""
+        if comp.seconds_per_crop is None:
+            return 0.0
+        return getattr(self.config.vision_config, "tokens_per_second", 2) * comp.seconds_per_crop
 
     def position_ids(self, positions):
         return positions[:, None, :]  # (3, batch 1, n)
@@ -230,7 +291,8 @@ class Qwen25VL(Family):
         vision = dict(depth=spec["vision_layers"], hidden_size=vision["hidden_size"],
                       intermediate_size=vision["intermediate_size"], num_heads=vision["num_attention_heads"],
                       out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                      window_size=112, fullatt_block_indexes=[1, spec["vision_layers"] - 1], initializer_range=0.3)
+                      window_size=112, fullatt_block_indexes=[1, spec["vision_layers"] - 1], initializer_range=0.3,
+                      tokens_per_second=2)
         return cls.model_class(cls.config_for(vision, text, tokenizer)), cls.processor()
 
     @classmethod

@@ -100,7 +100,7 @@ def pick(crop: CropInput) -> Pick:
 def caption(comp) -> str:
     share = 100 * comp.num_tokens / comp.full_tokens
     asked = f"for “{shorten(comp.question)}”" if comp.question.strip() else "before a question (diversity alone)"
-    crops = f" in {len(comp.crops)} {'frames' if comp.times else 'crops'}" if len(comp.crops) > 1 else ""
+    crops = f" in {len(comp.crops)} {comp.crop_word}" if len(comp.crops) > 1 else ""
     return (f"CDPruner {asked}: {comp.num_tokens} diverse relevant patches{crops} = {comp.num_tokens} of "
             f"{comp.full_tokens} visual tokens ({share:.0f}%); selected again for every question")
 
