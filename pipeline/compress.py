@@ -48,27 +48,22 @@ class Compression:
     encode_s: float
     token_map: np.ndarray  # (num_tokens, 3): crop, patch (-1: CLS or newline), contextual id (-1: none)
     question: str = ""  # the question a question-conditioned method selected for ("" before any question)
-    vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), kept so that the
-    # next question selects again without running the tower again
+    vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), for the next question
     times: tuple | None = None  # a clip's frames' times in seconds, one per crop (None: an image)
-    seconds_per_crop: float | None = None  # a clip's seconds from one crop to the next, where the family's positions
-    # count time (Qwen2.5-VL: temporal patch / sampled fps); None: an image, or no time positions
-    frames_per_crop: int = 1  # a clip's frames in one crop (Qwen2.5-VL: a pair)
+    seconds_per_crop: float | None = None  # a clip's seconds a crop, where positions count time (Qwen2.5-VL)
+    frames_per_crop: int = 1  # a clip's frames in one crop (Qwen2.5-VL: 2)
 
     @property
-    def crop_word(self) -> str:
-        """What its crops are, in words: "crops" of an image, a clip's "frames" or "frame pairs"."""
+    def crop_word(self) -> str:  # its crops in words: "crops" (an image), a clip's "frames" or "frame pairs"
         return "crops" if self.times is None else "frames" if self.frames_per_crop == 1 else "frame pairs"
 
-    def frame_label(self, k: int) -> str:
-        """A clip's crop k (0-based) in words: "frame 3", or of pairs "frames 5-6"."""
-        first = k * self.frames_per_crop + 1
-        return f"frame {first}" if self.frames_per_crop == 1 else f"frames {first}-{first + self.frames_per_crop - 1}"
+    def frame_label(self, k: int) -> str:  # a clip's crop k (0-based) in words: "frame 3", or "frames 5-6"
+        return f"frame {k + 1}" if self.frames_per_crop == 1 else f"frames {2 * k + 1}-{2 * k + 2}"
 
     @property
     def nbytes(self) -> int:
-        kept = [self.features] + ([] if self.vision is None else [self.vision.units, self.vision.scores,
-                                                                    self.vision.keys])
+        vision = () if self.vision is None else (self.vision.units, self.vision.scores, self.vision.keys)
+        kept = [self.features, *vision]
         return sum(t.numel() * t.element_size() for t in kept if t is not None)
 
     def caption(self) -> str:
@@ -184,18 +179,21 @@ def encode_image(vlm, image, method: str = "visionzip", dominant: int = 54, cont
     token_map = np.array(token_map, dtype=np.int64).reshape(-1, 3)
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
                        features, time.perf_counter() - start, token_map, question if asked else "",
-                       on_device(out, "cpu") if asked or keep_vision else None, prepared.extra.get("times"),
-                       prepared.extra.get("seconds_per_crop"), prepared.extra.get("frames_per_crop", 1))
+                       on_device(out, "cpu") if asked or keep_vision else None, **clip_fields(prepared))
 
 
 def prepared_input(vlm, image, max_tiles: int | None) -> tuple:
     """-> (the tower's input, the token map of what the LLM would see without compression). A clip (video.Frames):
-    one crop per frame (Qwen2.5-VL: per pair of frames), as the family's video processor gives them."""
+    a crop per frame (Qwen2.5-VL: per pair), as its video processor gives them."""
     family, model = vlm.family, vlm.model
     if isinstance(image, Frames):
         prepared = family.prepare_video(image, max_tiles)
         return prepared, family.video_token_map(model, prepared)
     return family.prepare(image, max_tiles), family.full_token_map(model, family.layout(image))
+
+
+def clip_fields(prepared) -> dict:  # a Compression's fields about a clip (Family.prepare_video's extra)
+    return {k: prepared.extra[k] for k in ("times", "seconds_per_crop", "frames_per_crop") if k in prepared.extra}
 
 
 def encoded_full(family, model, prepared, method: str, dominant: int, contextual: int, full_map, start: float
@@ -206,9 +204,7 @@ def encoded_full(family, model, prepared, method: str, dominant: int, contextual
     crops = [CropInfo(c.grid, c.box, np.arange(c.grid[0] * c.grid[1]), False, np.full(c.grid[0] * c.grid[1], -1),
                       None, np.zeros(0, int)) for c in prepared.crops]
     return Compression(method, dominant, contextual, features.shape[0], len(full_map), crops, prepared.image_size,
-                       features, time.perf_counter() - start, full_map, times=prepared.extra.get("times"),
-                       seconds_per_crop=prepared.extra.get("seconds_per_crop"),
-                       frames_per_crop=prepared.extra.get("frames_per_crop", 1))
+                       features, time.perf_counter() - start, full_map, **clip_fields(prepared))
 
 
 def picked_by_hand(family, out, i: int, crop, picks: dict) -> tuple:

@@ -56,7 +56,7 @@ class Images:
         family = self.vlm.family
         if not family.takes_video:
             raise InputError(f"{type(family).__name__} checkpoints take images, not video "
-                             "(LLaVA-OneVision and Qwen2.5-VL do).")
+                             "(LLaVA-OneVision, Qwen2.5-VL and InternVL3 do).")
         clip = read_clip(source, *family.video_sample(num_frames, self.vlm.device.type == "cuda"))
         frames = Frames.of(clip, family.video_frame_size(clip.size))
         key = image_digest(frames)

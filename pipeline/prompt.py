@@ -54,7 +54,7 @@ def flatten(segments, vlm, image_slot) -> tuple:
         else:
             key, comp = image_slot(value)
             comps.append(comp)
-            image_ids = vlm.family.image_ids(comp.num_tokens, vlm.image_token_id)  # markers around, if any
+            image_ids = vlm.family.visual_ids(comp, vlm.image_token_id)  # markers around, if any
             slots.append(Slot(key, len(ids), len(ids) + len(image_ids), comp.features, comp))
             ids.extend(image_ids)
     return ids, slots, comps

@@ -1,7 +1,7 @@
 """A clip in the app (issue 36): sent through "Use via API" and in headless Chromium on a laptop (1500x1000) and a
 phone (390x844, touch), tiny LLaVA-OneVision: two turns on the clip (the second reuses its tokens and the KV
 cache), the map a sheet of the sampled frames with their kept patches, a click naming the frame and its time;
-a model without video says so and the chat goes on. Screenshots go to the test's tmp_path (looked at when this
+a model without video says so and the chat goes on. Qwen2.5-VL (a crop a pair of frames) and InternVL3 too. Screenshots go to the test's tmp_path (looked at when this
 was written)."""
 
 import numpy as np
@@ -63,6 +63,12 @@ def qwen_url(tiny_qwen_large):
         yield local_url
 
 
+@pytest.fixture(scope="module")
+def internvl_url(tiny_internvl_large):
+    with served_app(tiny_internvl_large, "**Tiny model**", max_new_tokens=6) as local_url:
+        yield local_url
+
+
 def test_two_turns_on_a_clip_on_qwen(qwen_url, clip):
     """Qwen2.5-VL: 8 frames in 4 temporal pairs, each pair a crop (its 2x3 units, VisionZip's share of them); the
     frame picker counts pairs and shows the first frame of one."""
@@ -94,9 +100,10 @@ def test_a_model_without_video_says_so(tiny_llava, clip):
 @pytest.mark.browser
 @pytest.mark.parametrize("width,height,touch", [(1500, 1000, False), (390, 844, True)])
 @pytest.mark.parametrize("served,crops,picked", [("url", "8 frames", "shows frame 2 of 8"),
-                                                 ("qwen_url", "4 frame pairs", "shows frames 3-4 of 8")])
+                                                 ("qwen_url", "4 frame pairs", "shows frames 3-4 of 8"),
+                                                 ("internvl_url", "8 frames", "shows frame 2 of 8")])
 def test_a_clip_in_chromium(served, crops, picked, clip, tmp_path, width, height, touch, request):
-    """LLaVA-OneVision (a frame a crop) and Qwen2.5-VL (a pair of frames a crop)."""
+    """LLaVA-OneVision and InternVL3 (a frame a crop) and Qwen2.5-VL (a pair of frames a crop)."""
     pytest.importorskip("playwright.sync_api")
     url = request.getfixturevalue(served)
     from tests.test_browser import ask, wait_until_textbox_is_back

@@ -206,6 +206,11 @@ class Family:
         end = [self.tokenizer.convert_tokens_to_ids(self.image_end)] if self.image_end else []
         return start + ids + end
 
+    def visual_ids(self, comp, image_token_id: int) -> list:
+        """The ids a Compression puts in the prompt: `image_ids` of its tokens (InternVL3's clips: a line per
+        frame with "Frame k: " before its tokens)."""
+        return self.image_ids(comp.num_tokens, image_token_id)
+
     def positions(self, ids: list, slots: list) -> torch.Tensor:
         """(P, L) the language model's positions of a flat sequence (`slots`: prompt.Slot per text token
         or image). One index per token here; families with positions tied to the image layout

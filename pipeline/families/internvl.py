@@ -10,12 +10,15 @@ heads). CLS is never a unit. The budget counts units per tile (54 + 10 of 256 by
 
 from dataclasses import replace
 
+from PIL import Image
+
 import numpy as np
 import torch
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                           InternVLVisionConfig, Qwen2Config)
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
+from ..video import check_frames
 from .base import Crop, Family, Prepared, VisionOutput, feature_layer_index
 
 # A copy of OpenGVLab/InternVL3-*-hf's chat template
@@ -162,6 +165,52 @@ class InternVL(Family):
         units = self.units_per_crop
         return np.array([(i, u, -1) for i in range(len(prepared.crops)) for u in range(units)],
                         dtype=np.int64).reshape(-1, 3)
+
+    # video: as InternVLProcessor takes a clip (the model card feeds frames the same way): each sampled frame one
+    # 448 px tile (no tiling; the image processor's resize, mean and std), its 256 units after the pixel shuffle,
+    # a line per frame in the prompt: "Frame1: <img>...</img>\nFrame2: <img>...</img>"; frames sampled at the
+    # middle of equal segments (InternVLVideoProcessor.sample_frames, initial_shift: arange(total / n / 2, total,
+    # total / n).int()), 8 of them as in the model card.
+    takes_video = True
+    video_frames = 8
+
+    @property
+    def video_size(self):
+        return self.side, self.side
+
+    def video_sample(self, num_frames, on_gpu):
+        n = check_frames(self.video_frames if num_frames is None else num_frames)
+
+        def middles(info):
+            count = min(n, info.total_frames)
+            return torch.arange(info.total_frames / count / 2, info.total_frames, info.total_frames / count).int().numpy()
+        return None, middles
+
+    def prepare_video(self, frames, max_tiles=None):
+        """Each frame as the image processor prepares a 448x448 image with tiling off: exactly the image path."""
+        pixels = torch.cat([self.preprocess(Image.fromarray(f), crop_to_patches=False)["pixel_values"]
+                            for f in frames.pixels])  # (F, 3, 448, 448)
+        crop = Crop((0, 0, *frames.shown), self.grid)
+        return Prepared(pixels, [crop] * len(pixels), (frames.shown[1], frames.shown[0]), (1, len(pixels)),
+                        extra={"video": True, "times": tuple(frames.times)})
+
+    def encode_video_full(self, model, prepared):
+        return self.encode_full(model, prepared)  # (the processor sends a clip's frames as images)
+
+    def video_token_map(self, model, prepared):
+        return self.full_token_map(model, prepared)
+
+    def visual_ids(self, comp, image_token_id):
+        """A clip: "Frame1: <img>" + its tokens + "</img>", a line per frame (InternVLProcessor's
+        replace_video_token), the text between the markers tokenized as the processor's whole prompt is."""
+        if comp.times is None:
+            return super().visual_ids(comp, image_token_id)
+        counts = np.bincount(comp.token_map[:, 0], minlength=len(comp.crops))
+        ids = []
+        for k, n in enumerate(counts):
+            ids += self.tokenizer.encode(f"{chr(10) if k else ''}Frame{k + 1}: ", add_special_tokens=False)
+            ids += self.image_ids(int(n), image_token_id)
+        return ids
 
     @classmethod
     def arch_config(cls, vision, text, tokenizer):
