@@ -160,6 +160,8 @@ def main(argv=None):
     if registry.get(args.method).needs_small and small is None:
         parser.error(f"--method {args.method} needs a small model (--small-model)")
     options = {"stop_at_eos": False} if args.ignore_eos else {}
+    if args.clip_frames is not None:
+        options["clip_frames"] = args.clip_frames
     if args.engine == "vllm":
         try:
             options["engine"] = start_engine(vlm, args.vllm_url, app_port=args.port)

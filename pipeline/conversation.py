@@ -19,8 +19,9 @@ IMAGES_DROPPED = ("This conversation was idle while the server needed memory for
 
 
 class Images:
-    def __init__(self, vlm, small=None, examples=None):
+    def __init__(self, vlm, small=None, examples=None, clip_frames: int | None = None):
         self.vlm, self.small = vlm, small
+        self.clip_frames = clip_frames  # the frames a clip is sampled at (None: 8 on a CPU, the checkpoint's on a GPU)
         self.examples = examples  # an ExampleCache (examples.py): the app's example images, compressed ahead
         self.encoded = [0, 0.0, 0]  # since the last turn: images encoded, the seconds it took, examples taken
         self.ahead_s = 0.0  # seconds spent encoding the next turn's images before it started (prepare_turn)
@@ -50,10 +51,11 @@ class Images:
         return key
 
     def keep_clip(self, state, source, num_frames: int | None) -> str:
-        """Check a clip (a path: video.py), sample `num_frames` frames as transformers' processors do (None: 8 on a
-        CPU, the checkpoint's number on a GPU; Qwen2.5-VL: 2 a second), and keep them at the size the family's
-        video processor gives them -> its key. InputError for a family without video."""
+        """Check a clip (a path: video.py), sample `num_frames` frames as transformers' processors do (None:
+        `clip_frames`, else 8 on a CPU and the checkpoint's number on a GPU, Qwen2.5-VL's 2 a second), and keep them
+        at the size the family's video processor gives them -> its key. InputError for a family without video."""
         family = self.vlm.family
+        num_frames = self.clip_frames if num_frames is None else num_frames
         if not family.takes_video:
             raise InputError(f"{type(family).__name__} checkpoints take images, not video "
                              "(LLaVA-OneVision, Qwen2.5-VL and InternVL3 do).")

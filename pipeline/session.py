@@ -32,7 +32,8 @@ class ChatSession:
                  early_exit: float | None = 0.8, sgl_tokens: str = "full", stop_at_eos: bool = True,
                  state: ChatState | None = None, kv: KVStore | None = None, context_window: int | None = None,
                  max_tiles: int = 0, edge_fill: float = 0.75, examples=None, fastv_layer: int = 2,
-                 fastv_keep_ratio: float | None = None, stop_flag: StopFlag | None = None, engine=None):
+                 fastv_keep_ratio: float | None = None, stop_flag: StopFlag | None = None, engine=None,
+                 clip_frames: int | None = None):
         self.vlm, self.small = vlm, small
         self.engine = engine  # None: zipchat's decoder; an engine (engines/: vLLM) for the methods it can answer
         self.stop_at_eos = stop_at_eos  # False: always max_new_tokens (benchmarks on random weights)
@@ -46,7 +47,7 @@ class ChatSession:
         if engine is not None and engine.max_model_len():  # the server may hold fewer positions than the model
             self.context_window = min(self.context_window, engine.max_model_len())
         self.edge_fill = edge_fill  # a turn that must drop turns drops down to this share of the window (prompt.py)
-        self.images = Images(vlm, small, examples)
+        self.images = Images(vlm, small, examples, clip_frames)  # (clip_frames: a clip's frames; None: by device)
         self._lock = threading.Lock()
         if state is None:
             self.state = ChatState(model=vlm.name, small=small.name if small else None, cache_bytes=cache_bytes,
@@ -140,8 +141,7 @@ class ChatSession:
         return self._added(self.images.keep(self.state, image), compress)
 
     def add_video(self, source, num_frames: int | None = None, compress: bool = True):
-        """`add_image` for a clip (a file: MP4, WebM, MOV, animated GIF or WebP), each of its `num_frames`
-        sampled frames a crop (None: 8 on a CPU, the checkpoint's number on a GPU)."""
+        """`add_image` for a clip (MP4, WebM, MOV, animated GIF or WebP) at `num_frames` (None: `clip_frames`)."""
         self.check_images()
         return self._added(self.images.keep_clip(self.state, source, num_frames), compress)
 

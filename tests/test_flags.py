@@ -8,7 +8,8 @@ import pytest
 import app
 
 GOOD_ENV = ("ZIPCHAT_MAX_TILES", "ZIPCHAT_MAX_NEW_TOKENS", "ZIPCHAT_METHOD", "ZIPCHAT_DTYPE", "GRADIO_SERVER_PORT",
-            "ZIPCHAT_ENGINE", "ZIPCHAT_VLLM_URL", "ZIPCHAT_IMAGE_MEMORY_MB", "ZIPCHAT_ANSWERS_AT_ONCE")
+            "ZIPCHAT_ENGINE", "ZIPCHAT_VLLM_URL", "ZIPCHAT_IMAGE_MEMORY_MB", "ZIPCHAT_ANSWERS_AT_ONCE",
+            "ZIPCHAT_CLIP_FRAMES")
 
 
 @pytest.fixture
@@ -33,6 +34,8 @@ def start(monkeypatch, capsys):
     ((), {"ZIPCHAT_MAX_TILES": "-3"}, "ZIPCHAT_MAX_TILES='-3'", "0 to 36"),
     ((), {"ZIPCHAT_MAX_TILES": "500"}, "ZIPCHAT_MAX_TILES='500'", "0 to 36"),
     (("--max-tiles", "37"), {}, "--max-tiles='37'", "0 to 36"),
+    ((), {"ZIPCHAT_CLIP_FRAMES": "0"}, "ZIPCHAT_CLIP_FRAMES='0'", "1 to 64"),
+    (("--clip-frames", "65"), {}, "--clip-frames='65'", "1 to 64"),
     ((), {"ZIPCHAT_MAX_NEW_TOKENS": "0"}, "ZIPCHAT_MAX_NEW_TOKENS='0'", "1 to 1,000,000"),
     ((), {"ZIPCHAT_MAX_NEW_TOKENS": "many"}, "ZIPCHAT_MAX_NEW_TOKENS='many' is not a whole number", "1 to"),
     ((), {"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT='http' is not a whole number", "1 to 65,535"),

@@ -146,3 +146,14 @@ def test_fastv_and_sgl_on_a_clip(tiny_ov, tiny_ov_large, clip_path):
     for a, b in zip(large.crops, small.crops):
         assert np.array_equal(a.kept, b.kept) and np.array_equal(a.groups, b.groups)
     assert s.last_turn.guidance is not None and s.ask(Q2)
+
+
+def test_the_frames_per_clip_setting(tiny_ov, clip_path):
+    """`clip_frames` (the app's --clip-frames / ZIPCHAT_CLIP_FRAMES): a clip sent like an image (the chat's upload)
+    is sampled at that many frames; add_video's own number wins."""
+    s = ChatSession(tiny_ov, method="visionzip", max_new_tokens=2, clip_frames=3)
+    s.add_image(str(clip_path))
+    assert len(s.state.clips[s.state.last_image_key]["indices"]) == 3
+    s.add_video(clip_path, num_frames=2)
+    assert len(s.state.clips[s.state.last_image_key]["indices"]) == 2
+    assert len(ChatSession(tiny_ov).add_video(clip_path).crops) == 8  # (a CPU's default)

@@ -2,6 +2,7 @@
 of Handlers (handlers.py), which holds what they share."""
 
 import logging
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +18,8 @@ from .text import ANSWERING, CONVERSATION_LOST, NO_IMAGE, STILL_ANSWERING, forma
 
 log = logging.getLogger("zipchat")
 MAX_IMAGES_PER_MESSAGE = 8
+STREAM_EVERY_S = 0.1  # the answer's text reaches the page at most this often (each update carries the whole chat:
+# on ZeroGPU a worker that yields every token runs ahead of the page, and a Stop waits for the backlog to drain)
 
 
 def shown_path(path: str, session: ChatSession, key: str) -> str:
@@ -137,9 +140,12 @@ class ChatEvents:
                     session.prepare_turn(question)  # (the turn reuses this encode; its time counts in the turn's)
                     session.current_view(key=self.shown_key(state))
                     yield history, gr.skip(), ANSWERING, *self.views(state, view, session)
+                shown = 0.0
                 for delta in session.ask_stream(question, accepted=True):
                     part["text"] += delta
-                    yield history, *skip
+                    if time.monotonic() - shown >= STREAM_EVERY_S:  # (what is left shows with the answer's end)
+                        shown = time.monotonic()
+                        yield history, *skip
                 if len(state.chat.turns) == turns:  # Stop pressed while the question waited: not answered
                     part["text"] = "⏹ Stopped before the answer started."
                 else:  # the answer as the conversation keeps it (what a rebuilt conversation reads back)

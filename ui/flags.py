@@ -12,6 +12,7 @@ from pipeline.methods import registry
 # dest -> (flag, Space variable, kind, allowed): what `checked` makes of each value
 NUMBERS = {"max_new_tokens": ("--max-new-tokens", "ZIPCHAT_MAX_NEW_TOKENS", 1, 1_000_000),
            "max_tiles": ("--max-tiles", "ZIPCHAT_MAX_TILES", 0, 36),
+           "clip_frames": ("--clip-frames", "ZIPCHAT_CLIP_FRAMES", 1, 64),
            "image_memory": ("--image-memory", "ZIPCHAT_IMAGE_MEMORY_MB", 1, 1_000_000),
            "answers_at_once": ("--answers-at-once", "ZIPCHAT_ANSWERS_AT_ONCE", 1, 1024),
            "port": ("--port", "GRADIO_SERVER_PORT", 1, 65535)}
@@ -45,6 +46,9 @@ def arguments() -> argparse.ArgumentParser:
     add("--max-tiles", default=env("ZIPCHAT_MAX_TILES"),
         help="tiles per image VisionZip encodes, 0 to 36 (Qwen2.5-VL: the area of 1 + this many 448 px tiles); "
              "default 4 on a CPU, 0 (the checkpoint's own limit) on a GPU")
+    add("--clip-frames", default=env("ZIPCHAT_CLIP_FRAMES"),
+        help="frames a clip is sampled at, 1 to 64 (models that take video); default 8 on a CPU, on a GPU the "
+             "checkpoint's (LLaVA-OneVision 32, InternVL3 8, Qwen2.5-VL 2 a second)")
     add("--image-memory", default=env("ZIPCHAT_IMAGE_MEMORY_MB") or "1024",
         help="MB of images and compressed features all conversations keep together; past it the least recently "
              "used idle conversation's images are dropped (default: $ZIPCHAT_IMAGE_MEMORY_MB, else 1024)")
@@ -76,7 +80,7 @@ def checked(args, argv: list):
     """`args` with its numbers as numbers; FlagError (one line) for the first value zipchat cannot start with."""
     for dest, (flag, variable, low, high) in NUMBERS.items():
         value = getattr(args, dest)
-        if value is None:  # (max_tiles: by device)
+        if value is None:  # (max_tiles, clip_frames: by device)
             continue
         where = source(flag, variable, argv)
         try:
