@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from .errors import ModelUnavailable
 from .families import FAMILIES
 
-TINY_VERSION = 3  # bump when a tiny model's recipe changes, so caches are rebuilt
+TINY_VERSION = 4  # bump when a tiny model's recipe changes, so caches are rebuilt
 SEED = 1234
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 TINY_SPECS = {name: (family, spec) for family in FAMILIES for name, spec in family.tiny.items()}

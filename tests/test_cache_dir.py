@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from pipeline.tiny import TINY_VERSION
 from tests.appclient import AppProcess
 from tests.conftest import ROOT
 
@@ -60,7 +61,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(kind, tmp_path)
         server.close()
         text = log.read_text()
         assert "Traceback" not in text
-        assert f"Cannot write the tiny model 'tiny-llava' to {cache / 'tiny-v3'}" in text, text
+        assert f"Cannot write the tiny model 'tiny-llava' to {cache / ('tiny-v%d' % TINY_VERSION)}" in text, text
         reason = {"full": "No space left on device", "read-only": "Read-only file system",
                   "a file in the way": "Not a directory"}[kind]
         assert reason in text, text
@@ -105,6 +106,6 @@ def test_a_cache_the_app_may_not_enter_falls_back_too(tmp_path):
     if "Operation not permitted" in done.stderr and "setpriv" in done.stderr:
         pytest.skip("setpriv cannot drop capabilities here")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert f"Cannot write the tiny model 'tiny-llava' to {locked / 'cache' / 'tiny-v3'} (Permission denied)" \
+    assert f"Cannot write the tiny model 'tiny-llava' to {locked / 'cache' / ('tiny-v%d' % TINY_VERSION)} (Permission denied)" \
         in done.stderr, done.stderr
     assert f"building it in {tmp_path / 'tmp'}" in done.stderr and "loaded tiny-llava" in done.stdout

@@ -95,10 +95,12 @@ def test_visionzip_per_frame_is_the_image_path(tiny_ov, clip_path):
 
 
 @pytest.mark.parametrize("method", ["visionzip", "full"])
-def test_turn_two_reuses_the_cache_and_equals_recomputing(tiny_ov, clip_path, method):
-    answers = []
+@pytest.mark.parametrize("family", ["tiny_ov", "tiny_qwen", "tiny_internvl"])
+def test_turn_two_reuses_the_cache_and_equals_recomputing(family, clip_path, method, request):
+    """Every family that takes clips: turn 2 on the reused KV cache answers as recomputing the conversation does."""
+    vlm, answers = request.getfixturevalue(family), []
     for reuse in (True, False):
-        s = ChatSession(tiny_ov, method=method, max_new_tokens=8, reuse_cache=reuse)
+        s = ChatSession(vlm, method=method, max_new_tokens=8, reuse_cache=reuse)
         s.add_video(clip_path, num_frames=4)
         s.ask(Q1)
         encoded = s.last_turn.images_encoded

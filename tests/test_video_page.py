@@ -16,10 +16,16 @@ pytest.importorskip("av")
 STATS_DONE = "() => document.querySelector('#stats').innerText.includes('first token')"
 
 
-@pytest.fixture(scope="module")
-def url(tiny_ov_large):
-    with served_app(tiny_ov_large, "**Tiny model**", max_new_tokens=6) as local_url:
-        yield local_url
+def app_on(model_fixture: str):
+    """A module-wide fixture: the app served on that tiny model -> its local URL."""
+    @pytest.fixture(scope="module")
+    def fixture(request):
+        with served_app(request.getfixturevalue(model_fixture), "**Tiny model**", max_new_tokens=6) as local_url:
+            yield local_url
+    return fixture
+
+
+url, qwen_url, internvl_url = app_on("tiny_ov_large"), app_on("tiny_qwen_large"), app_on("tiny_internvl_large")
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +61,6 @@ def test_two_turns_on_a_clip_through_the_api(url, clip):
     rows = compare_rows(table)
     assert list(rows) == ["VisionZip", "FastV", "Full"] and rows["Full"][0] == "1569" and rows["Full"][6] == "1.00"
     assert len(maps) == 3 and sum(f.endswith(".png") for f in files) == 3
-
-
-@pytest.fixture(scope="module")
-def qwen_url(tiny_qwen_large):
-    with served_app(tiny_qwen_large, "**Tiny model**", max_new_tokens=6) as local_url:
-        yield local_url
-
-
-@pytest.fixture(scope="module")
-def internvl_url(tiny_internvl_large):
-    with served_app(tiny_internvl_large, "**Tiny model**", max_new_tokens=6) as local_url:
-        yield local_url
 
 
 def test_two_turns_on_a_clip_on_qwen(qwen_url, clip):

@@ -13,6 +13,9 @@ unit's score and key are the means over its 4 patches, its features the 4 patche
 the merger reads). The budget is a share of the image's units (54+10 per 576 by default), at least one
 dominant. Kept units go to the LLM in index order and keep the M-RoPE positions they have without
 compression (a contextual token its target's); text after an image keeps its uncompressed positions.
+
+A clip: frames in pairs (the temporal patch), each pair one grid of units and one crop, at M-RoPE positions whose
+first row counts time (tokens_per_second x seconds a pair covers); see the video section below.
 """
 
 import importlib
@@ -177,10 +180,11 @@ class Qwen25VL(Family):
             return mlp[1](mlp[0](merger.ln_q(units.reshape(*units.shape[:-1], self.merge ** 2, c)).flatten(-2)))
         return inner, mlp[2]
 
-    def encode_full(self, model, prepared):
+    def encode_full(self, model, prepared, features_of=None):
+        """transformers' own features (get_image_features; a clip: `features_of`, get_video_features)."""
         visual = self.tower(model)
-        out = model.model.get_image_features(prepared.pixel_values.to(visual.device, visual.dtype),
-                                             prepared.extra["grid_thw"].to(visual.device))
+        out = (features_of or model.model.get_image_features)(prepared.pixel_values.to(visual.device, visual.dtype),
+                                                              prepared.extra["grid_thw"].to(visual.device))
         features = getattr(out, "pooler_output", out)
         return features[0] if isinstance(features, (list, tuple)) else features
 
@@ -212,7 +216,8 @@ class Qwen25VL(Family):
         does (a clip of one repeated frame gives that image's pixel_values exactly); `max_tiles` caps each frame's
         area as it caps an image's."""
         w, h = self.video_frame_size(frames.shown, max_tiles)
-        ip, tp, m, p = self.image_processor, self.config.vision_config.temporal_patch_size, self.merge, 14
+        ip, tp, m = self.image_processor, self.config.vision_config.temporal_patch_size, self.merge
+        p = ip.patch_size  # 14
         x = (torch.from_numpy(resized(frames.pixels, (w, h))).permute(0, 3, 1, 2).double() * ip.rescale_factor).float()
         mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (ip.image_mean, ip.image_std))
         x = (x - mean) / std  # (F, 3, h, w)
@@ -227,11 +232,7 @@ class Qwen25VL(Family):
                                         "seconds_per_crop": tp / (frames.sampled_fps or self.video_fps)})
 
     def encode_video_full(self, model, prepared):
-        visual = self.tower(model)
-        out = model.model.get_video_features(prepared.pixel_values.to(visual.device, visual.dtype),
-                                             prepared.extra["grid_thw"].to(visual.device))
-        features = getattr(out, "pooler_output", out)
-        return features[0] if isinstance(features, (list, tuple)) else features
+        return self.encode_full(model, prepared, model.model.get_video_features)
 
     def video_token_map(self, model, prepared):
         rows, cols = prepared.crops[0].grid
