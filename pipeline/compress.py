@@ -51,14 +51,14 @@ class Compression:
     vision: VisionOutput | None = None  # a question-conditioned method's tower output (CPU), for the next question
     times: tuple | None = None  # a clip's frames' times in seconds, one per crop (None: an image)
     seconds_per_crop: float | None = None  # a clip's seconds a crop, where positions count time (Qwen2.5-VL)
-    frames_per_crop: int = 1  # a clip's frames in one crop (Qwen2.5-VL: 2)
+    frames_per_crop: int = 1  # a clip's frames a crop (Qwen2.5-VL: 2)
 
     @property
     def crop_word(self) -> str:  # its crops in words: "crops" (an image), a clip's "frames" or "frame pairs"
         return "crops" if self.times is None else "frames" if self.frames_per_crop == 1 else "frame pairs"
 
     def frame_label(self, k: int) -> str:  # a clip's crop k (0-based) in words: "frame 3", or "frames 5-6"
-        return f"frame {k + 1}" if self.frames_per_crop == 1 else f"frames {2 * k + 1}-{2 * k + 2}"
+        return f"frame {k + 1}" if (n := self.frames_per_crop) == 1 else f"frames {k * n + 1}-{(k + 1) * n}"
 
     @property
     def nbytes(self) -> int:

@@ -102,7 +102,7 @@ def new_stats(plan, vlm, method: str, counts: tuple, window: int, window_start: 
     (encoded, encode_s, ahead), comps = counts, plan.compressions
     clips = [c for c in comps if c.times]
     clip = None if not clips else (len(clips[-1].times), clips[-1].num_tokens // len(clips[-1].times),
-                                   clips[-1].full_tokens // len(clips[-1].times), vlm.family.frames_per_crop)
+                                   clips[-1].full_tokens // len(clips[-1].times), clips[-1].frames_per_crop)
     return TurnStats(clip=clip,
         method=method, model_used=vlm.name, visual_tokens=sum(c.num_tokens for c in comps),
         visual_tokens_full=sum(c.full_tokens for c in comps), prompt_tokens=len(plan.ids), prefill_tokens=len(plan.ids),

@@ -77,8 +77,9 @@ class Frames:
     def of(cls, clip: "Clip", size: tuple) -> "Frames":
         """`clip`'s frames resized to `size` (width, height) with Pillow's bicubic filter (the PIL backend's
         resize, on 8-bit pixels as the video processor resizes them)."""
-        return cls(resized(np.stack([np.asarray(f.convert("RGB")) for f in clip.frames]), size), clip.size,
-                   tuple(clip.times), len(clip.indices) / clip.info.total_frames * clip.info.fps)
+        # (each frame resized from its PIL image: a 4K clip's frames are never all held as arrays at full size)
+        pixels = np.stack([np.asarray(f.convert("RGB").resize(size, Image.BICUBIC)) for f in clip.frames])
+        return cls(pixels, clip.size, tuple(clip.times), len(clip.indices) / clip.info.total_frames * clip.info.fps)
 
 
 def resized(pixels: np.ndarray, size: tuple) -> np.ndarray:

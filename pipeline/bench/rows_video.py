@@ -71,17 +71,13 @@ def prefill(vlm, clip, number: str, a: str, full: str, b, notes: str = "") -> Ro
         s = ChatSession(vlm, method=method, max_new_tokens=1)
         s.add_video(clip, num_frames=FRAMES)
         plan = s.plan(Turn(QUESTION, list(s.state.pending)))
-        sides[method] = timer_of(vlm, s, plan), len(plan.ids)
+        features = [u.features for u in plan.slots if u.features is not None]
+        sides[method] = prefill_timer(vlm, plan.ids, features, vlm.family.positions(plan.ids, plan.slots)), len(plan.ids)
     ta, tb = side_by_side(b.clock, sides["visionzip"][0], sides["full"][0], b.args.repeats)
     n_zip, n_full = sides["visionzip"][1], sides["full"][1]
     return Row(number, f"LLM prefill, {vlm.name}, a {FRAMES}-frame clip ({n_zip} vs {n_full} tokens)", a, full, ta, tb,
                target="<= 0.15", floor_a_s=floor_s(llm_prefill_cost(vlm, n_zip), b.hw),
                floor_b_s=floor_s(llm_prefill_cost(vlm, n_full), b.hw), notes=notes)
-
-
-def timer_of(vlm, session, plan):
-    return prefill_timer(vlm, plan.ids, [u.features for u in plan.slots if u.features is not None],
-                         **({"positions": vlm.family.positions(plan.ids, plan.slots)} if vlm.family.position_rows > 1 else {}))
 
 
 def turn_two(vlm, clip, clock, args, hw, number: str = "29b") -> Row:

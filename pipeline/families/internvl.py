@@ -10,10 +10,9 @@ heads). CLS is never a unit. The budget counts units per tile (54 + 10 of 256 by
 
 from dataclasses import replace
 
-from PIL import Image
-
 import numpy as np
 import torch
+from PIL import Image
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                           InternVLVisionConfig, Qwen2Config)
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
